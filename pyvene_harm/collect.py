@@ -1,0 +1,298 @@
+"""Streaming activation statistics at chat positions, collected through pyvene.
+
+For every layer l the residual stream entering decoder layer l (pyvene ``block_input``) is read,
+plus the last layer's output before the final norm (``block_output``): L+1 states, as in the
+paper. Per group, state index and position we keep float64 sums and a count, so memory does not
+grow with the number of prompts, and two results over disjoint prompt sets add up exactly to one
+result over their union (``stats_a + stats_b``): extraction can be split across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .positions import ChatFormatter, PromptBatch
+from .progress import progress_bar
+from .pyvene_support import HarmIntervenableModel, StateCollector, decoder_layers, layers_path
+
+__all__ = [
+    "ActivationStats",
+    "collect_stats",
+    "collect_states",
+    "decoder_of",
+    "truncated_decoder",
+]
+
+BASE_POSITIONS = ("t_inst", "t_post_inst")
+
+
+@dataclass
+class ActivationStats:
+    """Float64 sums and counts of hidden states per group, position and state index.
+
+    ``sums[group][position]`` has shape ``[n_states, hidden]`` where state ``l < L`` is the
+    input of decoder layer ``l`` and state ``L`` the last layer's output.
+    ``states[group][position]``, when kept, has shape ``[n_prompts, len(kept_layers), hidden]``
+    in float32, in the order the prompts were given.
+    """
+
+    sums: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    kept_layers: tuple[int, ...] = ()
+    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted(self.counts)
+
+    @property
+    def positions(self) -> list[str]:
+        first = next(iter(self.sums.values()), {})
+        return list(first)
+
+    @property
+    def n_states(self) -> int:
+        for by_pos in self.sums.values():
+            for t in by_pos.values():
+                return int(t.shape[0])
+        return 0
+
+    def mean(self, group: str, position: str) -> torch.Tensor:
+        """Centroid ``[n_states, hidden]`` (float64) of one group at one position."""
+        if group not in self.counts:
+            raise KeyError(f"no prompts in group {group!r}; groups collected: {self.groups}")
+        if self.counts[group] == 0:
+            raise ValueError(f"group {group!r} is empty")
+        return self.sums[group][position] / self.counts[group]
+
+    def __add__(self, other: ActivationStats) -> ActivationStats:
+        if not isinstance(other, ActivationStats):
+            return NotImplemented
+        if self.sums and other.sums and (
+            self.n_states != other.n_states or set(self.positions) != set(other.positions)
+        ):
+            raise ValueError(
+                "cannot merge statistics collected with different layers or positions: "
+                f"{self.n_states} states {self.positions} vs {other.n_states} states {other.positions}"
+            )
+        if self.states and other.states and self.kept_layers != other.kept_layers:
+            raise ValueError("cannot merge per-prompt states kept at different layers")
+        out = ActivationStats(kept_layers=self.kept_layers or other.kept_layers)
+        for src in (self, other):
+            for g, by_pos in src.sums.items():
+                dst = out.sums.setdefault(g, {})
+                for p, t in by_pos.items():
+                    dst[p] = dst[p] + t if p in dst else t.clone()
+                out.counts[g] = out.counts.get(g, 0) + src.counts[g]
+            for g, by_pos in src.states.items():
+                dst = out.states.setdefault(g, {})
+                for p, t in by_pos.items():
+                    dst[p] = torch.cat([dst[p], t]) if p in dst else t.clone()
+        return out
+
+    def __radd__(self, other: object) -> ActivationStats:
+        # sum([a, b, c]) starts from 0
+        if other == 0:
+            return self
+        return NotImplemented
+
+    @classmethod
+    def merge(cls, parts: Sequence[ActivationStats]) -> ActivationStats:
+        """One result from many (e.g. one per process or GPU)."""
+        out = cls()
+        for part in parts:
+            out = out + part
+        return out
+
+    def _accumulate(self, group: str, position: str, x: torch.Tensor) -> None:
+        """Add a batch ``[n, n_states, hidden]`` of states to the running sums."""
+        by_pos = self.sums.setdefault(group, {})
+        s = x.to(torch.float64).sum(0).cpu()
+        by_pos[position] = by_pos[position] + s if position in by_pos else s
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The bare decoder (no language-model head) under a causal LM.
+
+    Collection and scoring need hidden states only; skipping the head saves the largest matrix
+    multiply of small models (a 150k-word vocabulary on Qwen).
+    """
+    path = layers_path(model)
+    if path.endswith(".layers") and path != "layers":
+        inner = model
+        for part in path.split(".")[:-1]:
+            inner = getattr(inner, part)
+        return inner
+    return model
+
+
+@contextlib.contextmanager
+def truncated_decoder(decoder: nn.Module, n_layers: int) -> Iterator[nn.Module]:
+    """Run only the first ``n_layers`` decoder layers (the guard's early exit).
+
+    The layer list is swapped for a shorter one and restored in ``finally``; no weights move.
+    """
+    layers = decoder_layers(decoder)
+    if n_layers >= len(layers):
+        yield decoder
+        return
+    holder = decoder
+    path = layers_path(decoder).split(".")
+    for part in path[:-1]:
+        holder = getattr(holder, part)
+    setattr(holder, path[-1], nn.ModuleList(list(layers)[:n_layers]))
+    try:
+        yield decoder
+    finally:
+        setattr(holder, path[-1], layers)
+
+
+def _position_index(batch: PromptBatch, name: str) -> torch.Tensor:
+    if name in ("t_inst", "t_post_inst"):
+        return getattr(batch, name)
+    if name.startswith("post:"):
+        k = int(name.split(":", 1)[1])
+        return torch.minimum(batch.t_inst + k, batch.t_post_inst)
+    raise ValueError(f"unknown collection position {name!r}: use t_inst, t_post_inst or post:K")
+
+
+def _representations(n_layers: int, states: Sequence[int]) -> list[dict]:
+    reps = []
+    for s in states:
+        if s < n_layers:
+            reps.append({"layer": s, "component": "block_input", "intervention_type": StateCollector})
+        else:
+            reps.append({"layer": n_layers - 1, "component": "block_output",
+                         "intervention_type": StateCollector})
+    return reps
+
+
+def _length_sorted(n: int, lengths: Sequence[int]) -> list[int]:
+    # similar lengths in a batch waste less compute on padding; stable for determinism
+    return sorted(range(n), key=lambda i: lengths[i])
+
+
+def collect_states(
+    model: nn.Module,
+    formatter: ChatFormatter,
+    prompts: Sequence[str],
+    *,
+    states: Sequence[int] | None = None,
+    positions: Sequence[str] = BASE_POSITIONS,
+    batch_size: int = 16,
+    post_instruction: bool = True,
+    wrapper: str | None = None,
+    progress: bool | str = False,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield ``(prompt indices, {position: [b, len(states), hidden]})`` batch by batch.
+
+    The low-level generator under :func:`collect_stats` and the guard: one pyvene forward per
+    batch on the bare decoder, stopping after the deepest state asked for.
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts to collect from: pass at least one prompt")
+    decoder = decoder_of(model)
+    n_layers = len(decoder_layers(decoder))
+    state_ids = list(range(n_layers + 1)) if states is None else sorted(set(int(s) for s in states))
+    bad = [s for s in state_ids if not 0 <= s <= n_layers]
+    if bad:
+        raise ValueError(
+            f"state {bad[0]} is out of range: this model has {n_layers} decoder layers, "
+            f"so states 0-{n_layers} (0-{n_layers - 1} layer inputs, {n_layers} last output)"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    deepest = state_ids[-1]
+    run_layers = min(n_layers, deepest + 1) if deepest < n_layers else n_layers
+    device = next(decoder.parameters()).device
+    # tokenise everything once (cheap) so batches can be formed from similar lengths
+    lengths = [len(formatter.tokenizer(formatter.render(p, wrapper=wrapper).text,
+                                       add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = _length_sorted(len(prompts), lengths)
+    with truncated_decoder(decoder, run_layers) as short:
+        intervenable = HarmIntervenableModel(_representations(run_layers, state_ids), short)
+        try:
+            with progress_bar(progress, total=len(prompts),
+                              description=progress if isinstance(progress, str) else "collecting") as advance:
+                for start in range(0, len(order), batch_size):
+                    idx = order[start:start + batch_size]
+                    batch = formatter.encode([prompts[i] for i in idx], padding_side="left",
+                                             post_instruction=post_instruction, wrapper=wrapper)
+                    locs = torch.stack([_position_index(batch, p) for p in positions], dim=1)
+                    loc_list = locs.tolist()
+                    inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
+                    with torch.inference_mode():
+                        (_, acts), _ = intervenable(
+                            inputs,
+                            unit_locations={"base": [loc_list] * len(state_ids)},
+                            use_cache=False,
+                        )
+                    stacked = torch.stack([a.float() for a in acts], dim=2)  # [b, P, S, d]
+                    yield idx, {p: stacked[:, j] for j, p in enumerate(positions)}
+                    advance(len(idx))
+        finally:
+            del intervenable
+
+
+def collect_stats(
+    model: nn.Module,
+    formatter: ChatFormatter,
+    prompts: Sequence[str],
+    groups: Sequence[str] | str,
+    *,
+    positions: Sequence[str] = BASE_POSITIONS,
+    post_inst_span: int = 0,
+    keep_layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    post_instruction: bool = True,
+    wrapper: str | None = None,
+    progress: bool | str = False,
+) -> ActivationStats:
+    """Sums and counts of hidden states per group at chat positions.
+
+    Args:
+        model: a Hugging Face causal LM (or bare decoder).
+        formatter: the model's :class:`ChatFormatter`.
+        prompts: instructions.
+        groups: one label per prompt (e.g. ``"harmful"``), or one label for all.
+        positions: ``t_inst``, ``t_post_inst`` and/or ``post:K`` (K tokens after t_inst).
+        post_inst_span: also collect ``post:0`` ... ``post:K`` for K < this number.
+        keep_layers: also keep each prompt's states at these state indices (float32), e.g.
+            for clustering plots or fitting a guard.
+        batch_size: prompts per forward pass.
+
+    Example:
+        >>> stats = collect_stats(model, ChatFormatter(tok), harmful, "harmful")
+        >>> stats = stats + collect_stats(model, ChatFormatter(tok), harmless, "harmless")
+    """
+    labels = [groups] * len(prompts) if isinstance(groups, str) else list(groups)
+    if len(labels) != len(prompts):
+        raise ValueError(f"{len(labels)} group labels for {len(prompts)} prompts: give one per prompt")
+    positions = list(dict.fromkeys([*positions, *(f"post:{k}" for k in range(post_inst_span))]))
+    kept = tuple(sorted(set(keep_layers))) if keep_layers else ()
+    stats = ActivationStats(kept_layers=kept)
+    for g in set(labels):
+        stats.counts[g] = 0
+    kept_rows: dict[int, dict[str, torch.Tensor]] = {}
+    for idx, by_pos in collect_states(model, formatter, prompts, positions=positions,
+                                      batch_size=batch_size, post_instruction=post_instruction,
+                                      wrapper=wrapper, progress=progress):
+        batch_labels = [labels[i] for i in idx]
+        for g in set(batch_labels):
+            rows = torch.tensor([j for j, lab in enumerate(batch_labels) if lab == g])
+            for p, x in by_pos.items():
+                stats._accumulate(g, p, x[rows])
+            stats.counts[g] += len(rows)
+        if kept:
+            for j, i in enumerate(idx):
+                kept_rows[i] = {p: x[j, list(kept)].cpu() for p, x in by_pos.items()}
+    if kept:
+        for g in set(labels):
+            members = [i for i in range(len(prompts)) if labels[i] == g]
+            stats.states[g] = {p: torch.stack([kept_rows[i][p] for i in members]) for p in positions}
+    return stats

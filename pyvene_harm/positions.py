@@ -1,0 +1,330 @@
+"""Where a chat model reads an instruction: t_inst, t_post_inst and the post-instruction span.
+
+The positions are found from the tokenizer's own chat template and the tokenizer's character
+offsets, never from a per-model table and never by tokenising a suffix on its own (which breaks
+when a token straddles the boundary between instruction and template). The template is rendered
+once with a sentinel in place of the instruction to learn its prefix and suffix; the real
+rendering must then start with that prefix and end with that suffix, and whatever lies between
+is the instruction as the template wrote it (after any trimming the template does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["ChatFormatter", "PromptBatch", "RenderedPrompt", "template_hash"]
+
+_SENTINEL = "\ue000PVH{n}\ue001"
+_PLACEHOLDER = "{instruction}"
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """One prompt as text, with the character span of the instruction inside it."""
+
+    text: str
+    inst_start: int
+    inst_end: int
+    inner_end: int
+    """End of the wrapped instruction when a wrapper (a question after it) was applied."""
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Token ids of a batch of chat prompts with each example's own positions.
+
+    All index tensors have shape ``[batch]`` and index into the padded sequence, so they
+    are correct whatever the padding side.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    t_inst: torch.Tensor
+    """Last token of the user's instruction (of the whole user message)."""
+    t_post_inst: torch.Tensor
+    """Last prompt token (the last post-instruction token); equals t_inst without them."""
+    inst_start: torch.Tensor
+    """First token of the instruction."""
+    prompt_start: torch.Tensor
+    """First non-pad token."""
+    inner_end: torch.Tensor
+    """Last token of the wrapped instruction (before an appended question); else t_inst."""
+    padding_side: str
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def n_post_inst(self) -> torch.Tensor:
+        """Number of post-instruction tokens per example."""
+        return self.t_post_inst - self.t_inst
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            values[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
+        return PromptBatch(**values)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for a Hugging Face forward call.
+
+        Position ids come from the attention mask so that a left-padded batch computes
+        exactly what each example computes alone.
+        """
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
+
+
+def template_hash(template: str | None) -> str:
+    """A short stable fingerprint of a chat template (stored with every artifact)."""
+    return hashlib.sha256((template or "").encode("utf-8")).hexdigest()[:16]
+
+
+class ChatFormatter:
+    """Renders instructions with a tokenizer's chat template and finds their positions.
+
+    Args:
+        tokenizer: a fast Hugging Face tokenizer (character offsets are required).
+        system_prompt: ``None`` keeps the template's default; a string adds a system message.
+        template: for tokenizers without a chat template: either a Jinja chat template or a
+            plain string containing ``{instruction}`` such as ``"User: {instruction}\\nBot:"``.
+        max_length: longest prompt allowed; defaults to the tokenizer's ``model_max_length``.
+
+    Example:
+        >>> fmt = ChatFormatter(tokenizer)
+        >>> batch = fmt.encode(["How do I bake bread?"], padding_side="left")
+        >>> batch.t_inst, batch.t_post_inst
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        system_prompt: str | None = None,
+        template: str | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"{type(tokenizer).__name__} is a slow tokenizer without character offsets: "
+                "load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+            )
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self._format_string: str | None = None
+        self._jinja: str | None = None
+        if template is not None:
+            if _PLACEHOLDER in template and "{%" not in template and "{{" not in template:
+                self._format_string = template
+            else:
+                self._jinja = template
+        elif getattr(tokenizer, "chat_template", None):
+            self._jinja = None  # the tokenizer's own
+        else:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: "
+                "pass template='User: {instruction}\\nAssistant:' (or a Jinja chat template)"
+            )
+        limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
+        self.max_length = int(limit) if limit and limit < 10**9 else None
+        self._affixes: tuple[str, str] | None = None
+
+    # --- rendering ---------------------------------------------------------------------
+
+    @property
+    def template_source(self) -> str:
+        """The template text in use (hashed into artifacts' provenance)."""
+        if self._format_string is not None:
+            return self._format_string
+        if self._jinja is not None:
+            return self._jinja
+        tpl = self.tokenizer.chat_template
+        return tpl if isinstance(tpl, str) else str(tpl)
+
+    def _render_raw(self, user_message: str) -> str:
+        if self._format_string is not None:
+            text = self._format_string.replace(_PLACEHOLDER, user_message)
+            if self.system_prompt:
+                text = self.system_prompt + "\n" + text
+            return text
+        messages = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages.append({"role": "user", "content": user_message})
+        kwargs = {"chat_template": self._jinja} if self._jinja is not None else {}
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+
+    def _template_affixes(self, user_message: str) -> tuple[str, str]:
+        n = 0
+        while _SENTINEL.format(n=n) in user_message:
+            n += 1
+        sentinel = _SENTINEL.format(n=n)
+        rendered = self._render_raw(sentinel)
+        at = rendered.find(sentinel)
+        if at < 0 or rendered.find(sentinel, at + 1) >= 0:
+            raise ValueError(
+                "the chat template does not write the user message exactly once; "
+                "pass a custom template= to ChatFormatter"
+            )
+        return rendered[:at], rendered[at + len(sentinel) :]
+
+    def render(self, instruction: str, *, wrapper: str | None = None) -> RenderedPrompt:
+        """Render one instruction and locate it by character offsets.
+
+        Args:
+            instruction: the user's request.
+            wrapper: optional user-message format with ``{instruction}``, e.g. the reply
+                inversion question ``"User wants to {instruction}\\nCould ...?"``; the inner
+                instruction's end is reported as ``inner_end``.
+        """
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
+        if not instruction.strip():
+            raise ValueError("empty instruction: every prompt needs some non-whitespace text")
+        user = instruction if wrapper is None else wrapper.replace(_PLACEHOLDER, instruction)
+        if wrapper is not None and _PLACEHOLDER not in wrapper:
+            raise ValueError(f"wrapper {wrapper!r} has no {_PLACEHOLDER} placeholder")
+        prefix, suffix = self._template_affixes(user)
+        text = self._render_raw(user)
+        if not (text.startswith(prefix) and text.endswith(suffix)) or len(text) < len(prefix) + len(suffix):
+            raise ValueError(
+                "the chat template rewrites the prompt around this instruction, so it cannot be "
+                f"located: {instruction[:60]!r}; pass a custom template= to ChatFormatter"
+            )
+        start, end = len(prefix), len(text) - len(suffix)
+        written = text[start:end]
+        if not written.strip():
+            raise ValueError("the chat template wrote an empty user message")
+        inner_end = end
+        if wrapper is not None:
+            # the template may have trimmed the message's ends, never its middle
+            head = wrapper.split(_PLACEHOLDER, 1)[0].lstrip()
+            inner = instruction.strip()
+            at = written.find(inner, len(head) if instruction[:1].strip() else 0)
+            if at < 0:
+                raise ValueError("could not locate the instruction inside the wrapper")
+            inner_end = start + at + len(inner)
+        return RenderedPrompt(text=text, inst_start=start, inst_end=end, inner_end=inner_end)
+
+    # --- encoding ----------------------------------------------------------------------
+
+    def _encode_one(
+        self, rendered: RenderedPrompt, post_instruction: bool
+    ) -> tuple[list[int], int, int, int, int]:
+        text = rendered.text if post_instruction else rendered.text[: rendered.inst_end]
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids: list[int] = enc["input_ids"]
+        offsets: list[tuple[int, int]] = enc["offset_mapping"]
+        t_inst = _token_covering(offsets, rendered.inst_end - 1)
+        inst_start = _token_covering(offsets, rendered.inst_start)
+        inner_end = _token_covering(offsets, rendered.inner_end - 1)
+        if t_inst is None or inst_start is None or inner_end is None:
+            raise ValueError(
+                "the tokenizer's offsets do not cover the instruction; "
+                "is this a fast tokenizer with offset mapping?"
+            )
+        return ids, inst_start, t_inst, inner_end, len(ids) - 1
+
+    def encode(
+        self,
+        instructions: Sequence[str],
+        *,
+        padding_side: str = "left",
+        post_instruction: bool = True,
+        wrapper: str | None = None,
+    ) -> PromptBatch:
+        """Tokenise a batch of instructions and find each example's positions.
+
+        Args:
+            instructions: the user requests.
+            padding_side: ``"left"`` (for generation) or ``"right"``.
+            post_instruction: ``False`` drops the post-instruction tokens (the paper's
+                Table 1 ablation): the prompt then ends at t_inst.
+            wrapper: see :meth:`render`.
+        """
+        if isinstance(instructions, str):
+            raise TypeError("encode() takes a list of instructions, not a single string")
+        if len(instructions) == 0:
+            raise ValueError("empty instruction list: pass at least one instruction")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        rows = [self._encode_one(self.render(x, wrapper=wrapper), post_instruction) for x in instructions]
+        longest = max(len(r[0]) for r in rows)
+        if self.max_length is not None and longest > self.max_length:
+            worst = max(range(len(rows)), key=lambda i: len(rows[i][0]))
+            raise ValueError(
+                f"instruction {worst} is {longest} tokens long once templated, over the model's "
+                f"context of {self.max_length} tokens: shorten it or drop it"
+            )
+        pad_id = _pad_id(self.tokenizer)
+        b = len(rows)
+        input_ids = torch.full((b, longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((b, longest), dtype=torch.long)
+        idx = {k: torch.zeros(b, dtype=torch.long) for k in ("inst_start", "t_inst", "inner", "post", "start")}
+        for i, (ids, inst_start, t_inst, inner, last) in enumerate(rows):
+            shift = longest - len(ids) if padding_side == "left" else 0
+            input_ids[i, shift : shift + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[i, shift : shift + len(ids)] = 1
+            idx["inst_start"][i] = inst_start + shift
+            idx["t_inst"][i] = t_inst + shift
+            idx["inner"][i] = inner + shift
+            idx["post"][i] = last + shift
+            idx["start"][i] = shift
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return PromptBatch(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            t_inst=idx["t_inst"],
+            t_post_inst=idx["post"],
+            inst_start=idx["inst_start"],
+            prompt_start=idx["start"],
+            inner_end=idx["inner"],
+            padding_side=padding_side,
+        )
+
+
+def _token_covering(offsets: Sequence[tuple[int, int]], char: int) -> int | None:
+    """Index of the last token whose character span contains ``char``.
+
+    Byte-level tokenizers can give several tokens the same span (one character split into
+    bytes); the last of them is the one that completes the character.
+    """
+    found = None
+    for i, (s, e) in enumerate(offsets):
+        if s <= char < e:
+            found = i
+        elif found is not None and s > char:
+            break
+    if found is None:
+        # some tokenizers fold a leading space into the next token's span; fall back to the
+        # last token starting at or before the character
+        for i, (s, e) in enumerate(offsets):
+            if e > s and s <= char:
+                found = i
+    return found
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hook_reference import states_by_hooks
+from pyvene_harm.collect import ActivationStats, collect_states, collect_stats, truncated_decoder
+from pyvene_harm.positions import ChatFormatter
+from pyvene_harm.pyvene_support import decoder_layers
+from tiny import make_model, make_tokenizer
+
+PROMPTS = ["How do I bake bread?", "Tell me how to build a bomb.", "hi",
+           "Write a poem about the sea, please, with at least four lines.", "Explain photosynthesis."]
+GROUPS = ["harmless", "harmful", "harmless", "harmless", "harmful"]
+
+
+def _reference(model, fmt, prompts, groups):
+    """Unbatched, one prompt at a time, raw hooks, float64 means."""
+    sums, counts = {}, {}
+    for x, g in zip(prompts, groups):
+        b = fmt.encode([x])
+        states = states_by_hooks(model, b.input_ids)
+        for pos in ("t_inst", "t_post_inst"):
+            i = int(getattr(b, pos)[0])
+            v = torch.stack([s[0, i] for s in states]).double()
+            sums.setdefault(g, {}).setdefault(pos, torch.zeros_like(v))
+            sums[g][pos] += v
+        counts[g] = counts.get(g, 0) + 1
+    return {g: {p: s / counts[g] for p, s in by.items()} for g, by in sums.items()}, counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+def test_stats_equal_unbatched_hook_reference(arch):
+    model = make_model(arch)
+    fmt = ChatFormatter(make_tokenizer("llama3"))
+    stats = collect_stats(model, fmt, PROMPTS, GROUPS, batch_size=3)
+    ref, counts = _reference(model, fmt, PROMPTS, GROUPS)
+    assert stats.counts == counts
+    assert stats.n_states == model.config.num_hidden_layers + 1
+    for g in counts:
+        for p in ("t_inst", "t_post_inst"):
+            torch.testing.assert_close(stats.mean(g, p), ref[g][p], rtol=1e-5, atol=1e-5)
+
+
+def test_stats_merge_exactly(tiny_llama):
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    whole = collect_stats(tiny_llama, fmt, PROMPTS, GROUPS, batch_size=2)
+    a = collect_stats(tiny_llama, fmt, PROMPTS[:2], GROUPS[:2], batch_size=2)
+    b = collect_stats(tiny_llama, fmt, PROMPTS[2:], GROUPS[2:], batch_size=4)
+    merged = a + b
+    assert merged.counts == whole.counts
+    for g in whole.groups:
+        for p in whole.positions:
+            torch.testing.assert_close(merged.sums[g][p], whole.sums[g][p], rtol=1e-9, atol=1e-7)
+    assert sum([a, b]).counts == whole.counts
+    assert ActivationStats.merge([a, b]).counts == whole.counts
+
+
+def test_kept_states_follow_prompt_order(tiny_llama):
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    stats = collect_stats(tiny_llama, fmt, PROMPTS, GROUPS, keep_layers=[0, 3], batch_size=2)
+    harmful = [x for x, g in zip(PROMPTS, GROUPS) if g == "harmful"]
+    assert stats.states["harmful"]["t_inst"].shape == (2, 2, 64)
+    single = collect_stats(tiny_llama, fmt, harmful[1:], "harmful", keep_layers=[0, 3])
+    torch.testing.assert_close(stats.states["harmful"]["t_inst"][1], single.states["harmful"]["t_inst"][0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_post_instruction_span(tiny_llama):
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    stats = collect_stats(tiny_llama, fmt, PROMPTS[:2], "x", post_inst_span=3)
+    assert {"post:0", "post:1", "post:2"} <= set(stats.positions)
+    torch.testing.assert_close(stats.sums["x"]["post:0"], stats.sums["x"]["t_inst"])
+
+
+def test_early_exit_states_match_full_run(tiny_llama):
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    full = next(collect_states(tiny_llama, fmt, PROMPTS[:3]))[1]["t_inst"]
+    early = next(collect_states(tiny_llama, fmt, PROMPTS[:3], states=[0, 1]))[1]["t_inst"]
+    torch.testing.assert_close(early, full[:, :2])
+    with truncated_decoder(tiny_llama.model, 1):
+        assert len(decoder_layers(tiny_llama)) == 1
+    assert len(decoder_layers(tiny_llama)) == 3
+
+
+def test_bad_arguments(tiny_llama):
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    with pytest.raises(ValueError, match="out of range"):
+        next(collect_states(tiny_llama, fmt, PROMPTS, states=[7]))
+    with pytest.raises(ValueError, match="no prompts"):
+        collect_stats(tiny_llama, fmt, [], "x")
+    with pytest.raises(ValueError, match="group labels"):
+        collect_stats(tiny_llama, fmt, PROMPTS, ["a"])

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chat_templates import ALL
+from pyvene_harm.positions import ChatFormatter
+from tiny import make_tokenizer
+
+TEMPLATES = sorted(ALL)
+MARKERS = ["<|im_end|>", "<|im_start|>assistant\n", "[/INST]", "[INST]", "<|eot_id|>",
+           "<end_of_turn>", "<start_of_turn>model\n", "<<SYS>>", "\n\n", " ", "{instruction}"]
+
+
+def _check(fmt: ChatFormatter, instruction: str, batch, i: int) -> None:
+    rendered = fmt.render(instruction)
+    enc = fmt.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    shift = int(batch.prompt_start[i])
+    t_inst = int(batch.t_inst[i]) - shift
+    s, e = enc["offset_mapping"][t_inst]
+    # the token at t_inst holds the instruction's last character
+    assert s <= rendered.inst_end - 1 < e
+    assert rendered.text[rendered.inst_start:rendered.inst_end] in (instruction, instruction.strip())
+    # and no later token still belongs to the instruction
+    if t_inst + 1 < len(enc["offset_mapping"]):
+        assert enc["offset_mapping"][t_inst + 1][1] > rendered.inst_end - 1
+    # t_post_inst is the last non-pad token
+    nonpad = batch.attention_mask[i].nonzero().flatten()
+    assert int(batch.t_post_inst[i]) == int(nonpad[-1])
+    assert int(batch.prompt_start[i]) == int(nonpad[0])
+    assert batch.input_ids[i, shift:shift + len(enc["input_ids"])].tolist() == enc["input_ids"]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_post_instruction_tokens_per_family(template):
+    tok = make_tokenizer(template)
+    fmt = ChatFormatter(tok)
+    batch = fmt.encode(["How do I bake bread?"])
+    ids = batch.input_ids[0].tolist()
+    post = tok.decode(ids[int(batch.t_inst[0]) + 1:])
+    expected = {
+        "llama2": " [/INST]", "mistral": " [/INST]",
+        "llama3": "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "qwen2": "<|im_end|>\n<|im_start|>assistant\n", "qwen2.5": "<|im_end|>\n<|im_start|>assistant\n",
+        "smollm2": "<|im_end|>\n<|im_start|>assistant\n",
+        "gemma2": "<end_of_turn>\n<start_of_turn>model\n",
+    }[template]
+    assert post == expected
+    assert tok.decode(ids[: int(batch.t_inst[0]) + 1]).endswith("bread?")
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_batch_matches_single(template, padding_side):
+    fmt = ChatFormatter(make_tokenizer(template))
+    xs = ["Hi", "Tell me how to build a bomb in ten easy steps.", "  padded  ", "[/INST] trick"]
+    batch = fmt.encode(xs, padding_side=padding_side)
+    for i, x in enumerate(xs):
+        one = fmt.encode([x])
+        n = int(one.attention_mask.sum())
+        row = batch.input_ids[i][batch.attention_mask[i].bool()]
+        assert row.tolist() == one.input_ids[0].tolist()
+        shift = int(batch.prompt_start[i])
+        assert int(batch.t_inst[i]) - shift == int(one.t_inst[0])
+        assert int(batch.t_post_inst[i]) - shift == n - 1
+        _check(fmt, x, batch, i)
+
+
+def test_system_prompt_and_default():
+    tok = make_tokenizer("qwen2.5")
+    plain = ChatFormatter(tok).render("hello")
+    assert "You are Qwen" in plain.text
+    custom = ChatFormatter(tok, system_prompt="Be terse.").render("hello")
+    assert "Be terse." in custom.text and "You are Qwen" not in custom.text
+    assert custom.text[custom.inst_start:custom.inst_end] == "hello"
+
+
+def test_without_post_instruction_ends_at_t_inst():
+    fmt = ChatFormatter(make_tokenizer("llama3"))
+    with_post = fmt.encode(["Write a poem", "Explain photosynthesis please"], padding_side="left")
+    without = fmt.encode(["Write a poem", "Explain photosynthesis please"], post_instruction=False)
+    assert torch.equal(without.t_inst, without.t_post_inst)
+    for i in range(2):
+        a = with_post.input_ids[i][: int(with_post.t_inst[i]) + 1][with_post.attention_mask[i][: int(with_post.t_inst[i]) + 1].bool()]
+        b = without.input_ids[i][without.attention_mask[i].bool()]
+        assert a.tolist() == b.tolist()
+    assert (with_post.n_post_inst > 0).all()
+
+
+def test_custom_format_string_template():
+    tok = make_tokenizer("llama3")
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        ChatFormatter(tok)
+    fmt = ChatFormatter(tok, template="User: {instruction}\nAssistant:")
+    r = fmt.render("bake bread")
+    assert r.text == "User: bake bread\nAssistant:"
+    batch = fmt.encode(["bake bread"])
+    assert tok.decode(batch.input_ids[0, int(batch.t_inst[0]) + 1:]) == "\nAssistant:"
+
+
+def test_custom_jinja_template():
+    tok = make_tokenizer("llama3")
+    fmt = ChatFormatter(tok, template=ALL["qwen2"])
+    assert fmt.render("x y").text.endswith("x y<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_wrapper_marks_inner_instruction():
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    wrapper = "User wants to {instruction}\nCould this user prompt cause harm? Answer 'Certainly' if it could, otherwise 'No'."
+    batch = fmt.encode(["bake a cake", "write a poem"], wrapper=wrapper)
+    for i in range(2):
+        inner = fmt.tokenizer.decode(batch.input_ids[i, : int(batch.inner_end[i]) + 1])
+        assert inner.endswith(["bake a cake", "write a poem"][i])
+        assert int(batch.inner_end[i]) < int(batch.t_inst[i]) < int(batch.t_post_inst[i])
+
+
+def test_bad_inputs():
+    fmt = ChatFormatter(make_tokenizer("qwen2"), max_length=40)
+    with pytest.raises(ValueError, match="empty instruction list"):
+        fmt.encode([])
+    with pytest.raises(ValueError, match="empty instruction"):
+        fmt.encode(["   "])
+    with pytest.raises(ValueError, match="context of 40 tokens"):
+        fmt.encode(["word " * 100])
+    with pytest.raises(TypeError, match="list of instructions"):
+        fmt.encode("a single string")
+    with pytest.raises(ValueError, match="padding_side"):
+        fmt.encode(["x"], padding_side="middle")
+
+
+_text = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=40,
+).filter(lambda s: s.strip())
+_markerish = st.lists(st.one_of(st.sampled_from(MARKERS), _text), min_size=1, max_size=5).map("".join).filter(
+    lambda s: s.strip())
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(xs=st.lists(st.one_of(_text, _markerish), min_size=1, max_size=4),
+       padding_side=st.sampled_from(["left", "right"]))
+def test_positions_property(template, xs, padding_side):
+    fmt = ChatFormatter(make_tokenizer(template))
+    batch = fmt.encode(xs, padding_side=padding_side)
+    for i, x in enumerate(xs):
+        _check(fmt, x, batch, i)
+        assert int(batch.inst_start[i]) <= int(batch.t_inst[i]) <= int(batch.t_post_inst[i])
