@@ -1,0 +1,76 @@
+"""Batched greedy generation from chat prompts, optionally through a pyvene model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from .positions import ChatFormatter, PromptBatch
+from .progress import progress_bar
+
+__all__ = ["generate_replies", "greedy_config"]
+
+
+def greedy_config(model: nn.Module, tokenizer, max_new_tokens: int) -> GenerationConfig:
+    """Greedy decoding with the model's own stop tokens; sampling options are not inherited."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        eos[0] if isinstance(eos, list) else eos)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                            pad_token_id=pad, num_beams=1)
+
+
+def generate_replies(
+    model: nn.Module,
+    formatter: ChatFormatter,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    post_instruction: bool = True,
+    wrapper: str | None = None,
+    steer: Any | None = None,
+    progress: bool | str = False,
+) -> list[str]:
+    """Greedy replies, one per prompt, in prompt order.
+
+    Args:
+        steer: optional object with ``generate_batch(batch, generation_config) -> token ids``
+            (a :class:`pyvene_harm.interventions.Steering`); plain generation when ``None``.
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts to generate from: pass at least one prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    tokenizer = formatter.tokenizer
+    config = greedy_config(model, tokenizer, max_new_tokens)
+    device = next(model.parameters()).device
+    # batches of similar length waste less compute on padding
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[str] = [""] * len(prompts)
+    with progress_bar(progress, total=len(prompts),
+                      description=progress if isinstance(progress, str) else "generating") as advance:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = formatter.encode([prompts[i] for i in idx], padding_side="left",
+                                     post_instruction=post_instruction, wrapper=wrapper).to(device)
+            out = _generate(model, batch, config, steer)
+            new = out[:, batch.seq_len:]
+            for j, i in enumerate(idx):
+                replies[i] = tokenizer.decode(new[j], skip_special_tokens=True).strip()
+            advance(len(idx))
+    return replies
+
+
+def _generate(model: nn.Module, batch: PromptBatch, config: GenerationConfig, steer: Any | None) -> torch.Tensor:
+    with torch.inference_mode():
+        if steer is not None:
+            return steer.generate_batch(batch, config)
+        return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              generation_config=config)
