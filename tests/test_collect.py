@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hook_reference import states_by_hooks
 from pyvene_harm.collect import ActivationStats, collect_states, collect_stats, truncated_decoder
 from pyvene_harm.positions import ChatFormatter
 from pyvene_harm.pyvene_support import decoder_layers
+
+from hook_reference import states_by_hooks
 from tiny import make_model, make_tokenizer
 
 PROMPTS = ["How do I bake bread?", "Tell me how to build a bomb.", "hi",

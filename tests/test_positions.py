@@ -5,8 +5,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat_templates import ALL
 from pyvene_harm.positions import ChatFormatter
+
+from chat_templates import ALL
 from tiny import make_tokenizer
 
 TEMPLATES = sorted(ALL)

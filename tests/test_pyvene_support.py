@@ -6,9 +6,10 @@ import io
 import pytest
 import torch
 
-from hook_reference import states_by_hooks
 from pyvene_harm.positions import ChatFormatter
 from pyvene_harm.pyvene_support import HarmIntervenableModel, StateCollector, decoder_layers, pv
+
+from hook_reference import states_by_hooks
 from tiny import ARCHITECTURES, make_model, make_tokenizer
 
 

@@ -1,0 +1,186 @@
+"""Options shared by every recipe, parsed and validated once, before any model is loaded."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = [
+    "ModelOptions",
+    "PromptSet",
+    "emit",
+    "load_for_recipe",
+    "model_options",
+    "parse_layers",
+    "prompt_set",
+    "run_options",
+]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model: str
+    dtype: str
+    device: str | None
+    batch_size: int
+    system_prompt: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "dtype": self.dtype, "device": self.device,
+                "batch_size": self.batch_size, "system_prompt": self.system_prompt}
+
+
+def model_options(fn: Callable) -> Callable:
+    """--model, --dtype, --device, --batch-size, --system-prompt -> ``mopts: ModelOptions``."""
+
+    @click.option("--model", "-m", default="demo", show_default=True,
+                  help="Hub id, local folder, .gguf file, or 'demo' (built-in Qwen2.5-Coder-0.5B-Instruct). "
+                       "Example: --model meta-llama/Meta-Llama-3-8B-Instruct")
+    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                  show_default=True, help="Weights dtype; auto = float32 on CPU, bfloat16 on GPU.")
+    @click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto (device_map='auto' for large models).")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                  help="Prompts per forward pass. Example: --batch-size 64 on a GPU.")
+    @click.option("--system-prompt", default=None,
+                  help="System message for every prompt (default: the chat template's own).")
+    @functools.wraps(fn)
+    def wrapper(*args, model, dtype, device, batch_size, system_prompt, **kwargs):
+        kwargs["mopts"] = ModelOptions(model, dtype, device, batch_size, system_prompt)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def run_options(fn: Callable) -> Callable:
+    """--out, --seed, --json."""
+
+    @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+                  help="Run directory (config.json, results.json, CSV, PNG). Re-running with the same "
+                       "options resumes. Example: -o runs/extract-demo")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
+    @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str
+    path: str
+    field: str | None
+    prompts: list[str]
+
+
+def prompt_set(name: str, value: str | None, *, field: str | None = None, limit: int | None = None,
+               seed: int = 0, template: str | None = None) -> PromptSet | None:
+    """Load a prompt file now (cheap), turning any problem into a click usage error."""
+    if value is None:
+        return None
+    from ..data import load_prompts
+
+    try:
+        prompts = load_prompts(value, field=field, limit=limit, seed=seed)
+        if template is not None:
+            from ..data import apply_template
+
+            prompts = apply_template(template, prompts)
+    except (ValueError, OSError) as err:
+        raise click.BadParameter(str(err), param_hint=f"--{name}") from None
+    return PromptSet(name=name, path=str(value), field=field, prompts=prompts)
+
+
+def parse_layers(text: str | None, n_states: int | None = None) -> list[int] | None:
+    """``"all"`` -> None; ``"0-12"``, ``"3,5,7"``, ``"2-4,9"`` -> sorted ints (checked if n_states)."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise click.BadParameter(f"cannot read layers {text!r}: use e.g. all, 0-12, 3,5,7",
+                                 param_hint="--layers") from None
+    if n_states is not None:
+        bad = [x for x in sorted(out) if not 0 <= x < n_states]
+        if bad:
+            raise click.BadParameter(
+                f"layer {bad[0]} is out of range: this model has {n_states - 1} decoder layers "
+                f"(states 0-{n_states - 1})", param_hint="--layers")
+    return sorted(out)
+
+
+def model_num_states(spec: str) -> int | None:
+    """Number of hidden states (layers + 1) read from the model's config only, no weights.
+
+    Lets recipes reject a bad --layers before loading a model; None when it cannot be told
+    cheaply (e.g. a Hub id not cached while offline).
+    """
+    if spec == "demo":
+        from ..models import DEMO
+
+        return DEMO.num_layers + 1 if hasattr(DEMO, "num_layers") else 25
+    path = Path(spec)
+    try:
+        if path.is_dir() and (path / "config.json").is_file():
+            cfg = json.loads((path / "config.json").read_text())
+        elif path.suffix == ".gguf":
+            return None
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(spec).to_dict()
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    n = cfg.get("num_hidden_layers")
+    return int(n) + 1 if n else None
+
+
+def check_model_spec(spec: str) -> None:
+    """Reject specs that cannot name a model, before loading anything."""
+    if spec == "demo":
+        return
+    path = Path(spec)
+    if path.exists():
+        return
+    if os.sep in spec.strip("/") and spec.count("/") > 1 or spec.endswith((".gguf", ".json", ".bin")):
+        raise click.BadParameter(f"{spec} does not exist", param_hint="--model")
+
+
+def load_for_recipe(mopts: ModelOptions):
+    """Load the model and its chat formatter (the slow step, after every check has passed)."""
+    from ..models import load_model
+    from ..positions import ChatFormatter
+
+    device = mopts.device
+    device_map = None
+    if device == "auto":
+        device, device_map = None, "auto"
+    loaded = load_model(mopts.model, dtype=mopts.dtype, device=device, device_map=device_map)
+    return loaded, ChatFormatter(loaded.tokenizer, system_prompt=mopts.system_prompt)
+
+
+def emit(results: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(results, indent=2, sort_keys=True, default=str))
+
+
+def require(sets: Sequence[PromptSet | None], names: Sequence[str]) -> None:
+    for s, n in zip(sets, names):
+        if s is None:
+            raise click.UsageError(f"--{n} is required")

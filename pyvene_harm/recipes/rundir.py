@@ -1,0 +1,137 @@
+"""Run directories: config.json, results.json, CSV tables, PNG plots, resumable units.
+
+A recipe opens a :class:`RunDir` with its full configuration. If the folder already holds a
+run with a different configuration, it refuses before any model is loaded; if it holds the
+same configuration, finished units are read back instead of recomputed (resume).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..directions import library_versions
+from ..io_utils import atomic_write_bytes, atomic_write_json, read_json
+
+__all__ = ["RunDir", "RunDirConflict"]
+
+# keys that may differ between an interrupted run and its resumption
+_VOLATILE = {"versions", "platform", "command_line", "resume"}
+
+
+class RunDirConflict(click.UsageError):
+    """The output directory holds a different run (a usage error: exit code 2)."""
+
+
+class RunDir:
+    """One recipe run's folder.
+
+    Args:
+        path: the folder (created if needed).
+        command: the recipe's name.
+        options: every option that decides the numbers (seed included).
+    """
+
+    def __init__(self, path: str | os.PathLike, command: str, options: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.config = {"command": command, "options": _plain(options), "versions": library_versions(),
+                       "platform": platform.platform()}
+        cfg = self.path / "config.json"
+        if cfg.exists():
+            old = read_json(cfg)
+            diffs = _differences(old, self.config)
+            if diffs:
+                raise RunDirConflict(
+                    f"{self.path} holds a different run ({'; '.join(diffs[:3])}): "
+                    "choose another --out folder or delete this one"
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "units").mkdir(exist_ok=True)
+        atomic_write_json(cfg, self.config)
+
+    # --- resumable units -----------------------------------------------------------------
+
+    def unit(self, name: str, compute: Callable[[], Any]) -> Any:
+        """Result of ``compute()``, stored as JSON under ``units/``; read back when present."""
+        path = self.path / "units" / f"{_safe(name)}.json"
+        if path.exists():
+            return read_json(path)["value"]
+        value = _plain(compute())
+        atomic_write_json(path, {"value": value})
+        return value
+
+    def has_unit(self, name: str) -> bool:
+        return (self.path / "units" / f"{_safe(name)}.json").exists()
+
+    # --- outputs -------------------------------------------------------------------------
+
+    def write_results(self, results: dict[str, Any]) -> Path:
+        path = self.path / "results.json"
+        atomic_write_json(path, _plain(results))
+        return path
+
+    def write_csv(self, name: str, rows: Sequence[dict[str, Any]]) -> Path:
+        path = self.path / f"{name}.csv"
+        buf = io.StringIO()
+        fields: list[str] = []
+        for row in rows:
+            fields.extend(k for k in row if k not in fields)
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+        atomic_write_bytes(path, buf.getvalue().encode())
+        return path
+
+    def save_figure(self, fig, name: str) -> Path:
+        """Save a matplotlib figure as PNG (atomically) and close it."""
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        path = self.path / f"{name}.png"
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _cell(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready copy (tensors to lists, paths to str, tuples to lists)."""
+    return json.loads(json.dumps(obj, default=_default))
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (Path, set, frozenset)):
+        return sorted(obj) if isinstance(obj, (set, frozenset)) else str(obj)
+    return str(obj)
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    diffs = []
+    if old.get("command") != new.get("command"):
+        diffs.append(f"command {old.get('command')!r} vs {new.get('command')!r}")
+    a, b = old.get("options", {}), new.get("options", {})
+    for k in sorted(set(a) | set(b)):
+        if k in _VOLATILE:
+            continue
+        if a.get(k) != b.get(k):
+            diffs.append(f"{k}: {a.get(k)!r} vs {b.get(k)!r}")
+    return diffs

