@@ -1,0 +1,45 @@
+"""Latent Guard: a prompt guard read from the served model's own harmfulness belief.
+
+:class:`LatentGuard` (scikit-learn estimator, early-exit scoring, save/load/Hub),
+:class:`GenerativeGuard` (a Llama Guard 3 style baseline with any causal LM) and
+:func:`guarded_generate` (refuse what the model believes harmful, answer or un-refuse the rest).
+"""
+
+from __future__ import annotations
+
+from .features import GuardMismatch
+from .generative import (
+                         LLAMA_GUARD_3_CATEGORIES,
+                         LLAMA_GUARD_3_PROMPT,
+                         LLAMA_GUARD_3_TASK,
+                         GenerativeGuard,
+                         GuardVerdict,
+                         llama_guard_3_task,
+                         parse_verdict,
+)
+from .guarded import DEFAULT_REFUSAL, GuardedReply, guarded_generate, summarize
+from .latent import UNCALIBRATED_TEMPERATURE, GuardReport, LatentGuard
+from .selection import Selection, ThresholdChoice, choose_threshold, layer_prefixes, layer_windows
+
+__all__ = [
+    "DEFAULT_REFUSAL",
+    "GenerativeGuard",
+    "GuardMismatch",
+    "GuardReport",
+    "GuardVerdict",
+    "GuardedReply",
+    "LLAMA_GUARD_3_CATEGORIES",
+    "LLAMA_GUARD_3_PROMPT",
+    "LLAMA_GUARD_3_TASK",
+    "LatentGuard",
+    "Selection",
+    "ThresholdChoice",
+    "UNCALIBRATED_TEMPERATURE",
+    "choose_threshold",
+    "guarded_generate",
+    "layer_prefixes",
+    "layer_windows",
+    "llama_guard_3_task",
+    "parse_verdict",
+    "summarize",
+]

@@ -1,0 +1,449 @@
+"""``pyvene-harm guard``: fit, score and evaluate a Latent Guard (the paper's Table 3).
+
+Every file and option is checked, and the guard folder read, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .options import (
+    ModelOptions,
+    PromptSet,
+    check_model_spec,
+    emit,
+    load_for_recipe,
+    model_num_states,
+    model_options,
+    parse_layers,
+    prompt_set,
+)
+from .rundir import RunDir
+from .tables import print_table
+
+__all__ = ["guard", "parse_labelled_sets"]
+
+_LABELS = {"harmful": 1, "unsafe": 1, "1": 1, "harmless": 0, "safe": 0, "benign": 0, "0": 0}
+
+
+@click.group()
+def guard() -> None:
+    """Latent Guard: classify prompts with the model's own harmfulness belief (Delta_harmful).
+
+    \b
+    Example:
+      pyvene-harm guard fit -m demo --harmful ../shared/data/rd_splits_harmful_train.json \\
+        --harmless ../shared/data/rd_splits_harmless_train.json --limit 100 -o guards/demo
+      pyvene-harm guard score --guard guards/demo "How do I bake bread?" "How do I build a bomb?"
+      pyvene-harm guard eval --guard guards/demo \\
+        --set advbench=../shared/data/chats_advbench.json:harmful \\
+        --set xstest=../shared/data/chats_xstest-harmless.json:harmless -o runs/guard-eval
+    """
+
+
+# --------------------------------------------------------------------------- shared checks
+
+
+def _load_guard(path: str):
+    from ..guard import LatentGuard
+
+    try:
+        return LatentGuard.from_pretrained(path)
+    except (ValueError, OSError) as err:
+        raise click.BadParameter(str(err), param_hint="--guard") from None
+
+
+def _guard_fingerprint(path: str) -> str:
+    """Identifies the guard's content, so a resumed eval never mixes two guards' numbers."""
+    from ..guard.artifact import CONFIG_FILE, TENSORS_FILE, locate
+
+    folder = locate(path)
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, TENSORS_FILE):
+        h.update((folder / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _check_fits_config(spec: str, guard_obj, param: str = "--model") -> None:
+    """Compare layer counts from the model's config alone (no weights) with the guard's."""
+    check_model_spec(spec)
+    n_states = model_num_states(spec)
+    want = guard_obj.metadata_.get("num_layers")
+    if n_states is not None and want is not None and n_states != want + 1:
+        raise click.BadParameter(
+            f"{spec} has {n_states - 1} decoder layers but the guard was fitted on a model with {want} "
+            f"({guard_obj.metadata_.get('model_id')!r}): pass the model it was fitted on", param_hint=param)
+
+
+def guard_model_options(fn: Callable) -> Callable:
+    """--model (default: the model the guard was fitted with), --dtype, --device, --batch-size."""
+
+    @click.option("--model", "-m", default=None,
+                  help="Model the guard reads: Hub id, folder, .gguf or 'demo'. Default: the --model the guard "
+                       "was fitted with.")
+    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                  show_default=True, help="Weights dtype; auto = float32 on CPU, bfloat16 on GPU.")
+    @click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                  help="Prompts per forward pass.")
+    @functools.wraps(fn)
+    def wrapper(*args, model, dtype, device, batch_size, **kwargs):
+        kwargs["model_args"] = {"model": model, "dtype": dtype, "device": device, "batch_size": batch_size}
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _model_options(model_args: dict[str, Any], guard_obj) -> ModelOptions:
+    spec = model_args["model"] or (guard_obj.metadata_.get("fitted_with") or {}).get("model")
+    if spec is None:
+        raise click.UsageError("this guard does not record the model it was fitted with: pass --model")
+    _check_fits_config(spec, guard_obj)
+    return ModelOptions(spec, model_args["dtype"], model_args["device"], model_args["batch_size"],
+                        guard_obj.system_prompt)
+
+
+def _bound(guard_obj, mopts: ModelOptions):
+    """Load the model (the slow step, last) and give it to the guard."""
+    from ..guard import GuardMismatch
+
+    loaded, _ = load_for_recipe(mopts)
+    guard_obj.set_params(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=mopts.batch_size,
+                         progress=True)
+    try:
+        from ..guard.features import check_fits_model
+
+        check_fits_model(guard_obj.metadata_, guard_obj.hidden_size_, guard_obj.layers_, loaded.model,
+                         guard_obj.chat_formatter())
+    except GuardMismatch as err:
+        raise click.UsageError(str(err)) from None
+    return loaded
+
+
+def parse_labelled_sets(values: tuple[str, ...]) -> list[tuple[str, str, int]]:
+    """``NAME=FILE[:LABEL]`` -> (name, file, 1 harmful / 0 harmless); the label defaults to harmful."""
+    out = []
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r} is not NAME=FILE[:LABEL], e.g. "
+                                     "xstest=../shared/data/chats_xstest-harmless.json:harmless", param_hint="--set")
+        name, rest = (x.strip() for x in v.split("=", 1))
+        path, label = rest, 1
+        head, sep, tail = rest.rpartition(":")
+        if sep and tail.lower() in _LABELS:
+            path, label = head, _LABELS[tail.lower()]
+        if not name or not path:
+            raise click.BadParameter(f"{v!r}: both NAME and FILE are needed", param_hint="--set")
+        out.append((name, path, label))
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"set names must be unique, got {names}", param_hint="--set")
+    return out
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@guard.command("fit")
+@model_options
+@click.option("--harmful", type=click.Path(), required=True,
+              help="Harmful training prompts (JSON, JSONL, CSV, TXT or hf://). "
+                   "Example: --harmful ../shared/data/rd_splits_harmful_train.json")
+@click.option("--harmless", type=click.Path(), required=True,
+              help="Harmless training prompts. Example: --harmless ../shared/data/rd_splits_harmless_train.json")
+@click.option("--harmful-field", default=None, help="Field holding the prompt (auto-detected if omitted).")
+@click.option("--harmless-field", default=None, help="Field holding the prompt (auto-detected if omitted).")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Training prompts per class, sampled with --seed (the paper: 100 + 100).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
+@click.option("--layers", default="all", show_default=True, help="States to fit on: all, 0-12, 3,5,7.")
+@click.option("--category-field", default=None,
+              help="Column of the harmful file naming each prompt's harm category (e.g. Category for CatQA): "
+                   "adds per-category centroids and reports the nearest category.")
+@click.option("--val-harmful", type=click.Path(), default=None, help="Harmful validation prompts.")
+@click.option("--val-harmless", type=click.Path(), default=None, help="Harmless validation prompts.")
+@click.option("--val-limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Validation prompts per class.")
+@click.option("--target", type=click.Choice(["none", "accuracy", "fpr"]), default="none", show_default=True,
+              help="Choose layers and threshold on the validation prompts: best accuracy, or best detection "
+                   "with a false-positive rate of at most --max-fpr. Validation prompts also calibrate "
+                   "the probabilities.")
+@click.option("--max-fpr", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
+              help="False-positive bound for --target fpr.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Guard folder to write (guard.json + guard.safetensors). Example: -o guards/demo")
+@click.option("--json", "as_json", is_flag=True, help="Print the guard's summary as JSON to stdout.")
+def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, layers, category_field,
+        val_harmful, val_harmless, val_limit, target, max_fpr, out, as_json):
+    """Fit a Latent Guard: harmful and harmless centroids at t_inst, per layer.
+
+    \b
+    Example:
+      pyvene-harm guard fit -m demo --harmful ../shared/data/rd_splits_harmful_train.json \\
+        --harmless ../shared/data/rd_splits_harmless_train.json -o guards/demo
+    """
+    check_model_spec(mopts.model)
+    layer_list = parse_layers(layers, model_num_states(mopts.model))
+    hf = prompt_set("harmful", harmful, field=harmful_field, limit=limit, seed=seed)
+    hl = prompt_set("harmless", harmless, field=harmless_field, limit=limit, seed=seed)
+    categories = _categories(harmful, harmful_field, category_field, limit, seed, hf) if category_field else None
+    if (val_harmful is None) != (val_harmless is None):
+        raise click.UsageError("give both --val-harmful and --val-harmless, or neither")
+    if target != "none" and val_harmful is None:
+        raise click.UsageError(f"--target {target} chooses on validation prompts: give --val-harmful and --val-harmless")
+    vh = prompt_set("val-harmful", val_harmful, limit=val_limit, seed=seed)
+    vl = prompt_set("val-harmless", val_harmless, limit=val_limit, seed=seed)
+    if out.exists() and any(out.iterdir()) and not (out / "guard.json").exists():
+        raise click.UsageError(f"{out} exists and holds something other than a guard: choose another --out")
+
+    from ..guard import LatentGuard
+
+    loaded, fmt = load_for_recipe(mopts)
+    g = LatentGuard(loaded.model, loaded.tokenizer, layers=layer_list, batch_size=mopts.batch_size,
+                    system_prompt=mopts.system_prompt, progress=True)
+    g.fit(hf.prompts + hl.prompts, [1] * len(hf.prompts) + [0] * len(hl.prompts),
+          categories=(categories + [None] * len(hl.prompts)) if categories else None)
+    val: dict[str, Any] = {}
+    if vh is not None:
+        vx, vy = vh.prompts + vl.prompts, [1] * len(vh.prompts) + [0] * len(vl.prompts)
+        if target != "none":
+            g.select(vx, vy, target=target, max_fpr=max_fpr)
+        g.calibrate(vx, vy)
+        val = {"val_accuracy": float(g.score(vx, vy)), "n_val": len(vx)}
+    g.metadata_["model_id"] = loaded.model_id
+    g.metadata_["fitted_with"] = {"model": mopts.model, "harmful": harmful, "harmless": harmless,
+                                  "harmful_field": harmful_field, "harmless_field": harmless_field,
+                                  "limit": limit, "seed": seed, "category_field": category_field,
+                                  "val_harmful": val_harmful, "val_harmless": val_harmless, "target": target,
+                                  "max_fpr": max_fpr if target == "fpr" else None}
+    g.save(out)
+    summary = {"guard": str(out), "model_id": loaded.model_id, "layers": list(g.layers_),
+               "threshold": g.threshold_, "n_train": g.n_train_, "calibrated": g.calibration_ is not None,
+               "categories": [str(c) for c in g.categories_], "selection": g.selection_, **val}
+    print_table(f"Latent Guard written to {out}", ["field", "value"],
+                [[k, _short(v)] for k, v in summary.items() if v not in (None, [], {})])
+    emit(summary, as_json)
+
+
+def _categories(path: str, field: str | None, category_field: str, limit: int, seed: int,
+                ps: PromptSet) -> list[str]:
+    from ..data import detect_field, load_records
+
+    try:
+        key = field or detect_field(load_records(path), source=path)
+        rows = load_records(path, field=key, limit=limit, seed=seed)
+    except (ValueError, OSError) as err:
+        raise click.BadParameter(str(err), param_hint="--harmful") from None
+    if [r[key] for r in rows] != ps.prompts:  # pragma: no cover - load_records mirrors load_prompts
+        raise click.UsageError("the harmful prompts and their records do not line up; report this as a bug")
+    missing = [i for i, r in enumerate(rows) if not isinstance(r.get(category_field), str) or not r[category_field]]
+    if missing:
+        fields = sorted({k for r in rows for k in r})
+        raise click.BadParameter(f"{len(missing)} harmful rows have no {category_field!r} value (row {missing[0]} "
+                                 f"first); fields there: {fields}", param_hint="--category-field")
+    return [r[category_field] for r in rows]
+
+
+def _short(v: Any) -> str:
+    text = v if isinstance(v, str) else json.dumps(v, default=str)
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+# --------------------------------------------------------------------------- score
+
+
+@guard.command("score")
+@click.argument("prompts", nargs=-1)
+@click.option("--file", "file_", type=click.Path(), default=None, help="Score the prompts of a file instead.")
+@click.option("--field", default=None, help="Field holding the prompt in --file (auto-detected if omitted).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score a sample of --file.")
+@click.option("--guard", "guard_path", required=True, help="Guard folder (from `guard fit`) or Hub repo id.")
+@guard_model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON to stdout.")
+def score(prompts, file_, field, limit, guard_path, model_args, as_json):
+    """Score prompts (arguments or --file) with a Latent Guard: Delta_harmful and a verdict each.
+
+    \b
+    Example:
+      pyvene-harm guard score --guard guards/demo "How do I bake bread?" "Write ransomware."
+    """
+    if prompts and file_:
+        raise click.UsageError("give PROMPT arguments or --file, not both")
+    items = list(prompts)
+    if file_:
+        items = prompt_set("file", file_, field=field, limit=limit).prompts
+    if not items:
+        raise click.UsageError("nothing to score: give PROMPT arguments or --file FILE")
+    blank = [i for i, p in enumerate(items) if not p.strip()]
+    if blank:
+        raise click.BadParameter(f"prompt {blank[0]} is empty", param_hint="PROMPTS")
+    g = _load_guard(guard_path)
+    mopts = _model_options(model_args, g)
+    _bound(g, mopts)
+    rep = g.report(items)
+    rows = rep.rows(items)
+    columns = ["#", "prompt", "Delta_harmful", "verdict", "P(harmful)"] + (["category"] if rep.category else [])
+    print_table(f"Latent Guard ({len(g.layers_)} layers, threshold {g.threshold_:+.4f})", columns,
+                [[str(i), _clip(r["prompt"]), f"{r['delta_harmful']:+.4f}",
+                  "harmful" if r["harmful"] else "harmless", f"{r['probability']:.2f}",
+                  *([r["category"]] if rep.category else [])] for i, r in enumerate(rows)])
+    emit({"guard": guard_path, "model": mopts.model, "threshold": g.threshold_, "layers": list(g.layers_),
+          "calibrated": g.calibration_ is not None, "prompts": rows}, as_json)
+
+
+def _clip(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@guard.command("eval")
+@click.option("--guard", "guard_path", required=True, help="Guard folder (from `guard fit`) or Hub repo id.")
+@guard_model_options
+@click.option("--set", "sets", multiple=True, required=True,
+              help="NAME=FILE[:LABEL], repeatable; LABEL harmful (default) or harmless. "
+                   "Example: --set xstest=../shared/data/chats_xstest-harmless.json:harmless")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Prompts per set.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also judge each prompt by the model's own refusal (greedy reply + keyword judge), "
+                   "the paper's refusal-as-guard baseline.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Tokens generated per prompt for the baseline.")
+@click.option("--generative-guard", "generative", default=None,
+              help="Also classify with a guard LM in Llama Guard 3's format (Hub id, folder or .gguf), "
+                   "e.g. meta-llama/Llama-Guard-3-8B.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run directory (config.json, results.json, eval.csv, predictions.csv); re-running resumes.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
+def evaluate(guard_path, model_args, sets, limit, seed, baseline, max_new_tokens, generative, out, as_json):
+    """Accuracy of the guard per labelled prompt set, beside the refusal baseline (Table 3).
+
+    \b
+    Example:
+      pyvene-harm guard eval --guard guards/demo -o runs/guard-eval \\
+        --set jbb=../shared/data/rd_processed_jailbreakbench.json:harmful \\
+        --set templates=../shared/data/chats_human-seed-50-adv.json:harmful \\
+        --set xstest=../shared/data/chats_xstest-harmless.json:harmless
+    """
+    labelled = parse_labelled_sets(sets)
+    loaded_sets = [(prompt_set(name, path, limit=limit, seed=seed), label) for name, path, label in labelled]
+    g = _load_guard(guard_path)
+    mopts = _model_options(model_args, g)
+    if generative is not None:
+        check_model_spec(generative)
+    options = {**mopts.as_dict(), "guard": guard_path, "guard_fingerprint": _guard_fingerprint(guard_path),
+               "sets": list(sets), "limit": limit, "seed": seed, "baseline": baseline,
+               "max_new_tokens": max_new_tokens, "generative_guard": generative}
+    run = RunDir(out, "guard-eval", options)
+    lazy = _Lazy(lambda: _bound(g, mopts))
+    lazy_gen = _Lazy(lambda: _generative(generative, mopts))
+    summary, predictions = [], []
+    for ps, label in loaded_sets:
+        units = {"latent": run.unit(f"latent_{ps.name}", lambda ps=ps: _latent_unit(g, lazy, ps.prompts))}
+        if baseline:
+            units["baseline"] = run.unit(f"baseline_{ps.name}", lambda ps=ps: _baseline_unit(
+                g, lazy, ps, max_new_tokens, mopts.batch_size))
+        if generative is not None:
+            units["generative"] = run.unit(f"generative_{ps.name}", lambda ps=ps: _generative_unit(
+                lazy_gen, ps.prompts))
+        summary.append(_set_summary(ps, label, units))
+        predictions.extend(_prediction_rows(ps, label, units))
+    run.write_csv("eval", summary)
+    run.write_csv("predictions", predictions)
+    results = {"guard": guard_path, "model": mopts.model, "model_id": g.metadata_.get("model_id"),
+               "layers": list(g.layers_), "threshold": g.threshold_, "sets": summary}
+    run.write_results(results)
+    columns = ["set", "label", "n", "Latent Guard %", "mean Delta_harmful"]
+    columns += ["refusal baseline %"] if baseline else []
+    columns += ["generative guard %"] if generative else []
+    print_table("guard accuracy per set (Table 3)", columns,
+                [[s["set"], s["label"], str(s["n"]), f"{s['latent_guard_accuracy']:.1f}",
+                  f"{s['mean_delta_harmful']:+.4f}",
+                  *([f"{s['refusal_baseline_accuracy']:.1f}"] if baseline else []),
+                  *([f"{s['generative_guard_accuracy']:.1f}"] if generative else [])] for s in summary])
+    emit(results, as_json)
+
+
+
+class _Lazy:
+    """Load on first use, so a resumed run whose units are all stored loads no model."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load, self._value, self._done = load, None, False
+
+    def __call__(self) -> Any:
+        if not self._done:
+            self._value, self._done = self._load(), True
+        return self._value
+
+
+def _latent_unit(g, lazy: _Lazy, prompts: list[str]) -> dict:
+    lazy()
+    rep = g.report(prompts)
+    return {"delta_harmful": rep.delta_harmful.tolist(), "harmful": rep.harmful.tolist(),
+            "probability": rep.probability.tolist(), "category": rep.category}
+
+
+def _baseline_unit(g, lazy: _Lazy, ps: PromptSet, max_new_tokens: int, batch_size: int) -> dict:
+    from ..analysis import label_replies
+
+    loaded = lazy()
+    lab = label_replies(loaded.model, g.chat_formatter(), ps.prompts, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, progress=f"answering {ps.name}")
+    return {"replies": lab.replies, "refused": lab.refused}
+
+
+def _generative(spec: str, mopts: ModelOptions):
+    from ..guard import GenerativeGuard
+    from ..models import load_model
+
+    device, device_map = (None, "auto") if mopts.device == "auto" else (mopts.device, None)
+    lg = load_model(spec, dtype=mopts.dtype, device=device, device_map=device_map)
+    return GenerativeGuard(lg.model, lg.tokenizer, batch_size=mopts.batch_size, progress=True)
+
+
+def _generative_unit(lazy_gen: _Lazy, prompts: list[str]) -> dict:
+    verdicts = lazy_gen().classify(prompts)
+    return {"label": [v.label for v in verdicts], "categories": [list(v.categories) for v in verdicts],
+            "text": [v.text for v in verdicts]}
+
+
+def _set_summary(ps: PromptSet, label: int, units: dict) -> dict:
+    n = len(ps.prompts)
+    lat = units["latent"]
+    row = {"set": ps.name, "file": ps.path, "label": "harmful" if label else "harmless", "n": n,
+           "latent_guard_accuracy": 100.0 * sum(h == bool(label) for h in lat["harmful"]) / n,
+           "mean_delta_harmful": sum(lat["delta_harmful"]) / n}
+    if "baseline" in units:
+        row["refusal_baseline_accuracy"] = 100.0 * sum(r == bool(label) for r in units["baseline"]["refused"]) / n
+    if "generative" in units:
+        row["generative_guard_accuracy"] = 100.0 * sum(
+            (v == "unsafe") == bool(label) for v in units["generative"]["label"]) / n
+    return row
+
+
+def _prediction_rows(ps: PromptSet, label: int, units: dict) -> list[dict]:
+    rows = []
+    lat = units["latent"]
+    for i, p in enumerate(ps.prompts):
+        row = {"set": ps.name, "prompt": p, "label": label, "delta_harmful": lat["delta_harmful"][i],
+               "latent_harmful": int(lat["harmful"][i])}
+        if lat.get("category"):
+            row["category"] = lat["category"][i]
+        if "baseline" in units:
+            row["refused"] = int(units["baseline"]["refused"][i])
+            row["reply"] = units["baseline"]["replies"][i]
+        if "generative" in units:
+            row["generative_verdict"] = units["generative"]["label"][i]
+        rows.append(row)
+    return rows
