@@ -21,6 +21,7 @@ __all__ = [
     "cluster_closeness",
     "label_replies",
     "post_instruction_ablation",
+    "steered_replies",
 ]
 
 
@@ -102,3 +103,20 @@ def cluster_closeness(states: Mapping[str, torch.Tensor], *, harmful: str, harml
         closer_to_harmful = own > other if own_is_harmful else other > own
         out[g] = closer_to_harmful.double().mean(0)
     return out
+
+
+def steered_replies(model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str], directions, *,
+                    direction: str, layer: int, coeff: float, positions: str = "all_prompt",
+                    generated: bool = False, wrapper: str | None = None, max_new_tokens: int = 48,
+                    batch_size: int = 8, progress: bool | str = False) -> list[str]:
+    """Greedy replies with ``coeff *`` a direction added at one layer (Figs. 4 and 5).
+
+    The paper steers the prompt pass only (generated tokens see the steered cache); pass
+    ``generated=True`` to steer every new token as well.
+    """
+    from .interventions import steer
+
+    s = steer(model, directions, direction=direction, layer=layer, coeff=coeff, positions=positions,
+              generated=generated)
+    return generate_replies(model, formatter, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            wrapper=wrapper, steer=s, progress=progress)

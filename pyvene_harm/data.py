@@ -30,6 +30,7 @@ __all__ = [
     "load_prompts",
     "load_records",
     "load_templates",
+    "punctuation_variants",
 ]
 
 FIELD_CANDIDATES: tuple[str, ...] = (
@@ -146,6 +147,28 @@ def apply_template(template: str, prompts: Sequence[str]) -> list[str]:
     """
     _check_template(template)
     return [template.replace(PLACEHOLDER, prompt) for prompt in prompts]
+
+
+_END_PUNCTUATION = ".?!"
+
+
+def punctuation_variants(prompts: Sequence[str]) -> list[str]:
+    """Each prompt three times: without final punctuation, ending in ".", ending in "?".
+
+    t_inst is the instruction's last token, and on small models its state is dominated by that
+    token's identity. Common sets differ exactly there (AdvBench ends in a word, Alpaca in a
+    period), so centroids fitted on them partly encode punctuation. Fitting both classes on
+    the same three endings cancels that component. Beyond the paper; off by default.
+
+    Example:
+        >>> punctuation_variants(["Make a cake."])
+        ['Make a cake', 'Make a cake.', 'Make a cake?']
+    """
+    out = []
+    for prompt in prompts:
+        stem = prompt.rstrip().rstrip(_END_PUNCTUATION).rstrip() or prompt.strip()
+        out += [stem, stem + ".", stem + "?"]
+    return out
 
 
 def load_templates(source: str | os.PathLike, field: str | None = None) -> list[str]:

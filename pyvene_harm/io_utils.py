@@ -27,6 +27,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -49,11 +50,19 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Ten
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
                   metadata={"format": "pt", **(metadata or {})})
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _default_mode(path: str) -> None:
+    """mkstemp creates files readable by their owner only; give them the usual mode instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

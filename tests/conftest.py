@@ -48,3 +48,9 @@ def demo():
     from pyvene_harm.models import load_model
 
     return load_model("demo")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # a run that collected nothing (a bad -m or -k, a broken tree) must fail, never pass quietly
+    if session.testscollected == 0:
+        session.exitstatus = 1

@@ -80,3 +80,29 @@ def test_demo_context_limit_error(demo):
     fmt = ChatFormatter(demo.tokenizer, max_length=64)
     with pytest.raises(ValueError, match="over the model's context of 64 tokens"):
         fmt.encode(["word " * 200])
+
+
+@pytest.mark.slow
+def test_demo_extraction_round_trip(demo, shared_data, tmp_path, capsys):
+    """Issue 3's check: 60 AdvBench + 60 Alpaca prompts split by the model's own refusals."""
+    from pyvene_harm import DirectionSet, extract_directions, load_prompts
+
+    harmful = load_prompts(shared_data / "chats_advbench.json", limit=60, seed=0)
+    harmless = load_prompts(shared_data / "rd_splits_harmless_train.json", limit=60, seed=0)
+    ex = extract_directions(demo.model, demo.tokenizer, harmful, harmless, max_new_tokens=24, batch_size=20,
+                            model_id=demo.model_id)
+    sizes = ex.directions.metadata["group_sizes"]
+    assert sizes["harmful"] >= 10 and sizes["harmless"] >= 10
+    ex.directions.save(tmp_path / "d")
+    back = DirectionSet.load(tmp_path / "d")
+    for k in ex.directions.centroids:
+        assert torch.equal(back.centroids[k], ex.directions.centroids[k])
+    cos = back.cosine()
+    assert cos.shape == (25,)
+    with capsys.disabled():
+        print("\ncos(harmfulness, refusal) per layer:", " ".join(f"{c:+.2f}" for c in cos.tolist()))
+        print("groups:", sizes)
+    # the paper: nearly orthogonal directions; norms grow with depth
+    assert cos.abs().mean() < 0.5
+    norms = back.norms()["harmfulness"]
+    assert norms[-1] > norms[1]

@@ -131,3 +131,39 @@ def test_bad_options_stop_before_loading(tiny_dir, tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["post-inst", "-o", str(tmp_path / "z"), "--harmful",
                                   str(tiny_dir / "harmful.json")])
     assert r.exit_code != 0 and "different run" in r.output
+
+
+def test_elicit_and_invert_sweeps(tiny_dir, tmp_path):
+    ext = tmp_path / "extract"
+    r = _run(["extract", *_common(tiny_dir, ext), "--harmful", str(tiny_dir / "harmful.json"),
+              "--harmless", str(tiny_dir / "harmless.jsonl"), "--max-new-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "elicit"
+    r = _run(["elicit", *_common(tiny_dir, out), "--directions", str(ext), "--harmless",
+              str(tiny_dir / "harmless.jsonl"), "--layers", "0-2", "--limit", "3", "--max-new-tokens", "2",
+              "--coeff", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    conds = {(row["condition"], row["layer"]) for row in res["per_layer"]}
+    assert conds == {("baseline", -1)} | {(d, layer) for d in ("harmfulness", "refusal") for layer in (0, 1, 2)}
+    assert all(0 <= row["refusal_rate"] <= 100 for row in res["per_layer"])
+    assert (out / "elicit.png").exists() and (out / "elicit.csv").exists()
+
+    out = tmp_path / "invert"
+    r = _run(["invert", *_common(tiny_dir, out), "--directions", str(ext), "--harmless",
+              str(tiny_dir / "harmless.jsonl"), "--harmful", str(tiny_dir / "harmful.json"), "--layers", "1",
+              "--limit", "2", "--max-new-tokens", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert set(res["summary"]) == {"harmless+harmfulness", "harmless+refusal", "harmful-harmfulness",
+                                   "harmful-refusal"}
+    for row in res["per_layer"]:
+        assert row["no_rate"] + row["certainly_rate"] + row["invalid_rate"] == pytest.approx(100)
+    assert (out / "invert.png").exists()
+
+    r = CliRunner().invoke(main, ["elicit", *_common(tiny_dir, tmp_path / "bad"), "--directions", str(ext),
+                                  "--harmless", str(tiny_dir / "harmless.jsonl"), "--layers", "40"])
+    assert r.exit_code == 2 and "out of range" in r.output
+    r = CliRunner().invoke(main, ["elicit", *_common(tiny_dir, tmp_path / "bad2"), "--directions", str(ext),
+                                  "--harmless", str(tiny_dir / "harmless.jsonl"), "--positions", "t_nope"])
+    assert r.exit_code == 2 and "t_nope" in r.output

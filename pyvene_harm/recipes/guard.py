@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +178,15 @@ def parse_labelled_sets(values: tuple[str, ...]) -> list[tuple[str, str, int]]:
                    "the probabilities.")
 @click.option("--max-fpr", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
               help="False-positive bound for --target fpr.")
+@click.option("--balance-punctuation", is_flag=True,
+              help="Fit (and validate) on every prompt without final punctuation, with '.' and with '?', so "
+                   "the centroids cannot tell the classes apart by their last token (AdvBench ends in a word, "
+                   "Alpaca in a period). Beyond the paper.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Guard folder to write (guard.json + guard.safetensors). Example: -o guards/demo")
 @click.option("--json", "as_json", is_flag=True, help="Print the guard's summary as JSON to stdout.")
 def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, layers, category_field,
-        val_harmful, val_harmless, val_limit, target, max_fpr, out, as_json):
+        val_harmful, val_harmless, val_limit, target, max_fpr, balance_punctuation, out, as_json):
     """Fit a Latent Guard: harmful and harmless centroids at t_inst, per layer.
 
     \b
@@ -205,6 +210,13 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, la
 
     from ..guard import LatentGuard
 
+    if balance_punctuation:
+        if category_field:
+            raise click.UsageError("--balance-punctuation cannot be combined with --category-field")
+        from ..data import punctuation_variants
+
+        hf, hl = (replace(ps, prompts=punctuation_variants(ps.prompts)) for ps in (hf, hl))
+        vh, vl = ((replace(ps, prompts=punctuation_variants(ps.prompts)) if ps is not None else None) for ps in (vh, vl))
     loaded, fmt = load_for_recipe(mopts)
     g = LatentGuard(loaded.model, loaded.tokenizer, layers=layer_list, batch_size=mopts.batch_size,
                     system_prompt=mopts.system_prompt, progress=True)
@@ -222,7 +234,8 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, la
                                   "harmful_field": harmful_field, "harmless_field": harmless_field,
                                   "limit": limit, "seed": seed, "category_field": category_field,
                                   "val_harmful": val_harmful, "val_harmless": val_harmless, "target": target,
-                                  "max_fpr": max_fpr if target == "fpr" else None}
+                                  "max_fpr": max_fpr if target == "fpr" else None,
+                                  "balance_punctuation": balance_punctuation}
     g.save(out)
     summary = {"guard": str(out), "model_id": loaded.model_id, "layers": list(g.layers_),
                "threshold": g.threshold_, "n_train": g.n_train_, "calibrated": g.calibration_ is not None,
