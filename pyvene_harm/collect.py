@@ -162,6 +162,7 @@ def _position_index(batch: PromptBatch, name: str) -> torch.Tensor:
 
 
 def _representations(n_layers: int, states: Sequence[int]) -> list[dict]:
+    """State s < n_layers is the input of layer s; state n_layers the output of the last layer run."""
     reps = []
     for s in states:
         if s < n_layers:
@@ -208,7 +209,8 @@ def collect_states(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     deepest = state_ids[-1]
-    run_layers = min(n_layers, deepest + 1) if deepest < n_layers else n_layers
+    # the input of layer k is the output of layer k - 1: layers k.. never need to run
+    run_layers = min(n_layers, max(1, deepest))
     device = next(decoder.parameters()).device
     # tokenise everything once (cheap) so batches can be formed from similar lengths
     lengths = [len(formatter.tokenizer(formatter.render(p, wrapper=wrapper).text,
@@ -225,7 +227,10 @@ def collect_states(
                                              post_instruction=post_instruction, wrapper=wrapper)
                     locs = torch.stack([_position_index(batch, p) for p in positions], dim=1)
                     loc_list = locs.tolist()
-                    inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
+                    # causal attention: nothing after the last position read changes the states
+                    # read, so the rest (e.g. the post-instruction tokens, for t_inst) is not run
+                    cut = int(locs.max()) + 1
+                    inputs = {k: v[:, :cut].to(device) for k, v in batch.model_inputs().items()}
                     with torch.inference_mode():
                         (_, acts), _ = intervenable(
                             inputs,

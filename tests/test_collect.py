@@ -84,6 +84,21 @@ def test_early_exit_states_match_full_run(tiny_llama):
     assert len(decoder_layers(tiny_llama)) == 3
 
 
+def test_only_tokens_up_to_the_last_position_read_are_run(tiny_llama):
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    full = next(collect_states(tiny_llama, fmt, PROMPTS[:3], states=[1, 3]))[1]
+    lengths = []
+    handle = tiny_llama.model.register_forward_pre_hook(
+        lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        inst = next(collect_states(tiny_llama, fmt, PROMPTS[:3], states=[1, 3], positions=("t_inst",)))[1]
+    finally:
+        handle.remove()
+    batch = fmt.encode(PROMPTS[:3], padding_side="left")
+    assert lengths == [int(batch.t_inst.max()) + 1] and lengths[0] < batch.seq_len
+    torch.testing.assert_close(inst["t_inst"], full["t_inst"])
+
+
 def test_bad_arguments(tiny_llama):
     fmt = ChatFormatter(make_tokenizer("qwen2"))
     with pytest.raises(ValueError, match="out of range"):
