@@ -16,7 +16,7 @@ import json
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,8 @@ class PromptDataError(ValueError):
 
 
 def load_prompts(source: str | os.PathLike, *, field: str | None = None, limit: int | None = None,
-                 seed: int = 0, template: str | None = None) -> list[str]:
+                 seed: int = 0, template: str | None = None,
+                 exclude: Collection[str] | None = None) -> list[str]:
     """Load the prompts of a file or Hub dataset as a list of strings.
 
     Rows without a usable value in ``field`` (missing, null, blank) are dropped with a
@@ -67,6 +68,8 @@ def load_prompts(source: str | os.PathLike, *, field: str | None = None, limit: 
         limit: keep a random sample of this many prompts (original order preserved).
         seed: the sample's seed; the same seed always gives the same prompts.
         template: a jailbreak template with :data:`PLACEHOLDER`, applied to every prompt.
+        exclude: prompts to drop before sampling (e.g. a guard's training prompts, so that an
+            evaluation set is held out); compared after stripping surrounding whitespace.
 
     Example:
         >>> load_prompts("chats_advbench.json", limit=50, seed=0)[:1]  # doctest: +SKIP
@@ -77,6 +80,11 @@ def load_prompts(source: str | os.PathLike, *, field: str | None = None, limit: 
     records = _read_source(source)
     key = field if field is not None else detect_field(records, source=source)
     usable = _usable_rows(records, key, source)
+    if exclude:
+        drop = {str(x).strip() for x in exclude}
+        usable = [row for row in usable if str(row[key]).strip() not in drop]
+        if not usable:
+            raise PromptDataError(f"{source}: every prompt is in the excluded set: nothing is held out")
     prompts = [row[key] for row in _sample(usable, limit, seed)]
     return apply_template(template, prompts) if template is not None else prompts
 

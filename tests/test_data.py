@@ -353,3 +353,12 @@ class TestErrors:
         path = write(tmp_path, "p.csv", 'text\n"a stray quote\n' + "x" * 200_000 + "\n")
         with pytest.raises(PromptDataError, match="malformed CSV.*quoting"):
             load_prompts(path)
+
+
+def test_exclude_drops_prompts_before_sampling(tmp_path):
+    path = write(tmp_path, "p.json", json.dumps([{"instruction": f"prompt {i}"} for i in range(10)]))
+    kept = load_prompts(path, exclude=["prompt 3", " prompt 7 "], limit=8, seed=0)
+    assert len(kept) == 8 and "prompt 3" not in kept and "prompt 7" not in kept
+    assert kept == [f"prompt {i}" for i in range(10) if i not in (3, 7)]
+    with pytest.raises(PromptDataError, match="nothing is held out"):
+        load_prompts(path, exclude=[f"prompt {i}" for i in range(10)])

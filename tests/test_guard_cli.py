@@ -161,3 +161,64 @@ def test_bad_options_stop_before_loading(fitted_guard, files, tmp_path, monkeypa
            "-o", str(tmp_path / "e")], "none.json")
     fails(["guard", "eval", "--guard", str(out), "--set", f"a={files / 'mixed.txt'}", "--set",
            f"a={files / 'mixed.txt'}", "-o", str(tmp_path / "e")], "unique")
+
+
+class SorryOrBomb:
+    """Refusal = the guard's canned refusal (what the keyword judge catches) or a 'bomb' prompt."""
+
+    def __call__(self, prompts, responses):
+        return [r.startswith("I'm sorry") or "bomb" in p for p, r in zip(prompts, responses)]
+
+
+def test_generate_plain_vs_guarded(fitted_guard, files, tmp_path, monkeypatch):
+    import csv
+
+    import pyvene_harm.analysis as analysis
+    import pyvene_harm.judges as judges
+
+    from test_interventions_hooks import random_directions
+
+    monkeypatch.setattr(analysis, "KeywordRefusalJudge", SorryOrBomb)
+    monkeypatch.setattr(judges, "KeywordRefusalJudge", SorryOrBomb)
+    out, _ = fitted_guard
+    random_directions(n_states=4).save(tmp_path / "dirs")
+    common = ["guard", "generate", "--guard", str(out), "--set", f"bad={files / 'harmful.jsonl'}",
+              "--set", f"good={files / 'harmless.json'}:harmless", "--max-new-tokens", "3", "--batch-size", "3"]
+    r = _run([*common, "--directions", str(tmp_path / "dirs"), "-o", str(tmp_path / "abl"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    guard = LatentGuard.load(out).set_params(model=make_model("qwen2"), tokenizer=make_tokenizer("qwen2.5"))
+    rows = list(csv.DictReader((tmp_path / "abl" / "replies.csv").open()))
+    assert [r["prompt"] for r in rows] == HARMFUL + HARMLESS
+    verdicts = guard.predict(HARMFUL + HARMLESS).tolist()
+    assert [r["action"] for r in rows] == ["refused" if v else "steered" for v in verdicts]
+    for row, v in zip(rows, verdicts):
+        assert (row["guarded_reply"] == "I'm sorry, but I can't help with that.") == bool(v)
+        assert row["plain_refused"] == str(int("bomb" in row["prompt"]))
+        assert row["guarded_refused"] == str(int(bool(v) or "bomb" in row["prompt"]))
+    for s, prompts in zip(res["sets"], (HARMFUL, HARMLESS)):
+        assert s["n"] == 4 and s["plain_refusal_rate"] == 100.0 * sum("bomb" in p for p in prompts) / 4
+        assert s["guard_refused"] + s["generated"] == 4
+    # without undoing refusal, let-through prompts get exactly the plain model's reply
+    (tmp_path / "seen.txt").write_text(HARMFUL[0] + "\n")
+    r = _run([*common, "--undo-refusal", "none", "--exclude", str(tmp_path / "seen.txt"), "-o",
+              str(tmp_path / "plain"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert [s["n"] for s in json.loads(r.stdout)["sets"]] == [3, 4]  # held out: the excluded prompt is gone
+    for row in csv.DictReader((tmp_path / "plain" / "replies.csv").open()):
+        if row["action"] == "answered":
+            assert row["guarded_reply"] == row["plain_reply"]
+
+
+def test_generate_bad_options_stop_before_loading(fitted_guard, files, tmp_path, monkeypatch):
+    import pyvene_harm.models as models
+
+    monkeypatch.setattr(models, "load_model", _boom)
+    out, _ = fitted_guard
+    base = ["guard", "generate", "--guard", str(out), "--set", f"bad={files / 'harmful.jsonl'}",
+            "-o", str(tmp_path / "g")]
+    for extra, needle in ((["--undo-refusal", "ablate"], "needs --directions"),
+                          (["--directions", str(tmp_path / "nowhere")], "--directions"),
+                          (["--undo-refusal", "add", "--directions", str(files / "guard")], "--directions")):
+        r = CliRunner().invoke(main, [*base, *extra])
+        assert r.exit_code == 2 and needle in r.output, r.output

@@ -5,16 +5,23 @@ Every file and option is checked, and the guard folder read, before any model is
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .guard_common import (
+    Lazy,
+    bind_model,
+    exclude_option,
+    guard_fingerprint,
+    guard_model_options,
+    load_guard,
+    parse_labelled_sets,
+    resolve_model_options,
+)
 from .options import (
     ModelOptions,
     PromptSet,
@@ -31,9 +38,6 @@ from .tables import print_table
 
 __all__ = ["guard", "parse_labelled_sets"]
 
-_LABELS = {"harmful": 1, "unsafe": 1, "1": 1, "harmless": 0, "safe": 0, "benign": 0, "0": 0}
-
-
 @click.group()
 def guard() -> None:
     """Latent Guard: classify prompts with the model's own harmfulness belief (Delta_harmful).
@@ -47,106 +51,6 @@ def guard() -> None:
         --set advbench=../shared/data/chats_advbench.json:harmful \\
         --set xstest=../shared/data/chats_xstest-harmless.json:harmless -o runs/guard-eval
     """
-
-
-# --------------------------------------------------------------------------- shared checks
-
-
-def _load_guard(path: str):
-    from ..guard import LatentGuard
-
-    try:
-        return LatentGuard.from_pretrained(path)
-    except (ValueError, OSError) as err:
-        raise click.BadParameter(str(err), param_hint="--guard") from None
-
-
-def _guard_fingerprint(path: str) -> str:
-    """Identifies the guard's content, so a resumed eval never mixes two guards' numbers."""
-    from ..guard.artifact import CONFIG_FILE, TENSORS_FILE, locate
-
-    folder = locate(path)
-    h = hashlib.sha256()
-    for name in (CONFIG_FILE, TENSORS_FILE):
-        h.update((folder / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _check_fits_config(spec: str, guard_obj, param: str = "--model") -> None:
-    """Compare layer counts from the model's config alone (no weights) with the guard's."""
-    check_model_spec(spec)
-    n_states = model_num_states(spec)
-    want = guard_obj.metadata_.get("num_layers")
-    if n_states is not None and want is not None and n_states != want + 1:
-        raise click.BadParameter(
-            f"{spec} has {n_states - 1} decoder layers but the guard was fitted on a model with {want} "
-            f"({guard_obj.metadata_.get('model_id')!r}): pass the model it was fitted on", param_hint=param)
-
-
-def guard_model_options(fn: Callable) -> Callable:
-    """--model (default: the model the guard was fitted with), --dtype, --device, --batch-size."""
-
-    @click.option("--model", "-m", default=None,
-                  help="Model the guard reads: Hub id, folder, .gguf or 'demo'. Default: the --model the guard "
-                       "was fitted with.")
-    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                  show_default=True, help="Weights dtype; auto = float32 on CPU, bfloat16 on GPU.")
-    @click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto.")
-    @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-                  help="Prompts per forward pass.")
-    @functools.wraps(fn)
-    def wrapper(*args, model, dtype, device, batch_size, **kwargs):
-        kwargs["model_args"] = {"model": model, "dtype": dtype, "device": device, "batch_size": batch_size}
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def _model_options(model_args: dict[str, Any], guard_obj) -> ModelOptions:
-    spec = model_args["model"] or (guard_obj.metadata_.get("fitted_with") or {}).get("model")
-    if spec is None:
-        raise click.UsageError("this guard does not record the model it was fitted with: pass --model")
-    _check_fits_config(spec, guard_obj)
-    return ModelOptions(spec, model_args["dtype"], model_args["device"], model_args["batch_size"],
-                        guard_obj.system_prompt)
-
-
-def _bound(guard_obj, mopts: ModelOptions):
-    """Load the model (the slow step, last) and give it to the guard."""
-    from ..guard import GuardMismatch
-
-    loaded, _ = load_for_recipe(mopts)
-    guard_obj.set_params(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=mopts.batch_size,
-                         progress=True)
-    try:
-        from ..guard.features import check_fits_model
-
-        check_fits_model(guard_obj.metadata_, guard_obj.hidden_size_, guard_obj.layers_, loaded.model,
-                         guard_obj.chat_formatter())
-    except GuardMismatch as err:
-        raise click.UsageError(str(err)) from None
-    return loaded
-
-
-def parse_labelled_sets(values: tuple[str, ...]) -> list[tuple[str, str, int]]:
-    """``NAME=FILE[:LABEL]`` -> (name, file, 1 harmful / 0 harmless); the label defaults to harmful."""
-    out = []
-    for v in values:
-        if "=" not in v:
-            raise click.BadParameter(f"{v!r} is not NAME=FILE[:LABEL], e.g. "
-                                     "xstest=../shared/data/chats_xstest-harmless.json:harmless", param_hint="--set")
-        name, rest = (x.strip() for x in v.split("=", 1))
-        path, label = rest, 1
-        head, sep, tail = rest.rpartition(":")
-        if sep and tail.lower() in _LABELS:
-            path, label = head, _LABELS[tail.lower()]
-        if not name or not path:
-            raise click.BadParameter(f"{v!r}: both NAME and FILE are needed", param_hint="--set")
-        out.append((name, path, label))
-    names = [n for n, _, _ in out]
-    if len(set(names)) != len(names):
-        raise click.BadParameter(f"set names must be unique, got {names}", param_hint="--set")
-    return out
 
 
 # --------------------------------------------------------------------------- fit
@@ -297,9 +201,9 @@ def score(prompts, file_, field, limit, guard_path, model_args, as_json):
     blank = [i for i, p in enumerate(items) if not p.strip()]
     if blank:
         raise click.BadParameter(f"prompt {blank[0]} is empty", param_hint="PROMPTS")
-    g = _load_guard(guard_path)
-    mopts = _model_options(model_args, g)
-    _bound(g, mopts)
+    g = load_guard(guard_path)
+    mopts = resolve_model_options(model_args, g)
+    bind_model(g, mopts)
     rep = g.report(items)
     rows = rep.rows(items)
     columns = ["#", "prompt", "Delta_harmful", "verdict", "P(harmful)"] + (["category"] if rep.category else [])
@@ -325,6 +229,7 @@ def _clip(text: str, n: int = 60) -> str:
 @click.option("--set", "sets", multiple=True, required=True,
               help="NAME=FILE[:LABEL], repeatable; LABEL harmful (default) or harmless. "
                    "Example: --set xstest=../shared/data/chats_xstest-harmless.json:harmless")
+@exclude_option
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Prompts per set.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
@@ -338,7 +243,7 @@ def _clip(text: str, n: int = 60) -> str:
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, eval.csv, predictions.csv); re-running resumes.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-def evaluate(guard_path, model_args, sets, limit, seed, baseline, max_new_tokens, generative, out, as_json):
+def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_new_tokens, generative, out, as_json):
     """Accuracy of the guard per labelled prompt set, beside the refusal baseline (Table 3).
 
     \b
@@ -349,17 +254,19 @@ def evaluate(guard_path, model_args, sets, limit, seed, baseline, max_new_tokens
         --set xstest=../shared/data/chats_xstest-harmless.json:harmless
     """
     labelled = parse_labelled_sets(sets)
-    loaded_sets = [(prompt_set(name, path, limit=limit, seed=seed), label) for name, path, label in labelled]
-    g = _load_guard(guard_path)
-    mopts = _model_options(model_args, g)
+    exclude_files, excluded = exclude
+    loaded_sets = [(prompt_set(name, path, limit=limit, seed=seed, exclude=excluded), label)
+                   for name, path, label in labelled]
+    g = load_guard(guard_path)
+    mopts = resolve_model_options(model_args, g)
     if generative is not None:
         check_model_spec(generative)
-    options = {**mopts.as_dict(), "guard": guard_path, "guard_fingerprint": _guard_fingerprint(guard_path),
-               "sets": list(sets), "limit": limit, "seed": seed, "baseline": baseline,
+    options = {**mopts.as_dict(), "guard": guard_path, "guard_fingerprint": guard_fingerprint(guard_path),
+               "sets": list(sets), "exclude": exclude_files, "limit": limit, "seed": seed, "baseline": baseline,
                "max_new_tokens": max_new_tokens, "generative_guard": generative}
     run = RunDir(out, "guard-eval", options)
-    lazy = _Lazy(lambda: _bound(g, mopts))
-    lazy_gen = _Lazy(lambda: _generative(generative, mopts))
+    lazy = Lazy(lambda: bind_model(g, mopts))
+    lazy_gen = Lazy(lambda: _generative(generative, mopts))
     summary, predictions = [], []
     for ps, label in loaded_sets:
         units = {"latent": run.unit(f"latent_{ps.name}", lambda ps=ps: _latent_unit(g, lazy, ps.prompts))}
@@ -390,26 +297,14 @@ def evaluate(guard_path, model_args, sets, limit, seed, baseline, max_new_tokens
 
 
 
-class _Lazy:
-    """Load on first use, so a resumed run whose units are all stored loads no model."""
-
-    def __init__(self, load: Callable[[], Any]) -> None:
-        self._load, self._value, self._done = load, None, False
-
-    def __call__(self) -> Any:
-        if not self._done:
-            self._value, self._done = self._load(), True
-        return self._value
-
-
-def _latent_unit(g, lazy: _Lazy, prompts: list[str]) -> dict:
+def _latent_unit(g, lazy: Lazy, prompts: list[str]) -> dict:
     lazy()
     rep = g.report(prompts)
     return {"delta_harmful": rep.delta_harmful.tolist(), "harmful": rep.harmful.tolist(),
             "probability": rep.probability.tolist(), "category": rep.category}
 
 
-def _baseline_unit(g, lazy: _Lazy, ps: PromptSet, max_new_tokens: int, batch_size: int) -> dict:
+def _baseline_unit(g, lazy: Lazy, ps: PromptSet, max_new_tokens: int, batch_size: int) -> dict:
     from ..analysis import label_replies
 
     loaded = lazy()
@@ -427,7 +322,7 @@ def _generative(spec: str, mopts: ModelOptions):
     return GenerativeGuard(lg.model, lg.tokenizer, batch_size=mopts.batch_size, progress=True)
 
 
-def _generative_unit(lazy_gen: _Lazy, prompts: list[str]) -> dict:
+def _generative_unit(lazy_gen: Lazy, prompts: list[str]) -> dict:
     verdicts = lazy_gen().classify(prompts)
     return {"label": [v.label for v in verdicts], "categories": [list(v.categories) for v in verdicts],
             "text": [v.text for v in verdicts]}
@@ -469,3 +364,13 @@ def _prediction_rows(ps: PromptSet, label: int, units: dict) -> list[dict]:
             row["generative_verdict"] = units["generative"]["label"][i]
         rows.append(row)
     return rows
+
+
+def _register_generate() -> None:
+    # its own module (guard.py is long); imported here so `pyvene-harm guard --help` lists it
+    from .guard_generate import generate
+
+    guard.add_command(generate)
+
+
+_register_generate()

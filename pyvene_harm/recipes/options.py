@@ -82,14 +82,14 @@ class PromptSet:
 
 
 def prompt_set(name: str, value: str | None, *, field: str | None = None, limit: int | None = None,
-               seed: int = 0, template: str | None = None) -> PromptSet | None:
+               seed: int = 0, template: str | None = None, exclude: Sequence[str] = ()) -> PromptSet | None:
     """Load a prompt file now (cheap), turning any problem into a click usage error."""
     if value is None:
         return None
     from ..data import load_prompts
 
     try:
-        prompts = load_prompts(value, field=field, limit=limit, seed=seed)
+        prompts = load_prompts(value, field=field, limit=limit, seed=seed, exclude=exclude)
         if template is not None:
             from ..data import apply_template
 

@@ -1,0 +1,161 @@
+"""Helpers shared by the ``pyvene-harm guard`` commands: reading a guard folder, checking that
+the model fits it from its config alone, and loading the model last (lazily, for resumed runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .options import ModelOptions, check_model_spec, load_for_recipe, model_num_states
+
+__all__ = [
+    "Lazy",
+    "bind_model",
+    "check_fits_config",
+    "guard_fingerprint",
+    "guard_model_options",
+    "load_guard",
+    "exclude_option",
+    "parse_labelled_sets",
+    "resolve_model_options",
+]
+
+_LABELS = {"harmful": 1, "unsafe": 1, "1": 1, "harmless": 0, "safe": 0, "benign": 0, "0": 0}
+
+
+
+def load_guard(path: str):
+    from ..guard import LatentGuard
+
+    try:
+        return LatentGuard.from_pretrained(path)
+    except (ValueError, OSError) as err:
+        raise click.BadParameter(str(err), param_hint="--guard") from None
+
+
+def guard_fingerprint(path: str) -> str:
+    """Identifies the guard's content, so a resumed eval never mixes two guards' numbers."""
+    from ..guard.artifact import CONFIG_FILE, TENSORS_FILE, locate
+
+    folder = locate(path)
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, TENSORS_FILE):
+        h.update((folder / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def check_fits_config(spec: str, guard_obj, param: str = "--model") -> None:
+    """Compare layer counts from the model's config alone (no weights) with the guard's."""
+    check_model_spec(spec)
+    n_states = model_num_states(spec)
+    want = guard_obj.metadata_.get("num_layers")
+    if n_states is not None and want is not None and n_states != want + 1:
+        raise click.BadParameter(
+            f"{spec} has {n_states - 1} decoder layers but the guard was fitted on a model with {want} "
+            f"({guard_obj.metadata_.get('model_id')!r}): pass the model it was fitted on", param_hint=param)
+
+
+def guard_model_options(fn: Callable) -> Callable:
+    """--model (default: the model the guard was fitted with), --dtype, --device, --batch-size."""
+
+    @click.option("--model", "-m", default=None,
+                  help="Model the guard reads: Hub id, folder, .gguf or 'demo'. Default: the --model the guard "
+                       "was fitted with.")
+    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                  show_default=True, help="Weights dtype; auto = float32 on CPU, bfloat16 on GPU.")
+    @click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto.")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                  help="Prompts per forward pass.")
+    @functools.wraps(fn)
+    def wrapper(*args, model, dtype, device, batch_size, **kwargs):
+        kwargs["model_args"] = {"model": model, "dtype": dtype, "device": device, "batch_size": batch_size}
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def resolve_model_options(model_args: dict[str, Any], guard_obj) -> ModelOptions:
+    spec = model_args["model"] or (guard_obj.metadata_.get("fitted_with") or {}).get("model")
+    if spec is None:
+        raise click.UsageError("this guard does not record the model it was fitted with: pass --model")
+    check_fits_config(spec, guard_obj)
+    return ModelOptions(spec, model_args["dtype"], model_args["device"], model_args["batch_size"],
+                        guard_obj.system_prompt)
+
+
+def bind_model(guard_obj, mopts: ModelOptions):
+    """Load the model (the slow step, last) and give it to the guard."""
+    from ..guard import GuardMismatch
+
+    loaded, _ = load_for_recipe(mopts)
+    guard_obj.set_params(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=mopts.batch_size,
+                         progress=True)
+    try:
+        from ..guard.features import check_fits_model
+
+        check_fits_model(guard_obj.metadata_, guard_obj.hidden_size_, guard_obj.layers_, loaded.model,
+                         guard_obj.chat_formatter())
+    except GuardMismatch as err:
+        raise click.UsageError(str(err)) from None
+    return loaded
+
+
+def parse_labelled_sets(values: tuple[str, ...]) -> list[tuple[str, str, int]]:
+    """``NAME=FILE[:LABEL]`` -> (name, file, 1 harmful / 0 harmless); the label defaults to harmful."""
+    out = []
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r} is not NAME=FILE[:LABEL], e.g. "
+                                     "xstest=../shared/data/chats_xstest-harmless.json:harmless", param_hint="--set")
+        name, rest = (x.strip() for x in v.split("=", 1))
+        path, label = rest, 1
+        head, sep, tail = rest.rpartition(":")
+        if sep and tail.lower() in _LABELS:
+            path, label = head, _LABELS[tail.lower()]
+        if not name or not path:
+            raise click.BadParameter(f"{v!r}: both NAME and FILE are needed", param_hint="--set")
+        out.append((name, path, label))
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"set names must be unique, got {names}", param_hint="--set")
+    return out
+
+
+
+class Lazy:
+    """Load on first use, so a resumed run whose units are all stored loads no model."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load, self._value, self._done = load, None, False
+
+    def __call__(self) -> Any:
+        if not self._done:
+            self._value, self._done = self._load(), True
+        return self._value
+
+
+def exclude_option(fn: Callable) -> Callable:
+    """--exclude FILE (repeatable) -> ``exclude: list[str]``, the prompts of those files."""
+
+    @click.option("--exclude", "exclude_files", multiple=True, type=click.Path(),
+                  help="Drop prompts found in this file from every set before sampling, so the sets are "
+                       "held out (repeatable). Example: --exclude ../shared/data/rd_splits_harmful_train.json")
+    @functools.wraps(fn)
+    def wrapper(*args, exclude_files, **kwargs):
+        from ..data import load_prompts
+
+        excluded: list[str] = []
+        for path in exclude_files:
+            try:
+                excluded.extend(load_prompts(path))
+            except (ValueError, OSError) as err:
+                raise click.BadParameter(str(err), param_hint="--exclude") from None
+        kwargs["exclude"] = (list(exclude_files), excluded)
+        return fn(*args, **kwargs)
+
+    return wrapper
