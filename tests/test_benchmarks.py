@@ -1,0 +1,110 @@
+"""The benchmark scripts run (``--quick``: tiny random model) and write complete JSON.
+
+No speed is asserted: timings on a shared CI machine mean nothing. What is asserted is that each
+script runs end to end, that its result file has the keys the README and ``run_all.py`` read,
+and that the correctness checks built into the scripts (same means, same scores, steering
+applied) pass - a benchmark that is fast because it is wrong must fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+COMMON_KEYS = {"benchmark", "command", "created", "hardware", "versions", "settings", "data", "model",
+               "results", "targets", "all_targets_met", "workload"}
+TARGET_KEYS = {"name", "value", "threshold", "comparison", "met", "note"}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"bench_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_quick(name: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{name}.json"
+    returned = _load(name).main(["--quick", "--device", "cpu", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(returned, default=str, sort_keys=True))
+    assert COMMON_KEYS <= set(written)
+    assert written["benchmark"] == name
+    assert written["settings"]["quick"] is True and written["settings"]["device"] == "cpu"
+    assert written["hardware"]["cpu_count"] >= 1 and "torch" in written["versions"]
+    assert written["targets"] and all(TARGET_KEYS <= set(t) for t in written["targets"])
+    return written
+
+
+def _target(result: dict, prefix: str) -> dict:
+    return next(t for t in result["targets"] if t["name"].startswith(prefix))
+
+
+def test_extraction_quick(tmp_path):
+    r = _run_quick("extraction", tmp_path)
+    res = r["results"]
+    for path in ("library", "paper_release", "hf_hidden_states"):
+        assert res[path]["prompts_per_s"] > 0 and len(res[path]["seconds"]) >= 1
+    assert res["library_vs_paper"] > 0
+    assert _target(r, "means equal: library vs paper")["met"] is True
+    assert _target(r, "means equal: library vs HF")["met"] is True
+
+
+def test_guard_quick(tmp_path):
+    r = _run_quick("guard", tmp_path)
+    res = r["results"]
+    for path in ("latent_guard", "full_forward", "generative_guard"):
+        assert res[path]["items_per_s"] > 0
+    assert res["latent_guard"]["decoder_layers_run"] < r["model"]["layers"]
+    assert {"latent_vs_full_forward", "latent_vs_generative", "gpu_efficiency"} <= set(res)
+    assert res["gpu_efficiency"].startswith("not measured")
+    assert _target(r, "scores equal")["met"] is True
+
+
+def test_steering_quick(tmp_path):
+    r = _run_quick("steering", tmp_path)
+    res = r["results"]
+    assert res["plain"]["items_per_s"] > 0 and res["steered"]["items_per_s"] > 0
+    assert isinstance(res["slowdown"], float)
+    assert res["checks"] == {"coeff_zero_equals_plain": True, "large_coeff_changes_tokens": True,
+                             "decoded_tokens_per_prompt": r["workload"]["new_tokens"]}
+
+
+def test_memory_quick(tmp_path):
+    r = _run_quick("memory", tmp_path)
+    res = r["results"]
+    assert len(res["runs"]) == 4
+    for run in res["runs"].values():
+        assert run["peak_bytes"] >= run["baseline_bytes"] > 0
+        assert run["peak_above_baseline_bytes"] >= 0
+    assert {"extraction_growth_10n_vs_n", "full_forward_vs_guard_peak_above_baseline"} <= set(res)
+
+
+def test_common_timing_and_memory_helpers():
+    sys.path.insert(0, str(BENCH))
+    import _common as C
+    import torch
+
+    timing = C.time_call(lambda: sum(range(1000)), items=10, repeats=3, device=torch.device("cpu"))
+    assert len(timing.seconds) == 3 and timing.per_second > 0
+    t = C.check_target("x", 2.0, 3.0)
+    assert t["met"] is False and C.check_target("y", 0.05, 0.1, "<=")["met"] is True
+    assert C.check_target("z", None, 1.0)["met"] is None
+
+
+@pytest.mark.parametrize("argv", [["--only", "extraction"]])
+def test_run_all_quick_writes_summary(tmp_path, argv):
+    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--device", "cpu",
+                           "--out-dir", str(tmp_path), *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["failed"] == [] and set(summary["scripts"]) == {"extraction"}
+    assert summary["scripts"]["extraction"]["targets"]
+    assert json.loads((tmp_path / "extraction.json").read_text())["benchmark"] == "extraction"
+    assert "| extraction: means equal" in (tmp_path / "summary.md").read_text()
