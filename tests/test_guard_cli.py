@@ -72,6 +72,9 @@ def test_fit_with_validation_selects_and_calibrates(files, tmp_path):
     res = json.loads(r.stdout)
     assert res["calibrated"] and res["selection"]["target"] == "fpr" and res["selection"]["fpr"] <= 0.25
     assert 0.0 <= res["val_accuracy"] <= 1.0 and res["n_val"] == 8
+    meta = LatentGuard.load(tmp_path / "g").metadata_
+    assert meta["validation"] == {"val_accuracy": res["val_accuracy"], "n_val": 8}
+    assert meta["fitted_with"]["val_limit"] == 100
 
 
 def test_score_prompts_and_file(fitted_guard, files):

@@ -137,9 +137,12 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, la
     g.metadata_["fitted_with"] = {"model": mopts.model, "harmful": harmful, "harmless": harmless,
                                   "harmful_field": harmful_field, "harmless_field": harmless_field,
                                   "limit": limit, "seed": seed, "category_field": category_field,
-                                  "val_harmful": val_harmful, "val_harmless": val_harmless, "target": target,
+                                  "val_harmful": val_harmful, "val_harmless": val_harmless, "val_limit": val_limit,
+                                  "target": target,
                                   "max_fpr": max_fpr if target == "fpr" else None,
                                   "balance_punctuation": balance_punctuation}
+    if val:  # the guard carries its own validation result (model cards quote it)
+        g.metadata_["validation"] = val
     g.save(out)
     summary = {"guard": str(out), "model_id": loaded.model_id, "layers": list(g.layers_),
                "threshold": g.threshold_, "n_train": g.n_train_, "calibrated": g.calibration_ is not None,
