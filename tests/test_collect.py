@@ -91,7 +91,8 @@ def test_only_tokens_up_to_the_last_position_read_are_run(tiny_llama):
     handle = tiny_llama.model.register_forward_pre_hook(
         lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True)
     try:
-        inst = next(collect_states(tiny_llama, fmt, PROMPTS[:3], states=[1, 3], positions=("t_inst",)))[1]
+        inst = next(collect_states(tiny_llama, fmt, PROMPTS[:3], states=[1, 3], positions=("t_inst",),
+                                   share_prefix=False))[1]
     finally:
         handle.remove()
     batch = fmt.encode(PROMPTS[:3], padding_side="left")
@@ -107,3 +108,38 @@ def test_bad_arguments(tiny_llama):
         collect_stats(tiny_llama, fmt, [], "x")
     with pytest.raises(ValueError, match="group labels"):
         collect_stats(tiny_llama, fmt, PROMPTS, ["a"])
+
+
+def test_shared_prefix_gives_the_full_run_states(arch):
+    """The template prefix run once and cached per batch: same states as full prompts, every family."""
+    from pyvene_harm.collect import MIN_SHARED_PREFIX, SharedPrefix
+
+    model = make_model(arch)
+    fmt = ChatFormatter(make_tokenizer("qwen2.5"))  # default system prompt: a long shared prefix
+    prompts = PROMPTS[:3] + ["Why?", "Tell me a story about a dragon and a very small knight."]
+    lengths = []
+    handle = model.model.register_forward_pre_hook(
+        lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        shared = {pos: next(collect_states(model, fmt, prompts, batch_size=8, positions=(pos,)))[1][pos]
+                  for pos in ("t_inst", "t_post_inst")}
+    finally:
+        handle.remove()
+    full = next(collect_states(model, fmt, prompts, batch_size=8, share_prefix=False))[1]
+    for pos in ("t_inst", "t_post_inst"):
+        torch.testing.assert_close(shared[pos], full[pos], rtol=1e-5, atol=1e-5)
+    # the prefix ran once per call (batch 1), then the batches without it
+    batch = fmt.encode(prompts, padding_side="left")
+    prefix = SharedPrefix.build(model.model, [fmt.tokenizer(fmt.render(p).text, add_special_tokens=False)
+                                              ["input_ids"] for p in prompts], torch.device("cpu"))
+    assert prefix is not None and len(prefix.ids) >= MIN_SHARED_PREFIX
+    assert lengths[0] == len(prefix.ids) and lengths[1] <= batch.seq_len - len(prefix.ids)
+
+
+def test_shared_prefix_is_skipped_when_a_position_lies_inside_it(tiny_llama):
+    fmt = ChatFormatter(make_tokenizer("qwen2.5"))
+    # identical prompts: the common prefix covers everything, so it must stop before t_inst
+    same = next(collect_states(tiny_llama, fmt, ["Hello there"] * 3))[1]
+    alone = next(collect_states(tiny_llama, fmt, ["Hello there"], share_prefix=False))[1]
+    for pos in ("t_inst", "t_post_inst"):
+        torch.testing.assert_close(same[pos], alone[pos].expand_as(same[pos]), rtol=1e-5, atol=1e-5)

@@ -109,9 +109,13 @@ def test_early_exit_runs_only_needed_layers_and_no_head(tiny):
                for i, layer in enumerate(decoder_layers(model))]
     head = []
     handles.append(model.lm_head.register_forward_hook(lambda *a: head.append(1)))
-    cache = []
-    handles.append(model.model.register_forward_pre_hook(lambda m, a, k: cache.append(k.get("use_cache")),
-                                                         with_kwargs=True))
+    forwards = []
+
+    def record(m, a, k):
+        past = k.get("past_key_values")
+        forwards.append((bool(k.get("use_cache")), k["input_ids"].shape, past.get_seq_length() if past else 0))
+
+    handles.append(model.model.register_forward_pre_hook(record, with_kwargs=True))
     try:
         guard.predict(TEST)
     finally:
@@ -119,7 +123,11 @@ def test_early_exit_runs_only_needed_layers_and_no_head(tiny):
             h.remove()
     # state 1 is the output of layer 0: layers 1 and 2 never run
     assert calls[0] > 0 and calls[1] == calls[2] == 0 and not head
-    assert cache and all(c is False for c in cache)
+    # the only cache is that of the template prefix all prompts share: run once (batch 1), then
+    # reused by the batch, which runs the tokens after it
+    (prefix_use, prefix_shape, prefix_past), *batches = forwards
+    assert prefix_use and prefix_shape[0] == 1 and prefix_past == 0 and batches
+    assert all(past == prefix_shape[1] and shape[0] == len(TEST) for _, shape, past in batches)
     assert len(decoder_layers(model)) == 3  # restored
 
 

@@ -137,8 +137,9 @@ def iter_prompt_states(model: nn.Module, formatter: ChatFormatter, prompts: Sequ
                        progress: bool | str) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield ``(prompt indices, float64 CPU states [b, len(states), d])`` at t_inst.
 
-    :func:`~pyvene_harm.collect.collect_states` runs the bare decoder (no LM head), without a
-    KV cache, and only up to the deepest state in ``states``: the guard's early exit.
+    :func:`~pyvene_harm.collect.collect_states` runs the bare decoder (no LM head), only up to
+    the deepest state in ``states`` (the guard's early exit) and only up to t_inst; the one KV
+    cache it builds is that of the template prefix every prompt shares, run once per call.
     """
     for idx, by_pos in collect_states(model, formatter, prompts, states=states, positions=("t_inst",),
                                       batch_size=batch_size, progress=progress):
