@@ -106,3 +106,31 @@ def test_demo_extraction_round_trip(demo, shared_data, tmp_path, capsys):
     assert cos.abs().mean() < 0.5
     norms = back.norms()["harmfulness"]
     assert norms[-1] > norms[1]
+
+
+def test_demo_command_end_to_end_with_shipped_artifacts(demo):
+    """The README's main job on the real model: shipped directions and guard, no prompt files.
+
+    Also checks the guard's scores against beliefs computed here from the shipped directions,
+    and the behaviour the README shows: the plain harmful request is refused and flagged, the
+    ordinary one answered and passed.
+    """
+    from click.testing import CliRunner
+
+    from pyvene_harm.beliefs import compute_beliefs
+    from pyvene_harm.cli import main
+    from pyvene_harm.directions import DirectionSet
+    from pyvene_harm.recipes.demo import EXAMPLES, default_artifacts
+
+    r = CliRunner().invoke(main, ["demo", "--max-new-tokens", "8", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rows = {row["kind"]: row for row in json.loads(r.stdout)}
+    assert list(rows) == [kind for kind, _ in EXAMPLES]
+    assert not rows["ordinary"]["guard_harmful"] and not rows["ordinary"]["model_refuses"]
+    assert rows["harmful"]["guard_harmful"] and rows["harmful"]["model_refuses"]
+    assert rows["harmful, jailbreak"]["delta_harmful"] > 0
+    directions = DirectionSet.load(default_artifacts() / "directions")
+    fmt = ChatFormatter(demo.tokenizer)
+    ref = compute_beliefs(demo.model, fmt, [p for _, p in EXAMPLES], directions)
+    got = [rows[kind]["delta_harmful"] for kind, _ in EXAMPLES]
+    assert got == pytest.approx(ref.delta_harmful.tolist(), rel=1e-4, abs=1e-5)
