@@ -45,6 +45,7 @@ __all__ = [
     "bench_prompts",
     "check_target",
     "describe_hardware",
+    "hidden_state_batches",
     "load_bench_model",
     "measure_peak_memory",
     "print_table",
@@ -157,6 +158,24 @@ def prompts_of_length(formatter: Any, n: int, n_tokens: int, *, seed: int = 0) -
     if len(out) < n:
         raise ValueError(f"could not build {n} prompts of exactly {n_tokens} tokens: ask for fewer tokens")
     return out
+
+
+def hidden_state_batches(model: torch.nn.Module, formatter: Any, prompts: Sequence[str], *,
+                         batch_size: int):
+    """The plain-transformers contender: yield ``(prompt indices, batch, output)`` of a whole
+    causal-LM forward with ``output_hidden_states=True``, batched like the library (similar
+    lengths together, left padding), so only the computation differs."""
+    device = next(model.parameters()).device
+    lengths = [len(formatter.tokenizer(formatter.render(p).text, add_special_tokens=False)["input_ids"])
+               for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = formatter.encode([prompts[i] for i in idx], padding_side="left")
+            out = model(**{k: v.to(device) for k, v in batch.model_inputs().items()},
+                        output_hidden_states=True, use_cache=False)
+            yield idx, batch, out
 
 
 # ----------------------------------------------------------------------------- models

@@ -137,27 +137,18 @@ def hf_path(model: torch.nn.Module, formatter: ChatFormatter, prompts: Sequence[
     transformers' last hidden state is taken after the final norm, so only states 0..L-1
     (the layer inputs) match the library's; the last one is left out of the comparison.
     """
-    device = next(model.parameters()).device
-    lengths = [len(formatter.tokenizer(formatter.render(p).text, add_special_tokens=False)["input_ids"])
-               for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     sums: dict[tuple[str, str], torch.Tensor] = {}
     counts: dict[str, int] = {}
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = formatter.encode([prompts[i] for i in idx], padding_side="left")
-            out = model(**{k: v.to(device) for k, v in batch.model_inputs().items()},
-                        output_hidden_states=True, use_cache=False)
-            rows = torch.arange(len(idx), device=device)
-            for pos in POSITIONS:
-                at = getattr(batch, pos).to(device)
-                states = torch.stack([h[rows, at] for h in out.hidden_states], dim=1).double()
-                for j, i in enumerate(idx):
-                    key = (labels[i], pos)
-                    sums[key] = sums[key] + states[j].cpu() if key in sums else states[j].cpu()
-            for i in idx:
-                counts[labels[i]] = counts.get(labels[i], 0) + 1
+    for idx, batch, out in C.hidden_state_batches(model, formatter, prompts, batch_size=batch_size):
+        rows = torch.arange(len(idx), device=out.hidden_states[0].device)
+        for pos in POSITIONS:
+            at = getattr(batch, pos).to(rows.device)
+            states = torch.stack([h[rows, at] for h in out.hidden_states], dim=1).double()
+            for j, i in enumerate(idx):
+                key = (labels[i], pos)
+                sums[key] = sums[key] + states[j].cpu() if key in sums else states[j].cpu()
+        for i in idx:
+            counts[labels[i]] = counts.get(labels[i], 0) + 1
     return {(g, p): s / counts[g] for (g, p), s in sums.items()}
 
 

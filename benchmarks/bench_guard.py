@@ -78,21 +78,12 @@ def full_forward_scores(model, formatter: ChatFormatter, prompts: Sequence[str],
     n_layers = model.config.num_hidden_layers
     if max(layers) >= n_layers:  # transformers' last hidden state is after the final norm
         raise ValueError("the full-forward twin reads layer inputs only (states < L)")
-    device = next(model.parameters()).device
-    lengths = [len(formatter.tokenizer(formatter.render(p).text, add_special_tokens=False)["input_ids"])
-               for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     scores = torch.empty(len(prompts), dtype=torch.float64)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = formatter.encode([prompts[i] for i in idx], padding_side="left")
-            out = model(**{k: v.to(device) for k, v in batch.model_inputs().items()},
-                        output_hidden_states=True, use_cache=False)
-            rows = torch.arange(len(idx), device=device)
-            at = batch.t_inst.to(device)
-            states = torch.stack([out.hidden_states[lay][rows, at] for lay in layers], dim=1).float().cpu()
-            scores[idx] = belief_per_layer(states, harmful[layers], harmless[layers]).mean(-1)
+    for idx, batch, out in C.hidden_state_batches(model, formatter, prompts, batch_size=batch_size):
+        rows = torch.arange(len(idx), device=out.hidden_states[0].device)
+        at = batch.t_inst.to(rows.device)
+        states = torch.stack([out.hidden_states[lay][rows, at] for lay in layers], dim=1).float().cpu()
+        scores[idx] = belief_per_layer(states, harmful[layers], harmless[layers]).mean(-1)
     return scores
 
 

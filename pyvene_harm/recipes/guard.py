@@ -18,6 +18,7 @@ from .guard_common import (
     exclude_option,
     guard_fingerprint,
     guard_model_options,
+    labelled_prompt_sets,
     load_guard,
     parse_labelled_sets,
     resolve_model_options,
@@ -256,16 +257,13 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
         --set templates=../shared/data/chats_human-seed-50-adv.json:harmful \\
         --set xstest=../shared/data/chats_xstest-harmless.json:harmless
     """
-    labelled = parse_labelled_sets(sets)
-    exclude_files, excluded = exclude
-    loaded_sets = [(prompt_set(name, path, limit=limit, seed=seed, exclude=excluded), label)
-                   for name, path, label in labelled]
+    loaded_sets = labelled_prompt_sets(sets, exclude, limit=limit, seed=seed)
     g = load_guard(guard_path)
     mopts = resolve_model_options(model_args, g)
     if generative is not None:
         check_model_spec(generative)
     options = {**mopts.as_dict(), "guard": guard_path, "guard_fingerprint": guard_fingerprint(guard_path),
-               "sets": list(sets), "exclude": exclude_files, "limit": limit, "seed": seed, "baseline": baseline,
+               "sets": list(sets), "exclude": exclude[0], "limit": limit, "seed": seed, "baseline": baseline,
                "max_new_tokens": max_new_tokens, "generative_guard": generative}
     run = RunDir(out, "guard-eval", options)
     lazy = Lazy(lambda: bind_model(g, mopts))

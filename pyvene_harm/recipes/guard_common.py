@@ -19,6 +19,7 @@ __all__ = [
     "check_fits_config",
     "guard_fingerprint",
     "guard_model_options",
+    "labelled_prompt_sets",
     "load_guard",
     "exclude_option",
     "parse_labelled_sets",
@@ -159,3 +160,14 @@ def exclude_option(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def labelled_prompt_sets(sets: tuple[str, ...], exclude: tuple[list[str], list[str]], *, limit: int,
+                         seed: int) -> list[tuple[Any, int]]:
+    """``--set NAME=FILE[:LABEL]`` values loaded now (cheap), each with its 1/0 label, minus the
+    ``--exclude`` prompts, so a bad file stops the command before any model is loaded."""
+    from .options import prompt_set
+
+    _, excluded = exclude
+    return [(prompt_set(name, path, limit=limit, seed=seed, exclude=excluded), label)
+            for name, path, label in parse_labelled_sets(sets)]

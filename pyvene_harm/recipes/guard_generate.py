@@ -20,11 +20,11 @@ from .guard_common import (
     exclude_option,
     guard_fingerprint,
     guard_model_options,
+    labelled_prompt_sets,
     load_guard,
-    parse_labelled_sets,
     resolve_model_options,
 )
-from .options import emit, parse_layers, prompt_set
+from .options import emit, parse_layers
 from .rundir import RunDir
 from .tables import print_table
 
@@ -67,16 +67,13 @@ def generate(guard_path, model_args, directions_path, undo_refusal, layer, coeff
         --set templates=../shared/data/chats_human-seed-50-adv.json:harmful \\
         --set xstest=../shared/data/chats_xstest-harmless.json:harmless
     """
-    labelled = parse_labelled_sets(sets)
-    exclude_files, excluded = exclude
-    loaded_sets = [(prompt_set(name, path, limit=limit, seed=seed, exclude=excluded), label)
-                   for name, path, label in labelled]
+    loaded_sets = labelled_prompt_sets(sets, exclude, limit=limit, seed=seed)
     g = load_guard(guard_path)
     mopts = resolve_model_options(model_args, g)
     directions = _check_undo(undo_refusal, directions_path, layer, g)
     options = {**mopts.as_dict(), "guard": guard_path, "guard_fingerprint": guard_fingerprint(guard_path),
                "directions": directions_path, "undo_refusal": undo_refusal, "layer": layer,
-               "coeff": coeff if undo_refusal == "add" else None, "sets": list(sets), "exclude": exclude_files, "limit": limit,
+               "coeff": coeff if undo_refusal == "add" else None, "sets": list(sets), "exclude": exclude[0], "limit": limit,
                "seed": seed, "max_new_tokens": max_new_tokens}
     run = RunDir(out, "guard-generate", options)
     lazy = Lazy(lambda: bind_model(g, mopts))
