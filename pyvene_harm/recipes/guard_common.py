@@ -29,7 +29,6 @@ __all__ = [
 _LABELS = {"harmful": 1, "unsafe": 1, "1": 1, "harmless": 0, "safe": 0, "benign": 0, "0": 0}
 
 
-
 def load_guard(path: str):
     from ..guard import LatentGuard
 
@@ -127,7 +126,6 @@ def parse_labelled_sets(values: tuple[str, ...]) -> list[tuple[str, str, int]]:
     return out
 
 
-
 class Lazy:
     """Load on first use, so a resumed run whose units are all stored loads no model."""
 
@@ -141,7 +139,7 @@ class Lazy:
 
 
 def exclude_option(fn: Callable) -> Callable:
-    """--exclude FILE (repeatable) -> ``exclude: list[str]``, the prompts of those files."""
+    """--exclude FILE (repeatable) -> ``exclude``: (the files, for config.json; their prompts)."""
 
     @click.option("--exclude", "exclude_files", multiple=True, type=click.Path(),
                   help="Drop prompts found in this file from every set before sampling, so the sets are "
