@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from pyvene_harm.beliefs import belief_per_layer  # noqa: E402
+from pyvene_harm.collect import layers_to_run  # noqa: E402
 from pyvene_harm.guard import GenerativeGuard, LatentGuard  # noqa: E402
 from pyvene_harm.positions import ChatFormatter  # noqa: E402
 
@@ -108,11 +109,6 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float | N
     return None, f"unknown GPU {name!r}: pass --peak-tflops"
 
 
-def decoder_layers_run(n_layers: int, states: Sequence[int]) -> int:
-    """Layers ``collect_states`` runs to read ``states``: state k is the output of layer k - 1."""
-    return min(n_layers, max(1, max(states)))
-
-
 def layer_parameters(model, n_run: int) -> int:
     from pyvene_harm.pyvene_support import decoder_layers
 
@@ -178,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   for p in gen_prompts]
     decoded = answers["answer_tokens"]
     tokens = [formatter.encode([p]).seq_len for p in prompts]
-    n_run = decoder_layers_run(bm.n_layers, layers)
+    n_run = layers_to_run(bm.n_layers, layers)
     rows = [
         [f"LatentGuard (states 0-{max(layers)}, {n_run}/{bm.n_layers} layers run)", rate, t_latent.median, 1.0],
         ["full forward, output_hidden_states=True", t_full.per_second, t_full.median, rate / t_full.per_second],
@@ -235,7 +231,7 @@ def gpu_efficiency(bm: C.BenchModel, formatter: ChatFormatter, guard, layers: Se
     real_tokens = int(enc.attention_mask[:, :int(enc.t_inst.max()) + 1].sum())
     if hasattr(guard, "batch_size"):
         guard.batch_size = batch
-    n_run = decoder_layers_run(bm.n_layers, layers)
+    n_run = layers_to_run(bm.n_layers, layers)
     params = layer_parameters(bm.model, n_run)
     timing = C.time_call(lambda: guard.decision_function(prompts), items=batch, repeats=max(5, s.repeats),
                          device=s.device, warmup_runs=2)

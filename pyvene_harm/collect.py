@@ -26,6 +26,7 @@ __all__ = [
     "collect_stats",
     "collect_states",
     "decoder_of",
+    "layers_to_run",
     "truncated_decoder",
 ]
 
@@ -174,6 +175,12 @@ def _representations(n_layers: int, states: Sequence[int]) -> list[dict]:
     return reps
 
 
+def layers_to_run(n_layers: int, states: Sequence[int]) -> int:
+    """Decoder layers a collection of ``states`` runs: the input of layer k is the output of
+    layer k - 1, so layers k and above never need to run (at least one always does)."""
+    return min(n_layers, max(1, max(states)))
+
+
 def _length_sorted(n: int, lengths: Sequence[int]) -> list[int]:
     # similar lengths in a batch waste less compute on padding; stable for determinism
     return sorted(range(n), key=lambda i: lengths[i])
@@ -287,9 +294,7 @@ def collect_states(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    deepest = state_ids[-1]
-    # the input of layer k is the output of layer k - 1: layers k.. never need to run
-    run_layers = min(n_layers, max(1, deepest))
+    run_layers = layers_to_run(n_layers, state_ids)
     device = next(decoder.parameters()).device
     # tokenise everything once (cheap) so batches can be formed from similar lengths
     token_lists = [formatter.tokenizer(formatter.render(p, wrapper=wrapper).text,

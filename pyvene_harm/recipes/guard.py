@@ -19,6 +19,7 @@ from .guard_common import (
     guard_fingerprint,
     guard_model_options,
     labelled_prompt_sets,
+    labelled_sets_option,
     load_guard,
     parse_labelled_sets,
     resolve_model_options,
@@ -230,9 +231,7 @@ def _clip(text: str, n: int = 60) -> str:
 @guard.command("eval")
 @click.option("--guard", "guard_path", required=True, help="Guard folder (from `guard fit`) or Hub repo id.")
 @guard_model_options
-@click.option("--set", "sets", multiple=True, required=True,
-              help="NAME=FILE[:LABEL], repeatable; LABEL harmful (default) or harmless. "
-                   "Example: --set xstest=../shared/data/chats_xstest-harmless.json:harmless")
+@labelled_sets_option
 @exclude_option
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Prompts per set.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")

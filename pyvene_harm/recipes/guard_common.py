@@ -20,6 +20,7 @@ __all__ = [
     "guard_fingerprint",
     "guard_model_options",
     "labelled_prompt_sets",
+    "labelled_sets_option",
     "load_guard",
     "exclude_option",
     "parse_labelled_sets",
@@ -169,3 +170,10 @@ def labelled_prompt_sets(sets: tuple[str, ...], exclude: tuple[list[str], list[s
     _, excluded = exclude
     return [(prompt_set(name, path, limit=limit, seed=seed, exclude=excluded), label)
             for name, path, label in parse_labelled_sets(sets)]
+
+
+def labelled_sets_option(fn: Callable) -> Callable:
+    """--set NAME=FILE[:LABEL] (repeatable, required) -> ``sets``; read by :func:`labelled_prompt_sets`."""
+    return click.option("--set", "sets", multiple=True, required=True,
+                        help="NAME=FILE[:LABEL], repeatable; LABEL harmful (default) or harmless. "
+                             "Example: --set xstest=../shared/data/chats_xstest-harmless.json:harmless")(fn)

@@ -21,6 +21,7 @@ from .guard_common import (
     guard_fingerprint,
     guard_model_options,
     labelled_prompt_sets,
+    labelled_sets_option,
     load_guard,
     resolve_model_options,
 )
@@ -45,9 +46,7 @@ UNDO_REFUSAL = ("ablate", "add", "none")
                    "--coeff x the refusal direction at --layer; none: generate the let-through prompts plainly.")
 @click.option("--layer", type=int, default=None, help="Layer for --undo-refusal add (e.g. the best layer of `elicit`).")
 @click.option("--coeff", type=float, default=-1.0, show_default=True, help="Strength for --undo-refusal add.")
-@click.option("--set", "sets", multiple=True, required=True,
-              help="NAME=FILE[:LABEL], repeatable; LABEL harmful (default) or harmless. "
-                   "Example: --set xstest=../shared/data/chats_xstest-harmless.json:harmless")
+@labelled_sets_option
 @exclude_option
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Prompts per set.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
