@@ -19,14 +19,17 @@ from torch import nn
 
 from .positions import ChatFormatter, PromptBatch
 from .progress import progress_bar
-from .pyvene_support import HarmIntervenableModel, StateCollector, decoder_layers, layers_path
+from .pyvene_support import HarmIntervenableModel, PoolCollector, decoder_layers, layers_path
 
 __all__ = [
     "ActivationStats",
     "collect_stats",
     "collect_states",
     "decoder_of",
+    "READS",
+    "check_reads",
     "layers_to_run",
+    "read_span",
     "truncated_decoder",
 ]
 
@@ -154,13 +157,60 @@ def truncated_decoder(decoder: nn.Module, n_layers: int) -> Iterator[nn.Module]:
         setattr(holder, path[-1], layers)
 
 
-def _position_index(batch: PromptBatch, name: str) -> torch.Tensor:
-    if name in ("t_inst", "t_post_inst"):
-        return getattr(batch, name)
-    if name.startswith("post:"):
-        k = int(name.split(":", 1)[1])
-        return torch.minimum(batch.t_inst + k, batch.t_post_inst)
-    raise ValueError(f"unknown collection position {name!r}: use t_inst, t_post_inst or post:K")
+READS = ("t_inst", "t_post_inst", "post:K", "last:K", "mean_inst", "mean_post")
+"""What :func:`collect_states` can read, per state: one token, or the mean over a span of them."""
+
+
+def _parse_read(name: str) -> tuple[str, int]:
+    head, sep, k = str(name).partition(":")
+    if not sep and head in ("t_inst", "t_post_inst", "mean_inst", "mean_post"):
+        return head, 0
+    if sep and head in ("post", "last") and k.isdigit() and (head == "post" or int(k) >= 1):
+        return head, int(k)
+    raise ValueError(f"unknown read {name!r}: use t_inst, t_post_inst, post:K, last:K (K >= 1), "
+                     "mean_inst or mean_post")
+
+
+def check_reads(names: Sequence[str]) -> list[str]:
+    """``names`` without repeats, each a valid read (see :func:`read_span`), or a clear error."""
+    if isinstance(names, str):
+        names = [names]
+    out = list(dict.fromkeys(names))
+    if not out:
+        raise ValueError("no reads given: name at least one, e.g. t_inst or mean_inst")
+    for name in out:
+        _parse_read(name)
+    return out
+
+
+def read_span(batch: PromptBatch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last token (``[b]`` each, inclusive) that the read ``name`` averages.
+
+    ``t_inst``, ``t_post_inst`` and ``post:K`` (K tokens after t_inst) are single tokens;
+    ``mean_inst`` is every token of the user message, ``last:K`` its last K tokens (fewer when
+    it is shorter), ``mean_post`` the post-instruction tokens after t_inst (t_inst itself when
+    the prompt has none). A mean over many tokens depends less on any one of them, the final
+    punctuation mark above all, than the state at t_inst does.
+    """
+    kind, k = _parse_read(name)
+    if kind in ("t_inst", "t_post_inst"):
+        p = getattr(batch, kind)
+        return p, p
+    if kind == "post":
+        p = torch.minimum(batch.t_inst + k, batch.t_post_inst)
+        return p, p
+    if kind == "last":
+        return torch.maximum(batch.inst_start, batch.t_inst - k + 1), batch.t_inst
+    if kind == "mean_inst":
+        return batch.inst_start, batch.t_inst
+    return torch.minimum(batch.t_inst + 1, batch.t_post_inst), batch.t_post_inst
+
+
+def _pool_weights(starts: torch.Tensor, ends: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``[b, reads, hi - lo]``: each read's span as an average over columns ``lo .. hi - 1``."""
+    cols = torch.arange(lo, hi, device=starts.device)[None, None]
+    w = ((cols >= starts[..., None]) & (cols <= ends[..., None])).float()
+    return w / w.sum(-1, keepdim=True)
 
 
 def _representations(n_layers: int, states: Sequence[int]) -> list[dict]:
@@ -168,10 +218,10 @@ def _representations(n_layers: int, states: Sequence[int]) -> list[dict]:
     reps = []
     for s in states:
         if s < n_layers:
-            reps.append({"layer": s, "component": "block_input", "intervention_type": StateCollector})
+            reps.append({"layer": s, "component": "block_input", "intervention_type": PoolCollector})
         else:
             reps.append({"layer": n_layers - 1, "component": "block_output",
-                         "intervention_type": StateCollector})
+                         "intervention_type": PoolCollector})
     return reps
 
 
@@ -274,7 +324,10 @@ def collect_states(
     share_prefix: bool = True,
     progress: bool | str = False,
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Yield ``(prompt indices, {position: [b, len(states), hidden]})`` batch by batch.
+    """Yield ``(prompt indices, {read: [b, len(states), hidden]})`` batch by batch.
+
+    ``positions`` names the reads (:data:`READS`): single tokens such as ``t_inst``, or means
+    over spans such as ``mean_inst``; all come from one forward pass.
 
     The low-level generator under :func:`collect_stats` and the guard: one pyvene forward per
     batch on the bare decoder, stopping after the deepest state asked for, running no token
@@ -283,6 +336,7 @@ def collect_states(
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to collect from: pass at least one prompt")
+    positions = check_reads(positions)
     decoder = decoder_of(model)
     n_layers = len(decoder_layers(decoder))
     state_ids = list(range(n_layers + 1)) if states is None else sorted(set(int(s) for s in states))
@@ -310,7 +364,8 @@ def collect_states(
                     idx = order[start:start + batch_size]
                     batch = formatter.encode([prompts[i] for i in idx], padding_side="left",
                                              post_instruction=post_instruction, wrapper=wrapper)
-                    locs = torch.stack([_position_index(batch, p) for p in positions], dim=1)
+                    spans = [read_span(batch, p) for p in positions]
+                    locs = torch.stack([s for s, _ in spans] + [e for _, e in spans], dim=1)  # [b, 2P]
                     # causal attention: nothing after the last position read changes the states
                     # read, so the rest (e.g. the post-instruction tokens, for t_inst) is not run
                     cut = int(locs.max()) + 1
@@ -319,12 +374,19 @@ def collect_states(
                         split = shared.split(inputs, locs.to(device)) if shared is not None else None
                         if split is not None:
                             inputs, locs = split
+                        locs = locs.to(device)
+                        # one window covers every read of every example; each read is a row of weights
+                        lo, hi = int(locs.min()), int(inputs["input_ids"].shape[1])
+                        window = [list(range(lo, hi))] * len(idx)
                         (_, acts), _ = intervenable(
                             inputs,
-                            unit_locations={"base": [locs.tolist()] * len(state_ids)},
+                            unit_locations={"base": [window] * len(state_ids)},
+                            intervention_additional_kwargs={
+                                "pool_weights": _pool_weights(locs[:, :len(positions)], locs[:, len(positions):],
+                                                              lo, hi)},
                             use_cache=split is not None,
                         )
-                    stacked = torch.stack([a.float() for a in acts], dim=2)  # [b, P, S, d]
+                    stacked = torch.stack(list(acts), dim=2)  # [b, P, S, d], float32
                     yield idx, {p: stacked[:, j] for j, p in enumerate(positions)}
                     advance(len(idx))
         finally:

@@ -27,6 +27,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice about 
 
 __all__ = [
     "HarmIntervenableModel",
+    "PoolCollector",
     "StateCollector",
     "decoder_layers",
     "ensure_pyvene_support",
@@ -173,6 +174,33 @@ class StateCollector(pv.CollectIntervention):
 
     def __str__(self) -> str:
         return "StateCollector()"
+
+
+class PoolCollector(pv.CollectIntervention):
+    """Collects weighted sums of the states at its positions: ``[batch, reads, d]``.
+
+    Each read is a row of ``pool_weights`` ``[batch, reads, positions]`` (passed at call time
+    through ``intervention_additional_kwargs``), so a mean over an instruction of any length,
+    the last few tokens or one position all come back in one small tensor, and a long prompt
+    never has its whole ``[positions, d]`` block kept after the layer has run. The sum is
+    taken in float32 whatever the model's dtype: a one-hot row returns its state exactly.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.pop("keep_last_dim", None)
+        super().__init__(**kwargs, keep_last_dim=True)
+
+    def forward(self, base, source=None, subspaces=None, pool_weights=None, **kwargs):
+        if pool_weights is None:
+            raise ValueError("PoolCollector needs pool_weights [batch, reads, positions] at call time")
+        w = pool_weights.to(device=base.device, dtype=torch.float32)
+        # columns no read uses (left padding) may hold anything, even NaN: 0 * NaN is NaN
+        used = (w > 0).any(dim=1)
+        x = base.detach().float().masked_fill(~used[..., None], 0.0)
+        return torch.einsum("brp,bpd->brd", w, x)
+
+    def __str__(self) -> str:
+        return "PoolCollector()"
 
 
 def as_device_dtype(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -143,3 +143,48 @@ def test_shared_prefix_is_skipped_when_a_position_lies_inside_it(tiny_llama):
     alone = next(collect_states(tiny_llama, fmt, ["Hello there"], share_prefix=False))[1]
     for pos in ("t_inst", "t_post_inst"):
         torch.testing.assert_close(same[pos], alone[pos].expand_as(same[pos]), rtol=1e-5, atol=1e-5)
+
+
+def _span_reference(model, fmt, prompt):
+    """One prompt alone, raw hooks: every read as a plain mean over its tokens."""
+    b = fmt.encode([prompt])
+    states = torch.stack([s[0] for s in states_by_hooks(model, b.input_ids)], dim=1)  # [T, S, d]
+    s, t, p = int(b.inst_start[0]), int(b.t_inst[0]), int(b.t_post_inst[0])
+    return {"mean_inst": states[s:t + 1].mean(0), "last:3": states[max(s, t - 2):t + 1].mean(0),
+            "mean_post": states[t + 1:p + 1].mean(0), "post:1": states[t + 1], "t_inst": states[t]}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3"])
+def test_pooled_reads_equal_unbatched_hook_reference(arch):
+    """Means over spans of tokens, batched with left padding and the shared prefix, against
+    one prompt at a time through raw hooks."""
+    model = make_model(arch)
+    fmt = ChatFormatter(make_tokenizer("qwen2.5"))
+    prompts = PROMPTS + ["Why?"]
+    reads = ("mean_inst", "last:3", "mean_post", "post:1", "t_inst")
+    got = {}
+    for idx, by_read in collect_states(model, fmt, prompts, positions=reads, batch_size=4):
+        for j, i in enumerate(idx):
+            got[i] = {r: by_read[r][j] for r in reads}
+    for i, prompt in enumerate(prompts):
+        ref = _span_reference(model, fmt, prompt)
+        for r in reads:
+            torch.testing.assert_close(got[i][r], ref[r], rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_reads_on_a_one_token_instruction(tiny_llama):
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    by_read = next(collect_states(tiny_llama, fmt, ["hi", "Why?"], positions=("mean_inst", "last:4", "t_inst")))[1]
+    assert torch.isfinite(by_read["mean_inst"]).all()
+    batch = fmt.encode(["hi", "Why?"])
+    one_token = [i for i in range(2) if int(batch.inst_start[i]) == int(batch.t_inst[i])]
+    for i in one_token:  # a one-token instruction: every read is its one state
+        torch.testing.assert_close(by_read["mean_inst"][i], by_read["t_inst"][i])
+        torch.testing.assert_close(by_read["last:4"][i], by_read["t_inst"][i])
+
+
+def test_unknown_reads_are_refused_before_the_model_runs(tiny_llama):
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    for bad in ("middle", "last:0", "post:x", "mean"):
+        with pytest.raises(ValueError, match="unknown read"):
+            next(collect_states(tiny_llama, fmt, PROMPTS, positions=(bad,)))
