@@ -157,9 +157,6 @@ def apply_template(template: str, prompts: Sequence[str]) -> list[str]:
     return [template.replace(PLACEHOLDER, prompt) for prompt in prompts]
 
 
-_END_PUNCTUATION = ".?!"
-
-
 def punctuation_variants(prompts: Sequence[str]) -> list[str]:
     """Each prompt three times: without final punctuation, ending in ".", ending in "?".
 
@@ -172,11 +169,9 @@ def punctuation_variants(prompts: Sequence[str]) -> list[str]:
         >>> punctuation_variants(["Make a cake."])
         ['Make a cake', 'Make a cake.', 'Make a cake?']
     """
-    out = []
-    for prompt in prompts:
-        stem = prompt.rstrip().rstrip(_END_PUNCTUATION).rstrip() or prompt.strip()
-        out += [stem, stem + ".", stem + "?"]
-    return out
+    from .surface import surface_variants
+
+    return [v for prompt in prompts for v in surface_variants(prompt, ("strip", "dot", "question")).values()]
 
 
 def load_templates(source: str | os.PathLike, field: str | None = None) -> list[str]:
