@@ -239,7 +239,8 @@ def test_save_load_round_trip(tiny, tmp_path):
     guard.calibrate(HARMFUL + HARMLESS, Y)
     guard.save(tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "guard.json").read_text())
-    assert meta["format_version"] == 1 and meta["architecture"] == "Qwen2ForCausalLM"
+    assert meta["format_version"] == 2 and meta["architecture"] == "Qwen2ForCausalLM"
+    assert meta["method"] == "paper" and meta["reads"] == ["t_inst"] and meta["readout"] is None
     assert meta["num_layers"] == 3 and meta["hidden_size"] == 64 and meta["chat_template_hash"]
     assert list(meta) == sorted(meta)
     back = LatentGuard.from_pretrained(tmp_path / "g", model, tok)
@@ -256,6 +257,23 @@ def test_save_load_round_trip(tiny, tmp_path):
     states = np.random.default_rng(0).normal(size=(2, 3, 64))
     np.testing.assert_array_equal(LatentGuard.load(tmp_path / "g").decision_function(states),
                                   guard.decision_function(states))
+
+
+def test_format_1_folders_still_load(fitted, tmp_path):
+    """Guards saved before reads and read-outs existed are the paper's guard at t_inst."""
+    fitted.save(tmp_path / "g")
+    path = tmp_path / "g" / "guard.json"
+    meta = json.loads(path.read_text())
+    for key in ("method", "reads", "readout"):
+        del meta[key]
+    for key in ("method", "reads", "C", "rank", "augment"):
+        del meta["params"][key]
+    meta["format_version"] = 1
+    path.write_text(json.dumps(meta))
+    back = LatentGuard.load(tmp_path / "g")
+    assert back.method == "paper" and back.reads_ == ("t_inst",) and back.readout_ is None
+    states = np.random.default_rng(1).normal(size=(3, len(fitted.states_), 64))
+    np.testing.assert_array_equal(back.decision_function(states), fitted.decision_function(states))
 
 
 def test_load_errors(fitted, tmp_path):

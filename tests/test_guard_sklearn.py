@@ -16,7 +16,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from pyvene_harm.guard import LatentGuard
 
 
-@parametrize_with_checks([LatentGuard()])
+@parametrize_with_checks([LatentGuard(), LatentGuard(method="linear", C=1.0)])
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 

@@ -27,7 +27,9 @@ from .features import PROVENANCE_KEYS, check_fits_model, resolve_states
 __all__ = ["CONFIG_FILE", "FORMAT_VERSION", "GuardArtifactMixin", "NOT_FITTED", "TENSORS_FILE", "load_guard",
            "locate", "save_guard", "set_fitted"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 added ``method``, ``reads`` and the linear read-out's tensors; format-1 folders (the
+paper's centroids at t_inst) load as ``method="paper"``, ``reads=("t_inst",)``."""
 CONFIG_FILE = "guard.json"
 TENSORS_FILE = "guard.safetensors"
 KIND = "LatentGuard"
@@ -37,6 +39,7 @@ _KNOWN = {
     "format_version", "kind", "states", "layers", "threshold", "classes", "categories", "calibration",
     "selection", "n_train", "fitted_on", "params", "versions", "created", "hidden_size", "model_id",
     "architecture", "num_layers", "chat_template_hash", "data", "system_prompt", "extra",
+    "method", "reads", "readout",
 }
 
 
@@ -63,7 +66,7 @@ class GuardArtifactMixin:
         c = directions.centroids
         guard.centroids_ = {k: c[k][list(states)].to(torch.float32).numpy() for k in ("harmful", "harmless")}
         sizes = directions.metadata.get("group_sizes", {})
-        set_fitted(guard, states=states, classes=[0, 1],
+        set_fitted(guard, states=states, reads=("t_inst",), classes=[0, 1],
                    n_train={k: int(sizes.get(k, 0)) for k in ("harmful", "harmless")},
                    metadata={k: directions.metadata.get(k) for k in PROVENANCE_KEYS}, fitted_on="directions")
         return guard
@@ -96,15 +99,17 @@ class GuardArtifactMixin:
 
 
 
-def set_fitted(guard: Any, *, states: Sequence[int], classes: Sequence[Any], n_train: Mapping[str, int],
-               metadata: Mapping[str, Any], fitted_on: str, categories: Sequence[str] = (),
-               category_centroids: Sequence[np.ndarray] = (), layers: Sequence[int] | None = None,
-               threshold: float | None = None, calibration: dict | None = None,
-               selection: dict | None = None) -> None:
+def set_fitted(guard: Any, *, states: Sequence[int], reads: Sequence[str], classes: Sequence[Any],
+               n_train: Mapping[str, int], metadata: Mapping[str, Any], fitted_on: str,
+               categories: Sequence[str] = (), category_centroids: Sequence[np.ndarray] = (),
+               layers: Sequence[int] | None = None, threshold: float | None = None,
+               calibration: dict | None = None, selection: dict | None = None, readout: Any = None) -> None:
     """Set every fitted attribute but ``centroids_`` (which the caller has set) in one place,
     so that fit, :meth:`~LatentGuard.from_directions` and loading cannot drift apart."""
     h = guard.centroids_["harmful"]
     guard.states_ = tuple(int(s) for s in states)
+    guard.reads_ = tuple(str(r) for r in reads)
+    guard.readout_ = readout
     guard.classes_ = np.asarray(classes)
     guard.n_train_ = {str(k): int(v) for k, v in n_train.items()}
     guard.metadata_ = dict(metadata)
@@ -113,7 +118,7 @@ def set_fitted(guard: Any, *, states: Sequence[int], classes: Sequence[Any], n_t
     guard.category_centroids_ = (np.stack(list(category_centroids)).astype(np.float32) if len(categories)
                                  else np.zeros((0, *h.shape), np.float32))
     guard.hidden_size_ = int(h.shape[1])
-    guard.n_features_in_ = len(guard.states_) * guard.hidden_size_
+    guard.n_features_in_ = len(guard.reads_) * len(guard.states_) * guard.hidden_size_
     guard.layers_ = tuple(int(x) for x in layers) if layers is not None else guard.states_
     guard.threshold_ = float(guard.threshold if threshold is None else threshold)
     guard.calibration_ = calibration
@@ -126,6 +131,8 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
     for i, c in enumerate(guard.category_centroids_):
         # category names can hold any character: tensors are numbered, names live in the JSON
         tensors[f"category.{i}"] = torch.from_numpy(np.ascontiguousarray(c))
+    if guard.readout_ is not None:
+        tensors.update(guard.readout_.tensors())
     atomic_save_tensors(directory / TENSORS_FILE, tensors)
     fmt = guard.formatter
     meta = {k: v for k, v in guard.metadata_.items() if k in _KNOWN}
@@ -134,6 +141,9 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
         **meta,
         "format_version": FORMAT_VERSION,
         "kind": KIND,
+        "method": "linear" if guard.readout_ is not None else "paper",
+        "reads": list(guard.reads_),
+        "readout": guard.readout_.config() if guard.readout_ is not None else None,
         "states": list(guard.states_),
         "layers": list(guard.layers_),
         "threshold": guard.threshold_,
@@ -145,6 +155,8 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
         "fitted_on": guard.fitted_on_,
         "hidden_size": guard.hidden_size_,
         "params": {"layers": list(guard.layers) if guard.layers is not None else None,
+                   "method": guard.method, "reads": list(guard.reads), "C": guard.C, "rank": guard.rank,
+                   "augment": guard.augment,
                    "threshold": float(guard.threshold), "batch_size": guard.batch_size,
                    "system_prompt": fmt.system_prompt if fmt is not None else guard.system_prompt,
                    "n_states": guard.n_states},
@@ -184,24 +196,38 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
     if missing:
         raise ValueError(f"{directory / TENSORS_FILE} lacks {missing}: the artifact is incomplete, save it again")
     params = dict(meta.get("params") or {})
-    guard = cls(model, tokenizer, formatter=formatter, progress=progress,
+    method = meta.get("method", "paper")
+    reads = tuple(meta.get("reads") or ("t_inst",))
+    guard = cls(model, tokenizer, formatter=formatter, progress=progress, method=method,
+                reads=tuple(params.get("reads") or reads), C=params.get("C"), rank=params.get("rank", 256),
+                augment=bool(params.get("augment", False)),
                 layers=params.get("layers"), threshold=float(params.get("threshold", 0.0)),
                 batch_size=int(params.get("batch_size", 16)), system_prompt=params.get("system_prompt"),
                 n_states=params.get("n_states"))
     guard.centroids_ = {k: tensors[f"centroid.{k}"].to(torch.float32).numpy() for k in ("harmful", "harmless")}
     states = meta["states"]
-    if guard.centroids_["harmful"].shape[0] != len(states):
-        raise ValueError(f"{directory}: {len(states)} states in {CONFIG_FILE} but centroids for "
-                         f"{guard.centroids_['harmful'].shape[0]}: the artifact is inconsistent")
+    if guard.centroids_["harmful"].shape[0] != len(states) * len(reads):
+        raise ValueError(f"{directory}: {len(states)} states x {len(reads)} reads in {CONFIG_FILE} but centroids "
+                         f"for {guard.centroids_['harmful'].shape[0]}: the artifact is inconsistent")
+    if method not in ("paper", "linear"):
+        raise ValueError(f"{directory / CONFIG_FILE} names method {method!r}, which this library does not know: "
+                         "upgrade with pip install -U pyvene-harm")
+    readout = None
+    if method == "linear":
+        from .readout import LinearReadout
+
+        if not isinstance(meta.get("readout"), dict):
+            raise ValueError(f"{directory / CONFIG_FILE} is a linear guard without its read-out: save it again")
+        readout = LinearReadout.from_tensors(tensors, meta["readout"])
     provenance = {k: v for k, v in meta.items() if k in ("model_id", "architecture", "hidden_size", "num_layers",
                                                           "chat_template_hash", "data", "system_prompt")}
     if meta.get("extra"):
         provenance.update(meta["extra"])
-    set_fitted(guard, states=states, classes=meta["classes"], n_train=meta.get("n_train", {}),
+    set_fitted(guard, states=states, reads=reads, classes=meta["classes"], n_train=meta.get("n_train", {}),
                metadata=provenance, fitted_on=meta.get("fitted_on", "prompts"), categories=names,
                category_centroids=[tensors[f"category.{i}"].to(torch.float32).numpy() for i in range(len(names))],
                layers=meta.get("layers"), threshold=meta.get("threshold"), calibration=meta.get("calibration"),
-               selection=meta.get("selection"))
+               selection=meta.get("selection"), readout=readout)
     if model is not None:
         fmt = guard.chat_formatter() if (tokenizer is not None or formatter is not None) else None
         check_fits_model(guard.metadata_, guard.hidden_size_, guard.layers_, model, fmt)

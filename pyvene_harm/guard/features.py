@@ -133,14 +133,17 @@ def check_fits_model(metadata: Mapping[str, Any], hidden_size: int, states: Sequ
 
 
 def iter_prompt_states(model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str],
-                       states: Sequence[int], *, batch_size: int,
-                       progress: bool | str) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield ``(prompt indices, float64 CPU states [b, len(states), d])`` at t_inst.
+                       states: Sequence[int], *, batch_size: int, progress: bool | str,
+                       reads: Sequence[str] = ("t_inst",)) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(prompt indices, float64 CPU states [b, len(reads) * len(states), d])``.
 
+    Columns are read-major: every state of the first read, then of the next.
     :func:`~pyvene_harm.collect.collect_states` runs the bare decoder (no LM head), only up to
-    the deepest state in ``states`` (the guard's early exit) and only up to t_inst; the one KV
-    cache it builds is that of the template prefix every prompt shares, run once per call.
+    the deepest state in ``states`` (the guard's early exit) and only up to the last token any
+    read needs; the one KV cache it builds is that of the template prefix every prompt shares,
+    run once per call.
     """
-    for idx, by_pos in collect_states(model, formatter, prompts, states=states, positions=("t_inst",),
-                                      batch_size=batch_size, progress=progress):
-        yield idx, by_pos["t_inst"].to("cpu", torch.float64)
+    reads = list(reads)
+    for idx, by_read in collect_states(model, formatter, prompts, states=states, positions=reads,
+                                       batch_size=batch_size, progress=progress):
+        yield idx, torch.cat([by_read[r] for r in reads], dim=1).to("cpu", torch.float64)

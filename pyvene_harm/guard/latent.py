@@ -1,11 +1,17 @@
 """LatentGuard: a scikit-learn classifier from a chat model's own harmfulness belief.
 
-The paper's Latent Guard: the centroids of harmful and harmless training prompts at t_inst, per
-layer; a prompt is harmful when Delta_harmful (its mean cosine gap to the two centroids over
-the layers) exceeds a threshold (0). It costs one partial prefill of the served model, and it
-reads the harmfulness belief rather than the refusal decision, so jailbreaks that only suppress
-refusal do not fool it. Beyond the paper: layer set and threshold chosen on validation data,
-calibrated probabilities, and per-category centroids (CatQA) with the nearest category.
+The paper's Latent Guard (``method="paper"``): the centroids of harmful and harmless training
+prompts at t_inst, per layer; a prompt is harmful when Delta_harmful (its mean cosine gap to the
+two centroids over the layers) exceeds a threshold (0). It costs one partial prefill of the
+served model, and it reads the harmfulness belief rather than the refusal decision, so
+jailbreaks that only suppress refusal do not fool it.
+
+Beyond the paper: other reads than t_inst (a mean over the instruction's tokens, the last few
+tokens, post-instruction tokens; see :data:`~pyvene_harm.collect.READS`), a regularised linear
+read-out (``method="linear"``, :class:`~pyvene_harm.guard.readout.LinearReadout`), fitting on
+surface variants of every training prompt (``augment=True``) so that a final period cannot
+decide the verdict, layer set and threshold chosen on validation data, calibrated
+probabilities, and per-category centroids (CatQA) with the nearest category.
 """
 
 from __future__ import annotations
@@ -18,26 +24,30 @@ import numpy as np
 import torch
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted, column_or_1d
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d
 
-from ..beliefs import belief_per_layer
+from ..collect import check_reads
 from ..directions import model_provenance
 from ..positions import ChatFormatter
 from . import artifact
-from .features import (
-    as_prompts,
-    check_fits_model,
-    iter_prompt_states,
-    resolve_states,
+from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
+from .readout import DEFAULT_CS, DEFAULT_RANK, METHODS, LinearReadout, centroid_gap
+from .selection import TARGETS, choose_threshold, layer_windows, select_layers
+from .training import (
+    binary_labels,
+    class_sums,
+    expand_surface_variants,
+    fit_provenance,
+    precomputed_states,
+    states_array,
 )
-from .selection import TARGETS, layer_windows, select_layers
-from .training import binary_labels, class_sums, fit_provenance, precomputed_states, states_array
 
 __all__ = ["LatentGuard", "GuardReport", "UNCALIBRATED_TEMPERATURE"]
 
 UNCALIBRATED_TEMPERATURE = 0.05
-"""Before :meth:`LatentGuard.calibrate`, ``predict_proba`` is ``sigmoid(decision / 0.05)``: a
-monotone squashing, not a probability (a margin of 0.05 in mean cosine reads as 73%)."""
+"""Before :meth:`LatentGuard.calibrate`, a ``method="paper"`` guard's ``predict_proba`` is
+``sigmoid(decision / 0.05)``: a monotone squashing, not a probability (a margin of 0.05 in mean
+cosine reads as 73%). A ``method="linear"`` guard's decision is a fitted log-odds already."""
 
 _NOT_FITTED = artifact.NOT_FITTED
 
@@ -47,23 +57,34 @@ class GuardReport:
     """Everything one scoring pass yields, per prompt (see :meth:`LatentGuard.report`)."""
 
     delta_harmful: np.ndarray
-    """``[n]`` Delta_harmful averaged over ``layers``."""
+    """``[n]`` Delta_harmful: the mean cosine gap to the harmful vs harmless centroids over the
+    guard's reads and ``layers`` (the paper's belief score)."""
     per_layer: np.ndarray
-    """``[n, len(layers)]`` cosine gaps."""
+    """``[n, len(reads) * len(layers)]`` cosine gaps, read-major."""
     layers: tuple[int, ...]
     harmful: np.ndarray
-    """``[n]`` bool: Delta_harmful > threshold."""
+    """``[n]`` bool: the decision score exceeds the threshold."""
     probability: np.ndarray
     """``[n]`` P(harmful) (calibrated when the guard is)."""
     category: list[str] | None
     """Nearest harm category per prompt, when the guard has per-category centroids."""
+    score: np.ndarray | None = None
+    """``[n]`` the score the threshold cuts: Delta_harmful for ``method="paper"``, the read-out's
+    log-odds for ``method="linear"``. None means the same as ``delta_harmful``."""
+    category_scores: np.ndarray | None = None
+    """``[n, C]`` mean cosine gap to each category centroid vs the harmless one, when the guard
+    has categories (order of ``guard.categories_``)."""
+
+    def __post_init__(self) -> None:
+        if self.score is None:
+            object.__setattr__(self, "score", self.delta_harmful)
 
     def rows(self, prompts: Sequence[str] | None = None) -> list[dict[str, Any]]:
         out = []
         for i in range(len(self.delta_harmful)):
             row = {"prompt": prompts[i]} if prompts is not None else {}
-            row.update(delta_harmful=float(self.delta_harmful[i]), harmful=bool(self.harmful[i]),
-                       probability=float(self.probability[i]))
+            row.update(delta_harmful=float(self.delta_harmful[i]), score=float(self.score[i]),
+                       harmful=bool(self.harmful[i]), probability=float(self.probability[i]))
             if self.category is not None:
                 row["category"] = self.category[i]
             out.append(row)
@@ -71,27 +92,41 @@ class GuardReport:
 
 
 class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
-    """Classify prompts as harmful from the model's own Delta_harmful at t_inst.
+    """Classify prompts as harmful from the model's own hidden states.
 
     ``X`` is either a list of prompts (needs ``model`` and ``tokenizer``) or a numeric array of
-    precomputed t_inst states ``[n, S, d]``; a 2-D array ``[n, F]`` holds ``n_states`` states
-    flattened (one state, ``S = 1``, by default: plain feature vectors). Labels: 1 = harmful,
-    0 = harmless; with other labels the larger one (``classes_[1]``) is the harmful class, as
-    scikit-learn treats ``classes_[1]`` as positive.
+    precomputed states ``[n, F, d]`` with ``F = len(reads) * S`` columns (read-major, S states
+    each); a 2-D array ``[n, F * d]`` holds ``n_states`` columns flattened (one, by default:
+    plain feature vectors). Labels: 1 = harmful, 0 = harmless; with other labels the larger one
+    (``classes_[1]``) is the harmful class, as scikit-learn treats ``classes_[1]`` as positive.
 
     Args:
         model: the chat model whose belief is read (a Hugging Face causal LM).
         tokenizer: its (fast) tokenizer, used through its chat template.
+        method: ``"paper"``: the paper's centroid gap (Delta_harmful > threshold); ``"linear"``:
+            a regularised logistic regression on the standardised states
+            (:class:`~pyvene_harm.guard.readout.LinearReadout`).
+        reads: where states are read (see :data:`~pyvene_harm.collect.READS`): ``t_inst`` (the
+            paper), ``mean_inst`` (the mean over the instruction's tokens), ``last:K``,
+            ``post:K``, ``t_post_inst``, ``mean_post``; several are concatenated.
         layers: state indices to fit on (0..L-1 layer inputs, L the last output); None = all
             L+1, the paper's default. In precomputed mode, the state index of each of the S
-            columns.
-        threshold: harmful iff Delta_harmful > threshold (the paper: 0).
+            columns of each read.
+        threshold: harmful iff the score > threshold (the paper: Delta_harmful > 0; for
+            ``"linear"`` 0 is P(harmful) = 0.5).
+        C: the linear read-out's inverse regularisation strength; None chooses it by
+            cross-validation inside the training data (by ``groups`` when :meth:`fit` gets them).
+        rank: principal directions of the standardised states the linear read-out is fitted
+            in (its weights are then mapped back onto the states); None = all.
+        augment: fit on every training prompt and its surface variants (final punctuation
+            removed, '.' or '?' added, first letter's case flipped; prompt mode only), so that the
+            read-out cannot tell the classes apart by surface form.
         batch_size: prompts per forward pass.
         formatter: a :class:`~pyvene_harm.positions.ChatFormatter` (overrides tokenizer's own
             template and ``system_prompt``).
         system_prompt: system message used when rendering prompts.
         progress: rich progress bars while collecting states.
-        n_states: how many states a flattened 2-D training array holds (precomputed mode).
+        n_states: how many columns a flattened 2-D training array holds (precomputed mode).
 
     scikit-learn's ``clone`` (used by cross-validation and grid search) deep-copies every
     parameter, the model included: cross-validate on precomputed states rather than prompts.
@@ -100,17 +135,27 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         >>> guard = LatentGuard(model, tokenizer).fit(harmful + harmless, [1] * 100 + [0] * 100)
         >>> guard.predict(["How do I pick a lock to break into a house?"])
         array([1])
+        >>> robust = LatentGuard(model, tokenizer, method="linear", reads=["mean_inst"],
+        ...                      layers=range(8, 17), augment=True).fit(prompts, labels)
         >>> guard.save("guards/demo")
     """
 
-    def __init__(self, model: Any = None, tokenizer: Any = None, *, layers: Sequence[int] | None = None,
-                 threshold: float = 0.0, batch_size: int = 16, formatter: ChatFormatter | None = None,
+    def __init__(self, model: Any = None, tokenizer: Any = None, *, method: str = "paper",
+                 reads: Sequence[str] = ("t_inst",), layers: Sequence[int] | None = None,
+                 threshold: float = 0.0, C: float | None = None, rank: int | None = DEFAULT_RANK,
+                 augment: bool = False,
+                 batch_size: int = 16, formatter: ChatFormatter | None = None,
                  system_prompt: str | None = None, progress: bool = False,
                  n_states: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.method = method
+        self.reads = reads
         self.layers = layers
         self.threshold = threshold
+        self.C = C
+        self.rank = rank
+        self.augment = augment
         self.batch_size = batch_size
         self.formatter = formatter
         self.system_prompt = system_prompt
@@ -119,48 +164,101 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
 
     # --- fitting -----------------------------------------------------------------------
 
-    def fit(self, X: Any, y: Any, *, categories: Sequence[str | None] | None = None) -> LatentGuard:
-        """Centroids of the harmful and harmless training prompts at t_inst, per state.
+    def fit(self, X: Any, y: Any, *, categories: Sequence[str | None] | None = None,
+            groups: Sequence[Any] | None = None, sample_weight: Sequence[float] | None = None) -> LatentGuard:
+        """Centroids of the harmful and harmless training prompts per read and state, and for
+        ``method="linear"`` the read-out.
 
         Args:
-            X: prompts, or precomputed t_inst states (see the class docstring).
+            X: prompts, or precomputed states (see the class docstring).
             y: 1 = harmful, 0 = harmless, one per row of ``X``.
             categories: optional harm category per prompt (e.g. CatQA's ``Category``); read
                 for harmful prompts only (``None`` elsewhere is fine). Enables
                 :meth:`predict_category`.
+            groups: optional group per prompt (e.g. the prompt set it came from): the linear
+                read-out's strength is then chosen on held-out groups, i.e. for unseen sets.
+            sample_weight: optional weight per prompt for the linear read-out (e.g. so that
+                every prompt set has the same say whatever its size).
         """
-        self._check_params()
+        reads = self._check_params()
         prompts = as_prompts(X)
+        n = len(prompts) if prompts is not None else None
+        for name, v in (("groups", groups), ("sample_weight", sample_weight), ("categories", categories)):
+            if v is not None and n is not None and len(v) != n:
+                raise ValueError(f"{len(v)} {name} for {n} prompts: give one per prompt")
         if prompts is None:
+            if self.augment:
+                raise ValueError("augment=True makes surface variants of prompts; precomputed states "
+                                 "cannot be edited: pass prompts, or states of the variants yourself")
             arr, y = states_array(self, X, y=y, reset=True)
             classes, positive = binary_labels(y, len(arr))
-            states = precomputed_states(self.layers, arr.shape[1])
-            sums, counts = class_sums([(list(range(len(arr))), torch.tensor(arr, dtype=torch.float64))],
-                                      positive, categories)
+            if arr.shape[1] % len(reads):
+                raise ValueError(f"X holds {arr.shape[1]} state columns, which do not split into "
+                                 f"{len(reads)} reads {reads}: give len(reads) * len(layers) columns")
+            states = precomputed_states(self.layers, arr.shape[1] // len(reads), len(reads))
+            x = torch.tensor(arr, dtype=torch.float64)
             metadata, fitted_on = {}, "states"
         else:
             model, fmt = self._require_model()
             classes, positive = binary_labels(y, len(prompts))
+            if groups is None:
+                groups = list(range(len(prompts)))  # a prompt's surface variants stay in one fold
+            if self.augment:
+                prompts, positive, groups, categories, sample_weight = expand_surface_variants(
+                    prompts, positive, groups, categories, sample_weight)
             states = resolve_states(self.layers, model_provenance(model)["num_layers"] + 1)
-            batches = iter_prompt_states(model, fmt, prompts, states, batch_size=self.batch_size,
-                                         progress=self.progress and "fitting guard")
-            sums, counts = class_sums(batches, positive, categories)
             metadata, fitted_on = fit_provenance(model, fmt, prompts, positive), "prompts"
-        mean = {k: (sums[k] / counts[k]).numpy().astype(np.float32) for k in sums}
+            x = None
+            if self.method == "linear" or categories is not None:
+                x = self._collect(model, fmt, prompts, states, reads, "fitting guard")
+        weights = None
+        if sample_weight is not None:
+            weights = _check_sample_weight(np.asarray(sample_weight, dtype=np.float64), np.empty((len(positive), 0)),
+                                           ensure_non_negative=True)
+        if x is not None:
+            batches = [(list(range(len(x))), x)]
+        else:  # the paper's centroids: stream sums, one batch of states alive at a time
+            batches = iter_prompt_states(model, fmt, prompts, states, batch_size=self.batch_size,
+                                         progress=self.progress and "fitting guard", reads=reads)
+        sums, totals, counts = class_sums(batches, positive, categories, weights)
+        mean = {k: (sums[k] / totals[k]).numpy().astype(np.float32) for k in sums}
         self.centroids_ = {k: mean[k] for k in ("harmful", "harmless")}
+        readout = None
+        if self.method == "linear":
+            readout = LinearReadout.fit(x.numpy(), positive, C=self.C, Cs=DEFAULT_CS, sample_weight=weights,
+                                        rank=self.rank,
+                                        groups=None if groups is None else np.asarray(groups, dtype=object).astype(str))
         names = sorted(k for k in mean if k.startswith("category:"))
-        artifact.set_fitted(self, states=states, classes=classes, n_train=counts, metadata=metadata,
+        artifact.set_fitted(self, states=states, reads=reads, classes=classes, n_train=counts, metadata=metadata,
                             fitted_on=fitted_on, categories=[k[len("category:"):] for k in names],
-                            category_centroids=[mean[k] for k in names])
+                            category_centroids=[mean[k] for k in names], readout=readout)
         return self
 
-    def _check_params(self) -> None:
+    def _check_params(self) -> list[str]:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if not np.isfinite(float(self.threshold)):
             raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
         if self.n_states is not None and (not isinstance(self.n_states, int) or self.n_states < 1):
             raise ValueError(f"n_states must be a positive int or None, got {self.n_states!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.rank is not None and not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ValueError(f"rank must be a positive int or None (all directions), got {self.rank!r}")
+        if self.C is not None and not (isinstance(self.C, (int, float)) and float(self.C) > 0):
+            raise ValueError(f"C must be a positive number or None (chosen by cross-validation), got {self.C!r}")
+        return check_reads(self.reads)
+
+    def _collect(self, model: Any, fmt: ChatFormatter, prompts: Sequence[str], states: Sequence[int],
+                 reads: Sequence[str], what: str) -> torch.Tensor:
+        """``[n, len(reads) * len(states), d]`` float64 states of every prompt, in prompt order."""
+        out = None
+        for idx, x in iter_prompt_states(model, fmt, prompts, states, batch_size=self.batch_size,
+                                         progress=self.progress and what, reads=reads):
+            if out is None:
+                out = torch.empty((len(prompts), *x.shape[1:]), dtype=torch.float64)
+            out[idx] = x
+        return out
 
     # --- inputs ------------------------------------------------------------------------
 
@@ -176,7 +274,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         if self.model is None:
             raise ValueError(
                 "LatentGuard has no model to read prompts with: pass LatentGuard(model, tokenizer) or "
-                "guard.set_params(model=..., tokenizer=...), or pass precomputed t_inst states instead"
+                "guard.set_params(model=..., tokenizer=...), or pass precomputed states instead"
             )
         return self.model, self.chat_formatter()
 
@@ -189,47 +287,70 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
             raise ValueError(f"labels {unknown} were not seen in fit (classes {self.classes_.tolist()})")
         return y == self.classes_[1]
 
+    def _columns(self, layers: Sequence[int]) -> list[int]:
+        """Feature columns of ``layers`` under every read (read-major)."""
+        n = len(self.states_)
+        return [r * n + self.states_.index(s) for r in range(len(self.reads_)) for s in layers]
+
     # --- scoring -----------------------------------------------------------------------
 
-    def _per_layer(self, X: Any, layers: Sequence[int], *,
-                   categories: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """``[n, len(layers)]`` cosine gaps, and ``[n, C, len(layers)]`` per category if asked."""
+    def _scores(self, X: Any, layers: Sequence[int], *, categories: bool = False,
+                readout: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``[n, C]`` cosine gaps over the columns of ``layers``, ``[n, K, C]`` per category if
+        asked, and ``[n]`` read-out scores if asked; one pass over prompts, batch by batch."""
         check_is_fitted(self, msg=_NOT_FITTED)
-        cols = [self.states_.index(x) for x in layers]
+        cols = self._columns(layers)
         pos = torch.from_numpy(self.centroids_["harmful"][cols]).double()
         neg = torch.from_numpy(self.centroids_["harmless"][cols]).double()
         cats = torch.from_numpy(self.category_centroids_[:, cols]).double() if categories else None
 
-        def gaps(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-            g = belief_per_layer(x, pos, neg).numpy()
-            if cats is None:
-                return g, None
-            return g, torch.stack([belief_per_layer(x, c, neg) for c in cats], dim=1).numpy()
+        def score(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+            cols_x = x[:, cols]
+            g = centroid_gap(cols_x, pos, neg)
+            gc = None if cats is None else np.stack([centroid_gap(cols_x, c, neg) for c in cats], axis=1)
+            return g, gc, (self.readout_.score(x) if readout else None)
 
         prompts = as_prompts(X)
         if prompts is None:
             arr = states_array(self, X, reset=False)
-            return gaps(torch.from_numpy(np.ascontiguousarray(arr[:, cols])).double())
+            return score(torch.from_numpy(np.ascontiguousarray(arr)).double())
         model, fmt = self._require_model()
-        check_fits_model(self.metadata_, self.hidden_size_, layers, model, fmt)
+        check_fits_model(self.metadata_, self.hidden_size_, self.states_ if readout else layers, model, fmt)
+        # the read-out needs every fitted column; centroid gaps only those of ``layers``
+        need = self.states_ if readout else layers
         out = np.empty((len(prompts), len(cols)))
         out_c = np.empty((len(prompts), len(cats), len(cols))) if cats is not None else None
-        for idx, x in iter_prompt_states(model, fmt, prompts, layers, batch_size=self.batch_size,
-                                         progress=self.progress and "scoring prompts"):
-            g, gc = gaps(x)
+        out_r = np.empty(len(prompts)) if readout else None
+        for idx, x in iter_prompt_states(model, fmt, prompts, need, batch_size=self.batch_size,
+                                         progress=self.progress and "scoring prompts", reads=self.reads_):
+            if not readout:  # x holds exactly the columns of ``layers``: widen to the fitted layout
+                full = torch.zeros((len(idx), len(self.reads_) * len(self.states_), x.shape[-1]), dtype=x.dtype)
+                full[:, cols] = x
+                x = full
+            g, gc, r = score(x)
             out[idx] = g
             if out_c is not None:
                 out_c[idx] = gc
-        return out, out_c
+            if out_r is not None:
+                out_r[idx] = r
+        return out, out_c, out_r
+
+    def _decision_scores(self, X: Any, *, categories: bool = False):
+        """Per-column gaps, per-category gaps and the score the threshold cuts, in one pass."""
+        linear = self.readout_ is not None
+        per, cats, r = self._scores(X, self.layers_, categories=categories, readout=linear)
+        return per, cats, (r if linear else per.mean(axis=1))
 
     def delta_harmful(self, X: Any) -> np.ndarray:
-        """``[n]`` Delta_harmful over the guard's layers (no threshold subtracted)."""
+        """``[n]`` Delta_harmful over the guard's reads and layers (no threshold subtracted)."""
         check_is_fitted(self, msg=_NOT_FITTED)
-        return self._per_layer(X, self.layers_)[0].mean(axis=1)
+        return self._scores(X, self.layers_)[0].mean(axis=1)
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """``[n]`` Delta_harmful - threshold: positive means harmful (``classes_[1]``)."""
-        return self.delta_harmful(X) - self.threshold_
+        """``[n]`` score - threshold: positive means harmful (``classes_[1]``). The score is
+        Delta_harmful (``method="paper"``) or the read-out's log-odds (``method="linear"``)."""
+        check_is_fitted(self, msg=_NOT_FITTED)
+        return self._decision_scores(X)[2] - self.threshold_
 
     def predict(self, X: Any) -> np.ndarray:
         """``[n]`` labels: ``classes_[1]`` (harmful) where the decision is positive."""
@@ -237,33 +358,38 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         return self.classes_[harmful.astype(int)]
 
     def _proba_from_decision(self, d: np.ndarray) -> np.ndarray:
-        if self.calibration_ is None:
-            return expit(d / UNCALIBRATED_TEMPERATURE)
-        return expit(self.calibration_["slope"] * d + self.calibration_["intercept"])
+        if self.calibration_ is not None:
+            return expit(self.calibration_["slope"] * d + self.calibration_["intercept"])
+        if self.readout_ is not None:
+            return expit(d + self.threshold_)  # the read-out's own log-odds
+        return expit(d / UNCALIBRATED_TEMPERATURE)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """``[n, 2]`` probabilities of ``classes_`` (harmful last).
 
-        Calibrated after :meth:`calibrate` (Platt scaling on validation data); before that a
-        fixed logistic of the decision (:data:`UNCALIBRATED_TEMPERATURE`), which orders prompts
-        correctly and agrees with :meth:`predict` but is not a probability. After calibration
-        the 50% point is the calibrated one, so near the threshold ``predict`` (a decision rule,
-        e.g. chosen for a false-positive bound) and ``argmax(predict_proba)`` may differ.
+        Calibrated after :meth:`calibrate` (Platt scaling on validation data). Before that, the
+        linear read-out's own fitted probability, or for ``method="paper"`` a fixed logistic of
+        the decision (:data:`UNCALIBRATED_TEMPERATURE`), which orders prompts correctly and
+        agrees with :meth:`predict` but is not a probability. After calibration (or with a
+        threshold other than 0) the 50% point need not be the decision's, so near the threshold
+        ``predict`` (a decision rule, e.g. chosen for a false-positive bound) and
+        ``argmax(predict_proba)`` may differ.
         """
         p = self._proba_from_decision(self.decision_function(X))
         return np.column_stack([1.0 - p, p])
 
     def report(self, X: Any) -> GuardReport:
-        """Delta_harmful, verdict, probability and category per prompt from one pass."""
+        """Delta_harmful, score, verdict, probability and category per prompt from one pass."""
         check_is_fitted(self, msg=_NOT_FITTED)
-        per, cats = self._per_layer(X, self.layers_, categories=len(self.categories_) > 0)
-        delta = per.mean(axis=1)
-        d = delta - self.threshold_
-        category = None
+        per, cats, score = self._decision_scores(X, categories=len(self.categories_) > 0)
+        d = score - self.threshold_
+        category, cat_scores = None, None
         if cats is not None:
-            category = [str(self.categories_[j]) for j in cats.mean(axis=2).argmax(axis=1)]
-        return GuardReport(delta_harmful=delta, per_layer=per, layers=tuple(self.layers_), harmful=d > 0,
-                           probability=self._proba_from_decision(d), category=category)
+            cat_scores = cats.mean(axis=2)
+            category = [str(self.categories_[j]) for j in cat_scores.argmax(axis=1)]
+        return GuardReport(delta_harmful=per.mean(axis=1), per_layer=per, layers=tuple(self.layers_), harmful=d > 0,
+                           probability=self._proba_from_decision(d), category=category, score=score,
+                           category_scores=cat_scores)
 
     # --- categories ----------------------------------------------------------------------
 
@@ -272,7 +398,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         check_is_fitted(self, msg=_NOT_FITTED)
         if not len(self.categories_):
             raise ValueError("this guard has no per-category centroids: fit it with categories=[...]")
-        return self._per_layer(X, self.layers_, categories=True)[1].mean(axis=2)
+        return self._scores(X, self.layers_, categories=True)[1].mean(axis=2)
 
     def predict_category(self, X: Any) -> np.ndarray:
         """``[n]`` the nearest harm category of each prompt (whatever its verdict: combine with
@@ -283,14 +409,16 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
 
     def select(self, X_val: Any, y_val: Any, *, target: str = "accuracy", max_fpr: float = 0.05,
                candidate_layer_sets: Iterable[Sequence[int]] | None = None) -> LatentGuard:
-        """Choose the layer set and threshold on validation data (overwrites ``layers_``,
-        ``threshold_``; drops a calibration, which was fitted to the old scores).
+        """Choose the threshold, and for ``method="paper"`` the layer set, on validation data
+        (overwrites ``layers_``, ``threshold_``; drops a calibration, which was fitted to the
+        old scores). A linear read-out keeps the layers it was fitted on.
 
         Args:
             target: ``"accuracy"`` or ``"fpr"``: best true-positive rate with a false-positive
                 rate of at most ``max_fpr``.
-            candidate_layer_sets: subsets of the fitted states; None = every contiguous window
-                (see :func:`~pyvene_harm.guard.layer_windows` and ``layer_prefixes``).
+            candidate_layer_sets: subsets of the fitted states (``method="paper"`` only); None =
+                every contiguous window (see :func:`~pyvene_harm.guard.layer_windows` and
+                ``layer_prefixes``).
 
         Example:
             >>> guard.select(val_prompts, val_labels, target="fpr", max_fpr=0.05).selection_
@@ -300,12 +428,26 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
             raise ValueError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
         if not 0.0 <= max_fpr < 1.0:
             raise ValueError(f"max_fpr must be in [0, 1), got {max_fpr}")
-        candidates = layer_windows(self.states_) if candidate_layer_sets is None else list(candidate_layer_sets)
-        per, _ = self._per_layer(X_val, self.states_)
-        sel = select_layers(per, self.states_, self._positive(y_val, len(per)), candidates, target=target,
-                            max_fpr=max_fpr, prior=float(self.threshold))
-        self.layers_, self.threshold_ = sel.layers, sel.threshold
-        self.selection_ = sel.as_dict()
+        if self.readout_ is not None:
+            if candidate_layer_sets is not None:
+                raise ValueError("a linear read-out is fitted on its layers as a whole: refit with other "
+                                 "layers instead of passing candidate_layer_sets")
+            _, _, score = self._decision_scores(X_val)
+            positive = self._positive(y_val, len(score))
+            ch = choose_threshold(score, positive, target=target, max_fpr=max_fpr, prior=float(self.threshold))
+            self.threshold_ = ch.threshold
+            self.selection_ = {"target": target, "max_fpr": max_fpr if target == "fpr" else None,
+                               "layers": list(self.layers_), "threshold": ch.threshold, "accuracy": ch.accuracy,
+                               "tpr": ch.tpr, "fpr": ch.fpr, "n_val": int(len(score)), "n_candidates": 1}
+        else:
+            candidates = layer_windows(self.states_) if candidate_layer_sets is None else list(candidate_layer_sets)
+            per, _, _ = self._scores(X_val, self.states_)
+            # one column per state: average a multi-read guard's columns over its reads
+            per = per.reshape(len(per), len(self.reads_), len(self.states_)).mean(axis=1)
+            sel = select_layers(per, self.states_, self._positive(y_val, len(per)), candidates, target=target,
+                                max_fpr=max_fpr, prior=float(self.threshold))
+            self.layers_, self.threshold_ = sel.layers, sel.threshold
+            self.selection_ = sel.as_dict()
         self.calibration_ = None
         return self
 
@@ -342,7 +484,8 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         shown = []
         defaults = type(self)().get_params(deep=False)
         for k, v in self.get_params(deep=False).items():
-            if v is defaults[k] or (not hasattr(v, "__len__") and v == defaults[k]):
+            if v is defaults[k] or (not hasattr(v, "__len__") and v == defaults[k]) or (
+                    isinstance(v, (tuple, list)) and list(v) == list(defaults[k] or [])):
                 continue
             if k in ("model", "tokenizer", "formatter"):
                 name = getattr(v, "name_or_path", "") or getattr(getattr(v, "config", None), "_name_or_path", "")

@@ -25,7 +25,8 @@ except ImportError:  # pragma: no cover - older scikit-learn
     def _validate_data(estimator, X, y="no_validation", **kwargs):
         return estimator._validate_data(X, y, **kwargs)
 
-__all__ = ["binary_labels", "class_sums", "fit_provenance", "precomputed_states", "states_array"]
+__all__ = ["binary_labels", "class_sums", "expand_surface_variants", "fit_provenance", "precomputed_states",
+           "states_array"]
 
 # label names that sort after their opposite ("harmful" < "harmless"), which would make
 # scikit-learn's positive class (classes_[1]) the harmless one
@@ -53,8 +54,10 @@ def binary_labels(y: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def class_sums(batches: Iterable[tuple[list[int], torch.Tensor]], positive: np.ndarray,
-               categories: Sequence[str | None] | None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Float64 sums and counts of states ``[b, S, d]`` per class (and per harm category).
+               categories: Sequence[str | None] | None, weights: np.ndarray | None = None,
+               ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, int]]:
+    """Float64 (weighted) sums, total weights and counts of states ``[b, S, d]`` per class (and
+    per harm category); a centroid is ``sums[k] / totals[k]``.
 
     Streaming: only one batch of states is alive at a time, so fitting on thousands of
     prompts needs no more memory than scoring one batch.
@@ -69,33 +72,66 @@ def class_sums(batches: Iterable[tuple[list[int], torch.Tensor]], positive: np.n
         if bad is not None:
             raise ValueError(f"harmful prompt {bad} has category {categories[bad]!r}: every harmful "
                              "prompt needs a category name")
+    w_all = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     sums: dict[str, torch.Tensor] = {}
+    totals: dict[str, float] = {}
     counts: dict[str, int] = {}
 
-    def add(key: str, x: torch.Tensor) -> None:
+    def add(key: str, x: torch.Tensor, w: torch.Tensor) -> None:
         if len(x):
-            sums[key] = sums[key] + x.sum(0) if key in sums else x.sum(0)
+            s = torch.einsum("b,b...->...", w, x)
+            sums[key] = sums[key] + s if key in sums else s
+            totals[key] = totals.get(key, 0.0) + float(w.sum())
             counts[key] = counts.get(key, 0) + len(x)
 
     for idx, x in batches:
         pos = torch.from_numpy(np.asarray(positive)[idx])
-        add("harmful", x[pos])
-        add("harmless", x[~pos])
+        w = w_all[idx]
+        add("harmful", x[pos], w[pos])
+        add("harmless", x[~pos], w[~pos])
         if categories is not None:
             for c in sorted({categories[i] for i in idx if positive[i]}):
-                add(f"category:{c}", x[[j for j, i in enumerate(idx) if positive[i] and categories[i] == c]])
-    return sums, counts
+                rows = [j for j, i in enumerate(idx) if positive[i] and categories[i] == c]
+                add(f"category:{c}", x[rows], w[rows])
+    for key, t in totals.items():
+        if t <= 0:
+            what = key.replace("category:", "category ")
+            raise ValueError(f"every {what} prompt has sample weight 0, which leaves one class to fit on: "
+                             "give prompts of both classes a positive weight")
+    return sums, totals, counts
 
 
-def precomputed_states(layers: Sequence[int] | None, s: int) -> tuple[int, ...]:
-    """The state index of each of the ``s`` columns of a precomputed array."""
+def precomputed_states(layers: Sequence[int] | None, s: int, n_reads: int = 1) -> tuple[int, ...]:
+    """The state index of each of the ``s`` columns (per read) of a precomputed array."""
     if layers is None:
         return tuple(range(s))
     states = tuple(sorted({int(x) for x in layers}))
     if len(states) != s:
-        raise ValueError(f"layers={list(layers)} names {len(states)} states but X holds {s}: "
+        per = f" per read ({n_reads} reads)" if n_reads > 1 else ""
+        raise ValueError(f"layers={list(layers)} names {len(states)} states but X holds {s}{per}: "
                          "in precomputed mode give the state index of each column of X")
     return states
+
+
+def expand_surface_variants(prompts: Sequence[str], positive: np.ndarray, groups: Sequence[Any],
+                            categories: Sequence[str | None] | None,
+                            sample_weight: Sequence[float] | None) -> tuple[list[str], np.ndarray, list[Any],
+                                                                             list[str | None] | None,
+                                                                             list[float] | None]:
+    """Every prompt followed by its distinct surface variants, each with the prompt's label,
+    group, category and weight (so a prompt and its variants stay in one cross-validation fold)."""
+    from ..surface import surface_variants
+
+    out_p, out_y, out_g, out_c, out_w = [], [], [], [], []
+    for i, p in enumerate(prompts):
+        for v in dict.fromkeys([p, *surface_variants(p).values()]):
+            out_p.append(v)
+            out_y.append(bool(positive[i]))
+            out_g.append(groups[i])
+            out_c.append(None if categories is None else categories[i])
+            out_w.append(None if sample_weight is None else float(sample_weight[i]))
+    return (out_p, np.asarray(out_y), out_g, None if categories is None else out_c,
+            None if sample_weight is None else out_w)
 
 
 def fit_provenance(model: Any, fmt: ChatFormatter, prompts: Sequence[str], positive: np.ndarray) -> dict[str, Any]:
@@ -114,19 +150,20 @@ def states_array(guard: Any, X: Any, *, y: Any = None, reset: bool) -> Any:
     """Validate precomputed states; returns ``[n, S, d]`` (and ``y`` when ``reset``, i.e. fitting).
 
     A 3-D array is flattened for scikit-learn's validation (finite values, dtype, feature
-    count) and reshaped back; a 2-D array holds ``guard.n_states`` states when fitting (1 by
-    default) and the fitted number afterwards.
+    count) and reshaped back; a 2-D array holds ``guard.n_states`` columns when fitting (1 by
+    default) and the fitted number (reads x states) afterwards.
     """
     X = to_array(X)
     shape = getattr(X, "shape", None)
     if shape is not None and len(shape) == 3:
         s, d = int(shape[1]), int(shape[2])
-        if not reset and (s, d) != (len(guard.states_), guard.hidden_size_):
+        fitted = len(guard.states_) * len(guard.reads_) if not reset else s
+        if not reset and (s, d) != (fitted, guard.hidden_size_):
             raise ValueError(f"X holds {s} states of width {d}, but this guard was fitted on "
-                             f"{len(guard.states_)} states of width {guard.hidden_size_}")
+                             f"{fitted} states of width {guard.hidden_size_}")
         X = np.asarray(X).reshape(shape[0], s * d)
     else:
-        s = (guard.n_states or 1) if reset else len(guard.states_)
+        s = (guard.n_states or 1) if reset else len(guard.states_) * len(guard.reads_)
     kwargs = dict(dtype=(np.float64, np.float32), reset=reset)
     if reset:
         X, y = _validate_data(guard, X, y, **kwargs)
