@@ -366,11 +366,13 @@ def _prediction_rows(ps: PromptSet, label: int, units: dict) -> list[dict]:
     return rows
 
 
-def _register_generate() -> None:
-    # its own module (guard.py is long); imported here so `pyvene-harm guard --help` lists it
+def _register_subcommands() -> None:
+    # their own modules (guard.py is long); imported here so `pyvene-harm guard --help` lists them
+    from .guard_crossval import crossval
     from .guard_generate import generate
 
     guard.add_command(generate)
+    guard.add_command(crossval)
 
 
-_register_generate()
+_register_subcommands()

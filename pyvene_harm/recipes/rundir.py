@@ -19,7 +19,13 @@ from typing import Any
 import click
 
 from ..directions import library_versions
-from ..io_utils import atomic_write_bytes, atomic_write_json, read_json
+from ..io_utils import (
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_tensors,
+    read_json,
+)
 
 __all__ = ["RunDir", "RunDirConflict"]
 
@@ -38,16 +44,20 @@ class RunDir:
         path: the folder (created if needed).
         command: the recipe's name.
         options: every option that decides the numbers (seed included).
+        free: options that may differ from a stored run's because no unit depends on them
+            (e.g. the designs ``guard crossval`` fits on stored states): the run resumes and
+            its config is rewritten.
     """
 
-    def __init__(self, path: str | os.PathLike, command: str, options: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike, command: str, options: dict[str, Any],
+                 free: Sequence[str] = ()) -> None:
         self.path = Path(path)
         self.config = {"command": command, "options": _plain(options), "versions": library_versions(),
                        "platform": platform.platform()}
         cfg = self.path / "config.json"
         if cfg.exists():
             old = read_json(cfg)
-            diffs = _differences(old, self.config)
+            diffs = _differences(old, self.config, set(free))
             if diffs:
                 raise RunDirConflict(
                     f"{self.path} holds a different run ({'; '.join(diffs[:3])}): "
@@ -66,6 +76,15 @@ class RunDir:
             return read_json(path)["value"]
         value = _plain(compute())
         atomic_write_json(path, {"value": value})
+        return value
+
+    def tensor_unit(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Like :meth:`unit` for a dict of tensors (e.g. hidden states), stored as safetensors."""
+        path = self.path / "units" / f"{_safe(name)}.safetensors"
+        if path.exists():
+            return load_tensors(path)
+        value = compute()
+        atomic_save_tensors(path, value)
         return value
 
     def has_unit(self, name: str) -> bool:
@@ -124,13 +143,13 @@ def _default(obj: Any) -> Any:
     return str(obj)
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def _differences(old: dict, new: dict, free: set[str] = frozenset()) -> list[str]:
     diffs = []
     if old.get("command") != new.get("command"):
         diffs.append(f"command {old.get('command')!r} vs {new.get('command')!r}")
     a, b = old.get("options", {}), new.get("options", {})
     for k in sorted(set(a) | set(b)):
-        if k in _VOLATILE:
+        if k in _VOLATILE or k in free:
             continue
         if a.get(k) != b.get(k):
             diffs.append(f"{k}: {a.get(k)!r} vs {b.get(k)!r}")
