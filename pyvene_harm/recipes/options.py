@@ -130,10 +130,8 @@ def model_num_states(spec: str) -> int | None:
     Lets recipes reject a bad --layers before loading a model; None when it cannot be told
     cheaply (e.g. a Hub id not cached while offline).
     """
-    if spec == "demo":
-        from ..models import DEMO
-
-        return DEMO.num_layers + 1 if hasattr(DEMO, "num_layers") else 25
+    if spec in ("demo", "demo-1.5b"):
+        return {"demo": 25, "demo-1.5b": 29}[spec]  # 24 and 28 decoder layers
     path = Path(spec)
     try:
         if path.is_dir() and (path / "config.json").is_file():
@@ -153,7 +151,7 @@ def model_num_states(spec: str) -> int | None:
 
 def check_model_spec(spec: str) -> None:
     """Reject specs that cannot name a model, before loading anything."""
-    if spec == "demo":
+    if spec in ("demo", "demo-1.5b"):
         return
     path = Path(spec)
     if path.exists():
