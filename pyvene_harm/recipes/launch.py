@@ -12,8 +12,12 @@ import contextlib
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from ..distributed import DataParallel
 
 __all__ = ["DATA_PARALLEL_COMMANDS", "check_data_parallel", "rank_session"]
 
@@ -53,14 +57,13 @@ def rank_session(timeout: float) -> Iterator[None]:
     from ..distributed import PeerFailure
 
     previous = signal.signal(signal.SIGTERM, _stop)
-    box: list = [None]
+    dp = None
     try:
-        with _joined(timeout, box):
+        with _joined(timeout) as dp:
             yield
     except (click.exceptions.Exit, click.Abort):
         raise
     except BaseException as err:
-        dp = box[0]
         main = dp is None or dp.main
         if isinstance(err, PeerFailure):
             if main:
@@ -68,7 +71,7 @@ def rank_session(timeout: float) -> Iterator[None]:
                     f"{err}. The job stopped on every rank; units finished before it are kept in the run "
                     "directory and the same command resumes from them") from None
             raise SystemExit(1) from None
-        if not main and not isinstance(err, click.UsageError) or isinstance(err, Stopped):
+        if (not main and not isinstance(err, click.UsageError)) or isinstance(err, Stopped):
             message = err.format_message() if isinstance(err, click.ClickException) else str(err)
             first = message.strip().splitlines()[0] if message.strip() else "no message"
             where = f"rank {dp.rank}/{dp.world_size}" if dp is not None else "rank ?"
@@ -83,7 +86,8 @@ def rank_session(timeout: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _joined(timeout: float, box: list) -> Iterator[None]:
+def _joined(timeout: float) -> Iterator[DataParallel | None]:
+    """Join the process group (a clear error if that fails), silence the ranks other than 0."""
     from ..distributed import data_parallel
 
     stack = contextlib.ExitStack()
@@ -92,11 +96,10 @@ def _joined(timeout: float, box: list) -> Iterator[None]:
     except Exception as err:
         raise click.ClickException(f"could not join the other ranks ({type(err).__name__}: {err}): check "
                                    "torchrun's --rdzv-endpoint / MASTER_ADDR and that every node started") from err
-    box[0] = dp
     with stack:
         if dp is not None and not dp.main:
             stack.enter_context(_silenced())
-        yield
+        yield dp
 
 
 @contextlib.contextmanager
