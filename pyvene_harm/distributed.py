@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import pickle
-import socket
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from .rank_failures import FailureBoard, PeerFailure
 
 __all__ = ["DataParallel", "PeerFailure", "active", "data_parallel", "device_for", "exchange_batches",
            "gather_rows", "is_main", "launched", "on_main"]
@@ -39,10 +38,6 @@ DEFAULT_TIMEOUT = 1800.0
 AUTO_REFUSED = ("--device auto (one model spread over several GPUs) cannot be combined with torchrun, "
                 "which runs one copy of the model per rank: launch a single process for a model too "
                 "large for one GPU, or pass --device cuda (each rank uses cuda:LOCAL_RANK)")
-
-
-class PeerFailure(RuntimeError):
-    """Another rank failed, was killed or stopped answering; the message names it and the cause."""
 
 
 def launched() -> bool:
@@ -80,7 +75,7 @@ class DataParallel:
     rank: int
     world_size: int
     timeout: float
-    session: int
+    board: FailureBoard = field(repr=False)
     _step: int = field(default=0, repr=False)
 
     @property
@@ -118,66 +113,10 @@ class DataParallel:
     def _collective(self, what: str, fn: Callable, *args: Any) -> None:
         self._step += 1
         try:
-            _store().set(self._key("step", self.rank), str(self._step))
+            self.board.reached(self._step)
             fn(*args)
         except Exception as err:  # gloo/nccl errors, timeouts, a vanished store
-            raise PeerFailure(self._diagnose(what, err)) from err
-
-    # --- failures -------------------------------------------------------------------
-
-    def _key(self, kind: str, rank: int) -> str:
-        return f"pyvene_harm/{self.session}/{kind}/{rank}"
-
-    def _register(self) -> None:
-        _store().set(self._key("proc", self.rank), json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-
-    def report_failure(self, err: BaseException) -> None:
-        """Leave this rank's cause in the store, where the peers that notice the failure read it."""
-        cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else 'no message'}"
-        with contextlib.suppress(Exception):
-            _store().set(self._key("failed", self.rank), cause[:500])
-
-    def _diagnose(self, what: str, err: Exception) -> str:
-        peers = [r for r in range(self.world_size) if r != self.rank]
-        deadline = time.monotonic() + 2.0  # a failing peer writes its cause before it exits
-        while True:
-            causes = {r: _get(self._key("failed", r)) for r in peers}
-            found = [f"rank {r} failed: {c}" for r, c in causes.items() if c]
-            if found:
-                return "; ".join(found)
-            dead = [r for r in peers if self._process_gone(r)]
-            if dead or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        if dead:
-            return "; ".join(f"rank {r} ended without an error message while {what}: it was killed (a signal, "
-                             "or the out-of-memory killer) or crashed" for r in dead)
-        steps = {r: _get(self._key("step", r)) for r in peers}
-        behind = [r for r, s in steps.items() if s is not None and int(s) < self._step]
-        if behind:
-            return "; ".join(f"rank {r} did not reach step {self._step} ({what}) within {self.timeout:g} s: it "
-                             "is stuck, or was killed on another machine" for r in behind)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"another rank stopped answering while {what} ({first}): see its own message above"
-
-    def _process_gone(self, rank: int) -> bool:
-        info = _get(self._key("proc", rank))
-        if info is None:
-            return False
-        proc = json.loads(info)
-        if proc["host"] != socket.gethostname():
-            return False
-        try:
-            with open(f"/proc/{proc['pid']}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has exited
-        except OSError:
-            try:
-                os.kill(proc["pid"], 0)
-            except ProcessLookupError:
-                return True
-            except OSError:
-                return False
-            return False
+            raise PeerFailure(self.board.diagnose(what, err, self._step)) from err
 
 
 _ACTIVE: DataParallel | None = None
@@ -192,20 +131,6 @@ def active() -> DataParallel | None:
 def is_main() -> bool:
     """True on rank 0, and in a single process: the one that writes files and prints."""
     return _ACTIVE is None or _ACTIVE.main
-
-
-def _store():
-    from torch.distributed import distributed_c10d
-
-    return distributed_c10d._get_default_store()
-
-
-def _get(key: str) -> str | None:
-    try:
-        store = _store()
-        return store.get(key).decode() if store.check([key]) else None
-    except Exception:  # the store went away with the rank that hosted it
-        return None
 
 
 @contextlib.contextmanager
@@ -242,8 +167,10 @@ def data_parallel(timeout: float = DEFAULT_TIMEOUT) -> Iterator[DataParallel | N
         # ending it here would race a peer already starting its next session: end it at exit
         atexit.register(_end_process_group)
     _SESSIONS += 1
-    dp = DataParallel(rank=dist.get_rank(), world_size=dist.get_world_size(), timeout=timeout, session=_SESSIONS)
-    dp._register()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    board = FailureBoard(session=_SESSIONS, rank=rank, world_size=world_size, timeout=timeout)
+    board.register()
+    dp = DataParallel(rank=rank, world_size=world_size, timeout=timeout, board=board)
     _ACTIVE = dp
     try:
         yield dp
@@ -251,7 +178,7 @@ def data_parallel(timeout: float = DEFAULT_TIMEOUT) -> Iterator[DataParallel | N
         global _FAILED
         _FAILED = True
         if not isinstance(err, PeerFailure):
-            dp.report_failure(err)
+            board.report(err)
         raise
     finally:
         _ACTIVE = None
