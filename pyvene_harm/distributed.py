@@ -140,7 +140,8 @@ def data_parallel(timeout: float = DEFAULT_TIMEOUT) -> Iterator[DataParallel | N
     Starts the process group if nobody has (gloo on CPU, gloo + nccl with CUDA, ``timeout``
     seconds for a silent peer) and keeps it for later sessions of the process (it ends at exit,
     unless a rank failed). Every rank must make the same library calls in the same order; a
-    rank that raises leaves its cause for the others.
+    rank that raises leaves its cause for the others. The session ends when every rank has
+    reached its end, so that what rank 0 wrote is complete when any rank moves on.
 
     Example (``torchrun --nproc-per-node 4 extract.py``):
         >>> with data_parallel():
@@ -173,7 +174,11 @@ def data_parallel(timeout: float = DEFAULT_TIMEOUT) -> Iterator[DataParallel | N
     dp = DataParallel(rank=rank, world_size=world_size, timeout=timeout, board=board)
     _ACTIVE = dp
     try:
+        # everyone has joined before anyone may leave (gloo ends a rank's join before its peers')
+        dp._collective("joining the other ranks", dist.barrier)
         yield dp
+        # and nobody leaves before rank 0 has written what the session produced
+        dp._collective("waiting for rank 0 to finish writing", dist.barrier)
     except BaseException as err:
         global _FAILED
         _FAILED = True
