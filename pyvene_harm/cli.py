@@ -21,6 +21,25 @@ def register(name: str, module: str, attr: str, help: str) -> None:
 
 
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        from .distributed import launched
+
+        if not launched():
+            return super().invoke(ctx)
+        # torchrun / accelerate launch: the whole command is one data-parallel session
+        from .recipes.launch import rank_session
+
+        with rank_session(ctx.params["dist_timeout"]):
+            return super().invoke(ctx)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name is not None:
+            from .recipes.launch import check_data_parallel
+
+            check_data_parallel(name, rest)
+        return name, cmd, rest
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
@@ -39,13 +58,19 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pyvene-harm")
-def main() -> None:
+@click.option("--dist-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+              envvar="PYVENE_HARM_DIST_TIMEOUT",
+              help="Under torchrun: seconds a rank waits for a silent peer before the job stops.")
+def main(dist_timeout: float) -> None:
     """Harmfulness and refusal directions of chat models, as pyvene interventions.
 
     \b
     Quick start (offline, built-in demo model):
       pyvene-harm demo
       pyvene-harm extract --model demo --harmful advbench.json --harmless alpaca.json -o runs/extract
+    \b
+    Data-parallel over 4 GPUs (or CPU processes), same results as one process:
+      torchrun --nproc-per-node 4 -m pyvene_harm extract -m demo --harmful ... -o runs/extract
     """
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .data import fingerprint
+from .distributed import active, exchange_batches
 from .positions import ChatFormatter, PromptBatch
 from .progress import progress_bar
 from .pyvene_support import HarmIntervenableModel, PoolCollector, decoder_layers, layers_path
@@ -333,6 +335,10 @@ def collect_states(
     batch on the bare decoder, stopping after the deepest state asked for, running no token
     after the last position read and, with ``share_prefix``, the template prefix that all
     prompts share (system prompt, user header) only once (:class:`SharedPrefix`).
+
+    Inside :func:`~pyvene_harm.distributed.data_parallel` each rank runs every
+    ``world_size``-th batch of the same batches and receives the others': every rank yields
+    the same states, in the same order, as one process.
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to collect from: pass at least one prompt")
@@ -354,14 +360,38 @@ def collect_states(
     token_lists = [formatter.tokenizer(formatter.render(p, wrapper=wrapper).text,
                                        add_special_tokens=False)["input_ids"] for p in prompts]
     order = _length_sorted(len(prompts), [len(t) for t in token_lists])
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    dp = active()
+    if dp is None:
+        yield from _run_batches(decoder, formatter, prompts, token_lists, batches, state_ids=state_ids,
+                                run_layers=run_layers, positions=positions, post_instruction=post_instruction,
+                                wrapper=wrapper, share_prefix=share_prefix, device=device, progress=progress)
+        return
+    # this rank's batches, then everyone's in order; the shared prefix still comes from all prompts
+    own = _run_batches(decoder, formatter, prompts, token_lists, dp.own(batches), state_ids=state_ids,
+                       run_layers=run_layers, positions=positions, post_instruction=post_instruction,
+                       wrapper=wrapper, share_prefix=share_prefix, device=device, progress=False)
+    key = fingerprint([*prompts, repr((state_ids, list(positions), post_instruction, wrapper, batch_size))])
+    with progress_bar(progress, total=len(prompts),
+                      description=progress if isinstance(progress, str) else "collecting") as advance:
+        for idx, by_pos in exchange_batches(own, batches, device=device, key=key):
+            yield idx, by_pos
+            advance(len(idx))
+
+
+def _run_batches(decoder: nn.Module, formatter: ChatFormatter, prompts: Sequence[str],
+                 token_lists: Sequence[Sequence[int]], batches: Sequence[list[int]], *,
+                 state_ids: list[int], run_layers: int, positions: Sequence[str], post_instruction: bool,
+                 wrapper: str | None, share_prefix: bool, device: torch.device,
+                 progress: bool | str) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """The forward passes of :func:`collect_states`, for the given batches of prompt indices."""
     with truncated_decoder(decoder, run_layers) as short:
         shared = SharedPrefix.build(short, token_lists, device) if share_prefix else None
         intervenable = HarmIntervenableModel(_representations(run_layers, state_ids), short)
         try:
             with progress_bar(progress, total=len(prompts),
                               description=progress if isinstance(progress, str) else "collecting") as advance:
-                for start in range(0, len(order), batch_size):
-                    idx = order[start:start + batch_size]
+                for idx in batches:
                     batch = formatter.encode([prompts[i] for i in idx], padding_side="left",
                                              post_instruction=post_instruction, wrapper=wrapper)
                     spans = [read_span(batch, p) for p in positions]

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from .data import fingerprint
+from .distributed import active, gather_rows
 from .positions import ChatFormatter, PromptBatch
 from .progress import progress_bar
 
@@ -53,11 +55,13 @@ def generate_replies(
     device = next(model.parameters()).device
     # batches of similar length waste less compute on padding
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    dp = active()  # data-parallel: this rank's share of the same batches, then everyone's replies
+    mine = batches if dp is None else dp.own(batches)
     replies: list[str] = [""] * len(prompts)
-    with progress_bar(progress, total=len(prompts),
+    with progress_bar(progress, total=sum(len(idx) for idx in mine),
                       description=progress if isinstance(progress, str) else "generating") as advance:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in mine:
             batch = formatter.encode([prompts[i] for i in idx], padding_side="left",
                                      post_instruction=post_instruction, wrapper=wrapper).to(device)
             out = _generate(model, batch, config, steer)
@@ -65,6 +69,9 @@ def generate_replies(
             for j, i in enumerate(idx):
                 replies[i] = tokenizer.decode(new[j], skip_special_tokens=True).strip()
             advance(len(idx))
+    if dp is not None:
+        replies = gather_rows({i: replies[i] for idx in mine for i in idx}, len(prompts),
+                              key=fingerprint([*prompts, repr((max_new_tokens, batch_size, post_instruction, wrapper))]))
     return replies
 
 

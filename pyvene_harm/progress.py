@@ -10,8 +10,11 @@ __all__ = ["progress_bar"]
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool | str, *, total: int, description: str = "working") -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a rich bar on stderr when ``enabled`` is truthy."""
-    if not enabled:
+    """Yield ``advance(n)``; shows a rich bar on stderr when ``enabled`` is truthy (on rank 0
+    only when data-parallel: the other ranks stay quiet)."""
+    from .distributed import is_main
+
+    if not enabled or not is_main():
         yield lambda n=1: None
         return
     from rich.console import Console

@@ -108,3 +108,12 @@ def test_run_all_quick_writes_summary(tmp_path, argv):
     assert summary["scripts"]["extraction"]["targets"]
     assert json.loads((tmp_path / "extraction.json").read_text())["benchmark"] == "extraction"
     assert "| extraction: means equal" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow  # three torchrun launches (about a minute of start-up on 2 cores)
+def test_distributed_quick(tmp_path):
+    r = _run_quick("distributed", tmp_path)
+    runs = r["results"]["runs"]
+    assert {run["ranks"] for run in runs.values()} == {1, 2}
+    assert all(run["timing"]["items_per_s"] > 0 for run in runs.values())
+    assert _target(r, "directions equal: 2 ranks vs 1")["met"] is True

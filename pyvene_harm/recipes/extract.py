@@ -51,8 +51,10 @@ def extract(mopts, out, seed, as_json, harmful, harmless, harmful_field, harmles
     from ..directions import DirectionSet
     from ..extract import extract_directions
 
-    if (run.path / "directions" / "directions.json").exists():
-        directions = DirectionSet.load(run.path / "directions")
+    stored = run.read(lambda path: DirectionSet.load(path / "directions")
+                      if (path / "directions" / "directions.json").exists() else None)
+    if stored is not None:
+        directions = stored
         results = _results(directions, None)
     else:
         loaded, fmt = load_for_recipe(mopts)
@@ -70,7 +72,8 @@ def extract(mopts, out, seed, as_json, harmful, harmless, harmful_field, harmles
                 rows.append({"set": name, "prompt": p, "group": ex.groups[name][i],
                              "reply": ex.replies.get(name, [""] * len(ps))[i]})
         run.write_csv("groups", rows)
-        directions.save(run.path / "directions")
+        if run.writes:
+            directions.save(run.path / "directions")
         results = _results(directions, ex.groups)
     run.write_csv("directions", directions.summary())
     run.save_figure(plot_directions(directions, title=directions.metadata.get("model_id", "")), "directions")

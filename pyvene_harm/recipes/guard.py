@@ -314,10 +314,11 @@ def _baseline_unit(g, lazy: Lazy, ps: PromptSet, max_new_tokens: int, batch_size
 
 
 def _generative(spec: str, mopts: ModelOptions):
+    from ..distributed import device_for
     from ..guard import GenerativeGuard
     from ..models import load_model
 
-    device, device_map = (None, "auto") if mopts.device == "auto" else (mopts.device, None)
+    device, device_map = (None, "auto") if mopts.device == "auto" else (device_for(mopts.device), None)
     lg = load_model(spec, dtype=mopts.dtype, device=device, device_map=device_map)
     return GenerativeGuard(lg.model, lg.tokenizer, batch_size=mopts.batch_size, progress=True)
 

@@ -32,6 +32,14 @@ class ModelOptions:
     batch_size: int
     system_prompt: str | None
 
+    def __post_init__(self) -> None:
+        from ..distributed import device_for
+
+        try:  # refuse e.g. --device auto under torchrun now, before anything is loaded
+            device_for(self.device)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--device") from None
+
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "dtype": self.dtype, "device": self.device,
                 "batch_size": self.batch_size, "system_prompt": self.system_prompt}
@@ -162,13 +170,12 @@ def check_model_spec(spec: str) -> None:
 
 def load_for_recipe(mopts: ModelOptions):
     """Load the model and its chat formatter (the slow step, after every check has passed)."""
+    from ..distributed import device_for
     from ..models import load_model
     from ..positions import ChatFormatter
 
-    device = mopts.device
-    device_map = None
-    if device == "auto":
-        device, device_map = None, "auto"
+    # under torchrun each rank loads its own copy on cuda:LOCAL_RANK (or the CPU)
+    device, device_map = (None, "auto") if mopts.device == "auto" else (device_for(mopts.device), None)
     loaded = load_model(mopts.model, dtype=mopts.dtype, device=device, device_map=device_map)
     return loaded, ChatFormatter(loaded.tokenizer, system_prompt=mopts.system_prompt)
 

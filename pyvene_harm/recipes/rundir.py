@@ -3,6 +3,9 @@
 A recipe opens a :class:`RunDir` with its full configuration. If the folder already holds a
 run with a different configuration, it refuses before any model is loaded; if it holds the
 same configuration, finished units are read back instead of recomputed (resume).
+
+Under a multi-rank launch only rank 0 touches the folder: it decides what is stored and
+shares that (and each unit's value) with the other ranks, so all ranks take the same path.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import click
 
 from ..directions import library_versions
+from ..distributed import is_main, on_main
 from ..io_utils import (
     atomic_save_tensors,
     atomic_write_bytes,
@@ -54,10 +58,14 @@ class RunDir:
         self.path = Path(path)
         self.config = {"command": command, "options": _plain(options), "versions": library_versions(),
                        "platform": platform.platform()}
+        self._free = set(free)
+        on_main(self._open)
+
+    def _open(self) -> None:
         cfg = self.path / "config.json"
         if cfg.exists():
             old = read_json(cfg)
-            diffs = _differences(old, self.config, set(free))
+            diffs = _differences(old, self.config, self._free)
             if diffs:
                 raise RunDirConflict(
                     f"{self.path} holds a different run ({'; '.join(diffs[:3])}): "
@@ -72,33 +80,52 @@ class RunDir:
     def unit(self, name: str, compute: Callable[[], Any]) -> Any:
         """Result of ``compute()``, stored as JSON under ``units/``; read back when present."""
         path = self.path / "units" / f"{_safe(name)}.json"
-        if path.exists():
-            return read_json(path)["value"]
+        stored = on_main(lambda: (True, read_json(path)["value"]) if path.exists() else (False, None))
+        if stored[0]:
+            return stored[1]
         value = _plain(compute())
-        atomic_write_json(path, {"value": value})
-        return value
+
+        def write() -> Any:
+            atomic_write_json(path, {"value": value})
+            return value
+
+        return on_main(write)  # every rank continues with what rank 0 stored
 
     def tensor_unit(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Like :meth:`unit` for a dict of tensors (e.g. hidden states), stored as safetensors."""
         path = self.path / "units" / f"{_safe(name)}.safetensors"
-        if path.exists():
-            return load_tensors(path)
+        stored = on_main(lambda: load_tensors(path) if path.exists() else None)
+        if stored is not None:
+            return stored
         value = compute()
-        atomic_save_tensors(path, value)
+        if self.writes:
+            atomic_save_tensors(path, value)
         return value
 
     def has_unit(self, name: str) -> bool:
-        return (self.path / "units" / f"{_safe(name)}.json").exists()
+        return on_main((self.path / "units" / f"{_safe(name)}.json").exists)
+
+    def read(self, load: Callable[[Path], Any]) -> Any:
+        """``load(folder)`` on rank 0 only, its result shared: e.g. a stored artifact, or None."""
+        return on_main(lambda: load(self.path))
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the folder (rank 0, or the only process)."""
+        return is_main()
 
     # --- outputs -------------------------------------------------------------------------
 
     def write_results(self, results: dict[str, Any]) -> Path:
         path = self.path / "results.json"
-        atomic_write_json(path, _plain(results))
+        if self.writes:
+            atomic_write_json(path, _plain(results))
         return path
 
     def write_csv(self, name: str, rows: Sequence[dict[str, Any]]) -> Path:
         path = self.path / f"{name}.csv"
+        if not self.writes:
+            return path
         buf = io.StringIO()
         fields: list[str] = []
         for row in rows:
@@ -114,10 +141,13 @@ class RunDir:
         """Save a matplotlib figure as PNG (atomically) and close it."""
         import matplotlib.pyplot as plt
 
+        path = self.path / f"{name}.png"
+        if not self.writes:
+            plt.close(fig)
+            return path
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
-        path = self.path / f"{name}.png"
         atomic_write_bytes(path, buf.getvalue())
         return path
 
