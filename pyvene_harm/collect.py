@@ -350,9 +350,9 @@ def collect_states(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     run_layers = layers_to_run(n_layers, state_ids)
     device = next(decoder.parameters()).device
-    # tokenise everything once (cheap) so batches can be formed from similar lengths
-    token_lists = [formatter.tokenizer(formatter.render(p, wrapper=wrapper).text,
-                                       add_special_tokens=False)["input_ids"] for p in prompts]
+    # tokenise everything once, in one call, so batches can be formed from similar lengths
+    encoded = formatter.tokenize(prompts, post_instruction=post_instruction, wrapper=wrapper)
+    token_lists = [e.ids for e in encoded]
     order = _length_sorted(len(prompts), [len(t) for t in token_lists])
     with truncated_decoder(decoder, run_layers) as short:
         shared = SharedPrefix.build(short, token_lists, device) if share_prefix else None
@@ -362,8 +362,7 @@ def collect_states(
                               description=progress if isinstance(progress, str) else "collecting") as advance:
                 for start in range(0, len(order), batch_size):
                     idx = order[start:start + batch_size]
-                    batch = formatter.encode([prompts[i] for i in idx], padding_side="left",
-                                             post_instruction=post_instruction, wrapper=wrapper)
+                    batch = formatter.collate([encoded[i] for i in idx], padding_side="left")
                     spans = [read_span(batch, p) for p in positions]
                     locs = torch.stack([s for s, _ in spans] + [e for _, e in spans], dim=1)  # [b, 2P]
                     # causal attention: nothing after the last position read changes the states
