@@ -1,7 +1,10 @@
 """The guard as a server: requests/s and latency at concurrency 1, 8 and 32 vs in-process scoring.
 
 * ``in-process``: ``LatentGuard.decision_function`` on all prompts in one call (length-sorted
-  batches of ``--batch-size``): the throughput ceiling of the model on this machine.
+  batches of ``--batch-size``), from the main thread and from one long-lived worker thread (how
+  the server runs the model): the throughput ceiling of the model on this machine. Both are
+  measured because on an oversubscribed CPU torch's OpenMP threads waste far more time waiting
+  when the work comes from the main thread; the target is taken against the faster of the two.
 * ``server, concurrency c``: ``pyvene-harm serve`` in a child process on a localhost port, sent the
   same prompts as one-input ``POST /v1/moderations`` requests by ``c`` clients that each send
   their next request when the last one is answered (closed loop). The server scores concurrent
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=None, help="prompts per contender and repeat (default 128)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass, both sides")
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="the server's --max-wait-ms")
+    parser.add_argument("--max-wait-ms", type=float, default=250.0,
+                        help="the server's --max-wait-ms (a CPU batch takes seconds: wait for the burst)")
+    parser.add_argument("--max-gap-ms", type=float, default=50.0, help="the server's --max-gap-ms")
     parser.add_argument("--depth", type=float, default=2 / 3, help="fraction of the layers the guard reads")
     args = parser.parse_args(argv)
     s = C.resolve_settings(args, repeats=2)
@@ -108,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         server_args = ["--guard", str(Path(tmp) / "guard"), "-m", spec,
                        "--device", str(s.device), "--dtype", dtype, "--batch-size", str(args.batch_size),
                        "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                       "--max-gap-ms", str(args.max_gap_ms),
                        "--max-queue", "4096", "--log-level", "warning"]
         C.log(f"starting the server: pyvene-harm serve {' '.join(server_args)}")
         with ServerProcess(server_args, log=Path(tmp) / "server.log") as server:
@@ -118,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             def in_process() -> None:
                 scores["in_process"] = guard.decision_function(prompts) + guard.threshold_
 
+            def in_worker_thread() -> None:
+                scores["in_worker_thread"] = worker.submit(guard.decision_function, prompts).result() \
+                    + guard.threshold_
+
             def served(c: int):
                 def run() -> None:
                     before = health(server.url)
@@ -127,22 +138,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     batches[c][1] += after["prompts_scored"] - before["prompts_scored"]
                 return run
 
-            calls = {"in-process": (in_process, n), **{f"server c={c}": (served(c), n) for c in CONCURRENCY}}
+            calls = {"in-process": (in_process, n), "in-process thread": (in_worker_thread, n),
+                     **{f"server c={c}": (served(c), n) for c in CONCURRENCY}}
             warmups = {"in-process": lambda: guard.decision_function(warm),
+                       "in-process thread": lambda: worker.submit(guard.decision_function, warm).result(),
                        **{f"server c={c}": (lambda c=c: drive(server.url, warm, c, [])) for c in CONCURRENCY}}
-            timings = C.time_interleaved(calls, repeats=s.repeats, device=s.device, warmups=warmups)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="in-process-model") as worker:
+                timings = C.time_interleaved(calls, repeats=s.repeats, device=s.device, warmups=warmups)
             server_log = server.output(2000)
 
-    base = timings["in-process"]
+    main_thread, thread = timings["in-process"], timings["in-process thread"]
+    base = max(main_thread, thread, key=lambda t: t.per_second)
     want = np.asarray(scores["in_process"], dtype=np.float64)
+    thread_diff = float(np.abs(np.asarray(scores["in_worker_thread"]) - want).max())
     tol = 1e-4 if dtype == "float32" else 2e-2
-    worst, verdicts_equal = 0.0, True
+    worst, verdicts_equal = thread_diff, True
     for c in CONCURRENCY:
         got = np.array([r["delta_harmful"] for r in scores[c]])
         worst = max(worst, float(np.abs(got - want).max()))
         verdicts_equal &= [r["flagged"] for r in scores[c]] == (want > guard.threshold_).tolist()
     levels: dict[str, Any] = {}
-    rows = [["in-process decision_function", base.per_second, "-", "-", "-", 1.0]]
+    rows = [["in-process decision_function, main thread", main_thread.per_second, "-", "-", "-",
+             main_thread.per_second / base.per_second],
+            ["in-process decision_function, one worker thread", thread.per_second, "-", "-", "-",
+             thread.per_second / base.per_second]]
     for c in CONCURRENCY:
         t = timings[f"server c={c}"]
         p50, p99 = (float(x) * 1000 for x in np.percentile(latencies[c], [50, 99]))
@@ -154,14 +173,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows.append([f"server, concurrency {c}", t.per_second, p50, p99, mean_batch, t.per_second / base.per_second])
     C.print_table(f"serving the guard: {bm.name} ({s.device}), {n} prompts, forward batch {args.batch_size}, "
                   f"--max-batch {args.max_batch}",
-                  ["path", "prompts/s", "p50 ms", "p99 ms", "mean batch", "vs in-process"], rows)
+                  ["path", "prompts/s", "p50 ms", "p99 ms", "mean batch", "vs faster in-process"], rows)
     print(f"max |server - in-process| of Delta_harmful: {worst:.2e} (tolerance {tol:g}); "
           f"verdicts equal: {verdicts_equal}")
-    results = {"in_process": base.to_dict(), "concurrency": levels,
+    results = {"in_process": base.to_dict(), "in_process_main_thread": main_thread.to_dict(),
+               "in_process_worker_thread": thread.to_dict(),
+               "in_process_baseline": "worker thread" if base is thread else "main thread", "concurrency": levels,
                "c32_vs_in_process": levels["32"]["vs_in_process"], "max_abs_score_difference": worst,
                "score_tolerance": tol, "verdicts_equal": verdicts_equal}
     targets = [
-        C.check_target("server at concurrency 32 vs in-process decision_function, prompts/s ratio",
+        C.check_target("server at concurrency 32 vs the faster in-process decision_function, prompts/s ratio",
                        results["c32_vs_in_process"], 0.7),
         C.check_target("scores equal: server vs in-process (max abs diff)", worst, tol, "<="),
         C.check_target("verdicts equal: server vs in-process", float(verdicts_equal), 1.0),
@@ -170,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     payload = C.write_results(args.out, benchmark=NAME, settings=s, model=bm.describe(), results=results,
                               targets=targets, extra={"workload": {
                                   "prompts": n, "batch_size": args.batch_size, "max_batch": args.max_batch,
-                                  "max_wait_ms": args.max_wait_ms, "concurrency": list(CONCURRENCY),
+                                  "max_wait_ms": args.max_wait_ms, "max_gap_ms": args.max_gap_ms,
+                                  "concurrency": list(CONCURRENCY),
                                   "depth": args.depth, "train_prompts": len(train),
                                   "client": "httpx.AsyncClient, one-input POST /v1/moderations, closed loop"}})
     print(f"wrote {args.out}")

@@ -185,6 +185,16 @@ def test_chat_stream_is_the_same_reply_in_pieces(client, expected):
     assert refused[-1].choices[0].finish_reason == "content_filter"
 
 
+def test_chat_sampling_is_seeded(client, expected):
+    messages = [{"role": "user", "content": _pick(expected, False)}]
+    a, b, c = (client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=1.5,
+                                              top_p=0.9, seed=seed) for seed in (1, 1, 2))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    greedy = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8)
+    # a random tiny model has a flat next-token distribution: samples differ from the greedy reply
+    assert {a.choices[0].message.content, c.choices[0].message.content} != {greedy.choices[0].message.content}
+
+
 # --- bad input, over HTTP ----------------------------------------------------------------------
 
 USER = [{"role": "user", "content": "How do I bake bread?"}]
@@ -206,6 +216,9 @@ BAD = [
     ("/v1/chat/completions", {"model": NAME, "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "nope", "messages": USER}, 404, "does not exist"),
+    # a model name is a name, never something to load
+    ("/v1/chat/completions", {"model": "demo", "messages": USER}, 404, "does not exist"),
+    ("/v1/moderations", {"input": "hi", "model": "/etc/hostname"}, 404, "does not exist"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 5}]}, 400, "content"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("/v1/chat/completions", {"model": NAME, "messages": [*USER, {"role": "assistant", "content": "Sure."}, *USER]},
@@ -373,7 +386,7 @@ def test_worker_batches_and_isolates_a_bad_prompt():
 def test_worker_skips_cancelled_jobs_and_refuses_when_full():
     model, tok = make_model("qwen2"), make_tokenizer("qwen2.5")
     guard = LatentGuard(model, tok).fit(HARMFUL + HARMLESS, [1] * 4 + [0] * 4)
-    worker = GuardWorker(guard, model, tok, max_batch=8, max_wait_ms=200, max_queue=2)
+    worker = GuardWorker(guard, model, tok, max_batch=8, max_wait_ms=1000, max_queue=2)
     with pytest.raises(ApiError, match="not running"):
         worker.submit(object())
     worker.start()
@@ -381,7 +394,7 @@ def test_worker_skips_cancelled_jobs_and_refuses_when_full():
     async def run():
         kept = asyncio.ensure_future(worker.score([HARMLESS[0]]))
         dropped = asyncio.ensure_future(worker.score([HARMLESS[1]]))
-        await asyncio.sleep(0.02)  # both queued; the worker waits 200 ms for more
+        await asyncio.sleep(0.02)  # both queued; the worker waits a second for more
         with pytest.raises(ApiError, match="busy") as busy:
             await worker.score([HARMLESS[2]])
         dropped.cancel()
@@ -394,6 +407,27 @@ def test_worker_skips_cancelled_jobs_and_refuses_when_full():
     assert status == 429 and len(verdicts) == 1 and isinstance(dropped[0], asyncio.CancelledError)
     stats = worker.snapshot()
     assert stats["jobs_skipped"] == 1 and stats["prompts_scored"] == 1 and stats["outstanding"] == 0
+
+
+def test_worker_gap_rule_closes_a_batch_early():
+    model, tok = make_model("qwen2"), make_tokenizer("qwen2.5")
+    guard = LatentGuard(model, tok).fit(HARMFUL + HARMLESS, [1] * 4 + [0] * 4)
+
+    async def two_apart(worker: GuardWorker) -> None:
+        first = asyncio.ensure_future(worker.score([HARMLESS[0]]))
+        await asyncio.sleep(0.5)
+        await asyncio.gather(first, worker.score([HARMLESS[1]]))
+
+    batches = []
+    for gap in (50, None):  # a 50 ms gap ends the first batch; without one it waits 2 s for more
+        worker = GuardWorker(guard, model, tok, max_batch=2, max_wait_ms=2000, max_gap_ms=gap)
+        worker.start()
+        try:
+            asyncio.run(two_apart(worker))
+        finally:
+            worker.stop()
+        batches.append(worker.snapshot()["batches"])
+    assert batches == [2, 1]
 
 
 # --- the demo model ------------------------------------------------------------------------------

@@ -40,7 +40,11 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Most prompts scored together; concurrent requests are batched up to this many.")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="Longest wait for more requests once the first of a batch has arrived.")
+              help="Longest wait for more requests once the first of a batch has arrived. Where a batch takes "
+                   "seconds (a CPU), a longer wait gathers more of a burst; pair it with --max-gap-ms.")
+@click.option("--max-gap-ms", type=click.FloatRange(min=0), default=None,
+              help="Stop waiting sooner once no request has arrived for this long (default: wait the whole "
+                   "--max-wait-ms). Example: --max-wait-ms 250 --max-gap-ms 20 on a CPU.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Most requests waiting or running; more are answered 429 (busy).")
 @click.option("--max-inputs", type=click.IntRange(min=1), default=64, show_default=True,
@@ -56,7 +60,7 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (one line per request at info).")
 def serve(guard_path, model_args, directions_path, host, port, api_key, served_model_name, max_batch, max_wait_ms,
-          max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message, log_level):
+          max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message, log_level):
     """Serve the guard: POST /v1/moderations and guarded POST /v1/chat/completions (OpenAI shapes).
 
     \b
@@ -73,7 +77,8 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
     except ImportError as err:
         raise click.UsageError(f"{err}: pip install 'pyvene-harm[serve]'") from None
     try:
-        limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_inputs=max_inputs,
+        limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_gap_ms=max_gap_ms, max_queue=max_queue,
+                        max_inputs=max_inputs,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                         max_body_bytes=max_body_bytes)
     except ValueError as err:

@@ -51,6 +51,7 @@ class Limits:
     Args:
         max_batch: most prompts scored together (one ``guard.report`` call).
         max_wait_ms: longest wait for more requests once the first of a batch has arrived.
+        max_gap_ms: stop waiting sooner when no request has come for this long (None: no gap rule).
         max_queue: most requests waiting or running; more get 429.
         max_inputs: most strings in one moderation request.
         max_prompt_tokens: most tokens in one input or user message (system message included).
@@ -60,6 +61,7 @@ class Limits:
 
     max_batch: int = 32
     max_wait_ms: float = 10.0
+    max_gap_ms: float | None = None
     max_queue: int = 1024
     max_inputs: int = 64
     max_prompt_tokens: int = 4096
@@ -73,6 +75,8 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms}")
+        if self.max_gap_ms is not None and self.max_gap_ms < 0:
+            raise ValueError(f"max_gap_ms must be 0 or more, got {self.max_gap_ms}")
 
 
 def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steering: Any | None = None,
@@ -99,7 +103,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
     limits = limits or Limits()
     bound = copy.copy(guard).set_params(model=model, tokenizer=tokenizer, progress=False)
     worker = GuardWorker(bound, model, tokenizer, steering=steering, max_batch=limits.max_batch,
-                         max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue,
+                         max_wait_ms=limits.max_wait_ms, max_gap_ms=limits.max_gap_ms, max_queue=limits.max_queue,
                          refusal_message=refusal_message)
     # the event loop counts tokens with its own copy: a fast tokenizer must not be used by two
     # threads at once, and the worker thread uses the original

@@ -29,7 +29,8 @@ class ServerProcess:
     """``pyvene-harm serve ARGS`` on a free localhost port, as a context manager.
 
     Entering starts the server and waits until ``GET /health`` answers (loading a model takes a
-    while); leaving stops it. The server's output goes to ``log`` (a temp file by default).
+    while); leaving stops it. The server's output goes to ``log`` (by default a temp file,
+    removed on exit; :meth:`output` reads it).
 
     Args:
         args: ``serve`` options, e.g. ``["--guard", "runs/guard", "-m", "demo"]`` (not --host/--port).
@@ -44,8 +45,12 @@ class ServerProcess:
     def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None,
                  startup_timeout: float = 600.0, log: str | os.PathLike | None = None) -> None:
         self.args, self.env, self.startup_timeout = list(args), dict(env or {}), startup_timeout
-        self.log = Path(log) if log is not None else Path(tempfile.mkstemp(prefix="pyvene-harm-serve-",
-                                                                            suffix=".log")[1])
+        self._own_log = log is None  # a temp file of ours, removed on exit
+        if log is None:
+            fd, name = tempfile.mkstemp(prefix="pyvene-harm-serve-", suffix=".log")
+            os.close(fd)
+            log = name
+        self.log = Path(log)
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -72,8 +77,9 @@ class ServerProcess:
             if "address already in use" not in self.output().lower():
                 break
         code = self.proc.poll() if self.proc else None
-        self.stop()
-        raise RuntimeError(f"pyvene-harm serve did not start (exit code {code}); its output:\n{self.output()}")
+        output = self.output()
+        self.__exit__()
+        raise RuntimeError(f"pyvene-harm serve did not start (exit code {code}); its output:\n{output}")
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.startup_timeout
@@ -100,3 +106,5 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if self._own_log:
+            self.log.unlink(missing_ok=True)

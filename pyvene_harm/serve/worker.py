@@ -1,8 +1,9 @@
 """The one thread that runs the model: guard scoring in dynamic batches, then replies one at a time.
 
 Requests arrive on the event loop and become jobs on a queue. The worker takes the first job,
-keeps taking jobs until it holds ``max_batch`` prompts or ``max_wait_ms`` have passed since the
-first, and scores them all with one ``guard.report`` call (which splits them into forward passes
+keeps taking jobs until it holds ``max_batch`` prompts, ``max_wait_ms`` have passed since the
+first, or (with ``max_gap_ms``) no job has come for that long, and scores them all with one
+``guard.report`` call (which splits them into forward passes
 of ``guard.batch_size``). Moderation jobs are answered from that call. A chat job the guard
 calls harmful gets the refusal at once; one it lets through waits for its reply, decoded
 between scoring batches (scoring goes first, so moderation latency does not wait on replies being
@@ -137,21 +138,27 @@ class GuardWorker:
             ``ablate(model, directions, direction="refusal")``); None decodes plainly.
         max_batch: most prompts scored in one ``guard.report`` call.
         max_wait_ms: longest wait for more requests after the first of a batch arrives.
+        max_gap_ms: also stop waiting when no request has arrived for this long (None: wait
+            the whole ``max_wait_ms``). A long ``max_wait_ms`` with a short gap gathers a burst
+            of requests that trickles in, without making a lone request wait long.
         max_queue: most jobs waiting or running; more get 429 (server busy).
         refusal_message: the reply to prompts the guard calls harmful.
     """
 
     def __init__(self, guard: Any, model: Any, tokenizer: Any, *, steering: Any | None = None,
-                 max_batch: int = 32, max_wait_ms: float = 10.0, max_queue: int = 1024,
-                 refusal_message: str = DEFAULT_REFUSAL) -> None:
+                 max_batch: int = 32, max_wait_ms: float = 10.0, max_gap_ms: float | None = None,
+                 max_queue: int = 1024, refusal_message: str = DEFAULT_REFUSAL) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be 0 or more, got {max_wait_ms}")
+        if max_gap_ms is not None and max_gap_ms < 0:
+            raise ValueError(f"max_gap_ms must be 0 or more, got {max_gap_ms}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.guard, self.model, self.tokenizer, self.steering = guard, model, tokenizer, steering
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.max_gap = self.max_wait if max_gap_ms is None else min(self.max_wait, max_gap_ms / 1000.0)
         self.refusal_message = refusal_message
         self.categories = [str(c) for c in getattr(guard, "categories_", [])]
         self.stats = WorkerStats()
@@ -206,7 +213,8 @@ class GuardWorker:
         with self._lock:
             outstanding = self._outstanding
         return {**asdict(self.stats), "outstanding": outstanding, "max_batch": self.max_batch,
-                "max_wait_ms": self.max_wait * 1000.0, "max_queue": self.max_queue}
+                "max_wait_ms": self.max_wait * 1000.0, "max_gap_ms": self.max_gap * 1000.0,
+                "max_queue": self.max_queue}
 
     # --- the worker thread ---------------------------------------------------------------------
 
@@ -237,19 +245,22 @@ class GuardWorker:
             return None
 
     def _collect(self, *, block: bool) -> list[_Job] | None:
-        """One batch: the first job, then whatever arrives within ``max_wait`` up to ``max_batch``
-        prompts; [] when nothing is waiting (and ``block`` is False); None when stopping."""
+        """One batch: the first job, then whatever arrives within ``max_wait`` (and within
+        ``max_gap`` of the last arrival) up to ``max_batch`` prompts; [] when nothing is waiting
+        (and ``block`` is False); None when stopping."""
         first = self._take(None if block else 0)
         if first is None:
             return []
         if first is _STOP:
             return None
         jobs, n = [first], len(first.prompts)
-        deadline = time.monotonic() + self.max_wait
+        last = time.monotonic()
+        deadline = last + self.max_wait
         while n < self.max_batch:
-            job = self._take(max(0.0, deadline - time.monotonic()))
+            job = self._take(max(0.0, min(deadline, last + self.max_gap) - time.monotonic()))
             if job is None:
                 break
+            last = time.monotonic()
             if job is _STOP or n + len(job.prompts) > self.max_batch:
                 self._held = job  # next batch (or the stop, once this batch is done)
                 break
