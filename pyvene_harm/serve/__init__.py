@@ -14,17 +14,20 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the installed extras
     raise ImportError("pyvene_harm.serve needs FastAPI and uvicorn: pip install 'pyvene-harm[serve]'") from err
 
-from .app import Limits, create_app
+from .app import create_app
 from .decoding import Reply, generate_reply
 from .errors import ApiError
+from .jobs import ChatJob, Job, ScoreJob
+from .limits import Limits
 from .process import ServerProcess, free_port
 from .schemas import Verdict
-from .worker import ChatJob, GuardWorker, ScoreJob, WorkerStats
+from .worker import GuardWorker, WorkerStats
 
 __all__ = [
     "ApiError",
     "ChatJob",
     "GuardWorker",
+    "Job",
     "Limits",
     "Reply",
     "ScoreJob",

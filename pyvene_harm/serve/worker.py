@@ -30,88 +30,15 @@ from ..guard.guarded import DEFAULT_REFUSAL
 from ..positions import ChatFormatter
 from .decoding import Reply, generate_reply
 from .errors import ApiError, internal_error
+from .jobs import ChatJob, Job, ScoreJob
 from .schemas import Verdict
 
-__all__ = ["ChatJob", "GuardWorker", "ScoreJob", "WorkerStats"]
+__all__ = ["GuardWorker", "WorkerStats"]
 
 logger = logging.getLogger("pyvene_harm.serve")
 
 _STOP = object()
 _FORMATTERS_KEPT = 32  # distinct system prompts whose chat formatters (and template affixes) are cached
-
-
-def _set_result(fut: asyncio.Future, value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future, err: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(err)
-
-
-class _Job:
-    """Something for the worker to do, created on the event loop, finished from the worker."""
-
-    prompts: list[str]
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        """The client has gone: skip this job, or stop decoding its reply."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def _call(self, fn: Any, *args: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting
-            pass
-
-    def fail(self, err: ApiError) -> None:
-        raise NotImplementedError
-
-
-class ScoreJob(_Job):
-    """Score ``prompts``; ``future`` gets one :class:`Verdict` per prompt."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompts: list[str]) -> None:
-        super().__init__(loop)
-        self.prompts = list(prompts)
-        self.future: asyncio.Future = loop.create_future()
-
-    def finish(self, verdicts: list[Verdict]) -> None:
-        self._call(_set_result, self.future, verdicts)
-
-    def fail(self, err: ApiError) -> None:
-        self._call(_set_exception, self.future, err)
-
-
-class ChatJob(_Job):
-    """Guard one instruction, then refuse or reply; ``events`` receives, in order,
-    ``("verdict", Verdict)``, ``("text", str)`` pieces (when ``stream``) and ``("done", Reply)``,
-    or ``("error", ApiError)`` at any point."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, instruction: str, system_prompt: str | None,
-                 max_new_tokens: int, stream: bool = False, temperature: float | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> None:
-        super().__init__(loop)
-        self.prompts = [instruction]
-        self.instruction, self.system_prompt = instruction, system_prompt
-        self.max_new_tokens, self.stream = max_new_tokens, stream
-        self.temperature, self.top_p, self.seed = temperature, top_p, seed
-        self.events: asyncio.Queue = asyncio.Queue()
-
-    def emit(self, kind: str, value: Any) -> None:
-        self._call(self.events.put_nowait, (kind, value))
-
-    def fail(self, err: ApiError) -> None:
-        self.emit("error", err)
 
 
 @dataclass
@@ -186,7 +113,7 @@ class GuardWorker:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: Job) -> None:
         """Queue a job, or raise 503 (stopping) / 429 (``max_queue`` jobs already in hand)."""
         if self._stopped or self._thread is None or not self._thread.is_alive():
             raise ApiError(503, "the server is not running its model (starting or shutting down): retry later",
@@ -244,7 +171,7 @@ class GuardWorker:
         except queue.Empty:
             return None
 
-    def _collect(self, *, block: bool) -> list[_Job] | None:
+    def _collect(self, *, block: bool) -> list[Job] | None:
         """One batch: the first job, then whatever arrives within ``max_wait`` (and within
         ``max_gap`` of the last arrival) up to ``max_batch`` prompts; [] when nothing is waiting
         (and ``block`` is False); None when stopping."""
@@ -268,11 +195,11 @@ class GuardWorker:
             n += len(job.prompts)
         return jobs
 
-    def _finished(self, job: _Job) -> None:
+    def _finished(self, job: Job) -> None:
         with self._lock:
             self._outstanding -= 1
 
-    def _fail(self, job: _Job, exc: BaseException) -> None:
+    def _fail(self, job: Job, exc: BaseException) -> None:
         if isinstance(exc, ApiError):
             err = exc
         elif isinstance(exc, (ValueError, TypeError)):
@@ -284,7 +211,7 @@ class GuardWorker:
         job.fail(err)
         self._finished(job)
 
-    def _skip(self, job: _Job) -> None:
+    def _skip(self, job: Job) -> None:
         self.stats.jobs_skipped += 1
         job.fail(ApiError(400, "the client disconnected before its request ran", code="client_disconnected"))
         self._finished(job)
@@ -302,7 +229,7 @@ class GuardWorker:
             ))
         return out
 
-    def _score(self, jobs: list[_Job]) -> None:
+    def _score(self, jobs: list[Job]) -> None:
         live = []
         for job in jobs:
             (self._skip if job.cancelled else live.append)(job)
