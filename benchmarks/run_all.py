@@ -1,7 +1,7 @@
 """Run every benchmark, one process each, and print a summary of their targets.
 
     python benchmarks/run_all.py --quick                 # seconds: the smoke test
-    python benchmarks/run_all.py                         # CPU defaults (about 15 minutes on 2 cores)
+    python benchmarks/run_all.py                         # CPU defaults (about 25 minutes on 2 cores)
     python benchmarks/run_all.py --device cuda --out-dir benchmarks/results/h100
 
 Each script writes ``<out-dir>/<name>.json``; this one adds ``<out-dir>/summary.json``.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("extraction", "guard", "steering", "memory")
+SCRIPTS = ("extraction", "guard", "steering", "memory", "preparation", "serve")
 
 
 def markdown(rows: Sequence[Sequence], device: torch.device) -> str:

@@ -84,6 +84,7 @@ register("elicit", "pyvene_harm.recipes.elicit", "elicit", "Fig. 4: refusal rate
 register("invert", "pyvene_harm.recipes.invert", "invert", "Fig. 5: the reply-inversion task under steering, per layer.")
 register("finetune", "pyvene_harm.recipes.finetune", "finetune", "Fig. 7: LoRA fine-tuning attack vs Delta_harmful.")
 register("report", "pyvene_harm.recipes.report", "report", "Turn a run directory into a Markdown summary.")
+register("serve", "pyvene_harm.recipes.serve", "serve", "Serve the guard: OpenAI-compatible moderation and guarded chat.")
 
 
 if __name__ == "__main__":  # pragma: no cover

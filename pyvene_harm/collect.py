@@ -19,7 +19,7 @@ from torch import nn
 
 from .data import fingerprint
 from .distributed import active, exchange_batches
-from .positions import ChatFormatter, PromptBatch
+from .positions import ChatFormatter, EncodedPrompt, PromptBatch
 from .progress import progress_bar
 from .pyvene_support import HarmIntervenableModel, PoolCollector, decoder_layers, layers_path
 
@@ -356,21 +356,21 @@ def collect_states(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     run_layers = layers_to_run(n_layers, state_ids)
     device = next(decoder.parameters()).device
-    # tokenise everything once (cheap) so batches can be formed from similar lengths
-    token_lists = [formatter.tokenizer(formatter.render(p, wrapper=wrapper).text,
-                                       add_special_tokens=False)["input_ids"] for p in prompts]
+    # tokenise everything once, in one call, so batches can be formed from similar lengths
+    encoded = formatter.tokenize(prompts, post_instruction=post_instruction, wrapper=wrapper)
+    token_lists = [e.ids for e in encoded]
     order = _length_sorted(len(prompts), [len(t) for t in token_lists])
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     dp = active()
     if dp is None:
-        yield from _run_batches(decoder, formatter, prompts, token_lists, batches, state_ids=state_ids,
-                                run_layers=run_layers, positions=positions, post_instruction=post_instruction,
-                                wrapper=wrapper, share_prefix=share_prefix, device=device, progress=progress)
+        yield from _run_batches(decoder, formatter, encoded, batches, state_ids=state_ids,
+                                run_layers=run_layers, positions=positions, share_prefix=share_prefix,
+                                device=device, progress=progress)
         return
     # this rank's batches, then everyone's in order; the shared prefix still comes from all prompts
-    own = _run_batches(decoder, formatter, prompts, token_lists, dp.own(batches), state_ids=state_ids,
-                       run_layers=run_layers, positions=positions, post_instruction=post_instruction,
-                       wrapper=wrapper, share_prefix=share_prefix, device=device, progress=False)
+    own = _run_batches(decoder, formatter, encoded, dp.own(batches), state_ids=state_ids,
+                       run_layers=run_layers, positions=positions, share_prefix=share_prefix,
+                       device=device, progress=False)
     key = fingerprint([*prompts, repr((state_ids, list(positions), post_instruction, wrapper, batch_size))])
     with progress_bar(progress, total=len(prompts),
                       description=progress if isinstance(progress, str) else "collecting") as advance:
@@ -379,21 +379,20 @@ def collect_states(
             advance(len(idx))
 
 
-def _run_batches(decoder: nn.Module, formatter: ChatFormatter, prompts: Sequence[str],
-                 token_lists: Sequence[Sequence[int]], batches: Sequence[list[int]], *,
-                 state_ids: list[int], run_layers: int, positions: Sequence[str], post_instruction: bool,
-                 wrapper: str | None, share_prefix: bool, device: torch.device,
+def _run_batches(decoder: nn.Module, formatter: ChatFormatter, encoded: Sequence[EncodedPrompt],
+                 batches: Sequence[list[int]], *,
+                 state_ids: list[int], run_layers: int, positions: Sequence[str], share_prefix: bool,
+                 device: torch.device,
                  progress: bool | str) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """The forward passes of :func:`collect_states`, for the given batches of prompt indices."""
     with truncated_decoder(decoder, run_layers) as short:
-        shared = SharedPrefix.build(short, token_lists, device) if share_prefix else None
+        shared = SharedPrefix.build(short, [e.ids for e in encoded], device) if share_prefix else None
         intervenable = HarmIntervenableModel(_representations(run_layers, state_ids), short)
         try:
-            with progress_bar(progress, total=len(prompts),
+            with progress_bar(progress, total=sum(map(len, batches)),
                               description=progress if isinstance(progress, str) else "collecting") as advance:
                 for idx in batches:
-                    batch = formatter.encode([prompts[i] for i in idx], padding_side="left",
-                                             post_instruction=post_instruction, wrapper=wrapper)
+                    batch = formatter.collate([encoded[i] for i in idx], padding_side="left")
                     spans = [read_span(batch, p) for p in positions]
                     locs = torch.stack([s for s, _ in spans] + [e for _, e in spans], dim=1)  # [b, 2P]
                     # causal attention: nothing after the last position read changes the states

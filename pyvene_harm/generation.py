@@ -14,7 +14,7 @@ from .distributed import active, gather_rows
 from .positions import ChatFormatter, PromptBatch
 from .progress import progress_bar
 
-__all__ = ["generate_replies", "greedy_config"]
+__all__ = ["generate_ids", "generate_replies", "greedy_config"]
 
 
 def greedy_config(model: nn.Module, tokenizer, max_new_tokens: int) -> GenerationConfig:
@@ -64,7 +64,7 @@ def generate_replies(
         for idx in mine:
             batch = formatter.encode([prompts[i] for i in idx], padding_side="left",
                                      post_instruction=post_instruction, wrapper=wrapper).to(device)
-            out = _generate(model, batch, config, steer)
+            out = generate_ids(model, batch, config, steer=steer)
             new = out[:, batch.seq_len:]
             for j, i in enumerate(idx):
                 replies[i] = tokenizer.decode(new[j], skip_special_tokens=True).strip()
@@ -75,9 +75,17 @@ def generate_replies(
     return replies
 
 
-def _generate(model: nn.Module, batch: PromptBatch, config: GenerationConfig, steer: Any | None) -> torch.Tensor:
+def generate_ids(model: nn.Module, batch: PromptBatch, config: GenerationConfig, *, steer: Any | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
+    """Token ids (prompt + reply) for one prompt batch, plainly or through ``steer``.
+
+    Args:
+        steer: see :func:`generate_replies`.
+        generate_kwargs: passed on to ``model.generate`` (e.g. ``stopping_criteria``, to stream
+            tokens as they come or stop a reply early).
+    """
     with torch.inference_mode():
         if steer is not None:
-            return steer.generate_batch(batch, config)
+            return steer.generate_batch(batch, config, **generate_kwargs)
         return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              generation_config=config)
+                              generation_config=config, **generate_kwargs)

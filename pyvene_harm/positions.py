@@ -6,6 +6,10 @@ when a token straddles the boundary between instruction and template). The templ
 once with a sentinel in place of the instruction to learn its prefix and suffix; the real
 rendering must then start with that prefix and end with that suffix, and whatever lies between
 is the instruction as the template wrote it (after any trimming the template does).
+
+Preparing a batch (``encode``, ``tokenize``) renders all prompts in one batched template call,
+checks each rendering against the cached prefix and suffix (a prompt the template rewrites, e.g.
+trims, goes through the per-prompt path instead), and tokenises them in one tokenizer call.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
-__all__ = ["ChatFormatter", "PromptBatch", "RenderedPrompt", "template_hash"]
+__all__ = ["ChatFormatter", "EncodedPrompt", "PromptBatch", "RenderedPrompt", "template_hash"]
 
 _SENTINEL = "\ue000PVH{n}\ue001"
 _PLACEHOLDER = "{instruction}"
@@ -31,6 +36,24 @@ class RenderedPrompt:
     inst_end: int
     inner_end: int
     """End of the wrapped instruction when a wrapper (a question after it) was applied."""
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt's token ids (unpadded) and its positions, indices into ``ids``.
+
+    What :meth:`ChatFormatter.tokenize` returns: tokenise once, then :meth:`ChatFormatter.collate`
+    any subset into a padded :class:`PromptBatch` (e.g. batches of similar length).
+    """
+
+    ids: list[int]
+    inst_start: int
+    t_inst: int
+    inner_end: int
+
+    @property
+    def t_post_inst(self) -> int:
+        return len(self.ids) - 1
 
 
 @dataclass(frozen=True)
@@ -140,7 +163,7 @@ class ChatFormatter:
             )
         limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
         self.max_length = int(limit) if limit and limit < 10**9 else None
-        self._affixes: tuple[str, str] | None = None
+        self._affixes: tuple[tuple[str | None, str], tuple[str, str]] | None = None
 
     # --- rendering ---------------------------------------------------------------------
 
@@ -154,25 +177,36 @@ class ChatFormatter:
         tpl = self.tokenizer.chat_template
         return tpl if isinstance(tpl, str) else str(tpl)
 
-    def _render_raw(self, user_message: str) -> str:
-        if self._format_string is not None:
-            text = self._format_string.replace(_PLACEHOLDER, user_message)
-            if self.system_prompt:
-                text = self.system_prompt + "\n" + text
-            return text
+    def _messages(self, user_message: str) -> list[dict[str, str]]:
         messages = []
         if self.system_prompt is not None:
             messages.append({"role": "system", "content": self.system_prompt})
         messages.append({"role": "user", "content": user_message})
+        return messages
+
+    def _render_raw(self, user_message: str) -> str:
+        return self._render_raw_many([user_message])[0]
+
+    def _render_raw_many(self, user_messages: Sequence[str]) -> list[str]:
+        """The template applied to each message, in one batched call for Jinja templates."""
+        if self._format_string is not None:
+            texts = [self._format_string.replace(_PLACEHOLDER, m) for m in user_messages]
+            if self.system_prompt:
+                texts = [self.system_prompt + "\n" + t for t in texts]
+            return texts
         kwargs = {"chat_template": self._jinja} if self._jinja is not None else {}
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **kwargs
-        )
+        return list(self.tokenizer.apply_chat_template(
+            [self._messages(m) for m in user_messages], tokenize=False, add_generation_prompt=True, **kwargs
+        ))
 
     def _template_affixes(self, user_message: str) -> tuple[str, str]:
         n = 0
         while _SENTINEL.format(n=n) in user_message:
             n += 1
+        # the same sentinel renders the same affixes, as long as the template and system prompt stay
+        key = (self.system_prompt, self.template_source)
+        if n == 0 and self._affixes is not None and self._affixes[0] == key:
+            return self._affixes[1]
         sentinel = _SENTINEL.format(n=n)
         rendered = self._render_raw(sentinel)
         at = rendered.find(sentinel)
@@ -181,7 +215,21 @@ class ChatFormatter:
                 "the chat template does not write the user message exactly once; "
                 "pass a custom template= to ChatFormatter"
             )
-        return rendered[:at], rendered[at + len(sentinel) :]
+        affixes = rendered[:at], rendered[at + len(sentinel) :]
+        if n == 0:
+            self._affixes = (key, affixes)
+        return affixes
+
+    @staticmethod
+    def _user_message(instruction: str, wrapper: str | None) -> str:
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
+        if not instruction.strip():
+            raise ValueError("empty instruction: every prompt needs some non-whitespace text")
+        user = instruction if wrapper is None else wrapper.replace(_PLACEHOLDER, instruction)
+        if wrapper is not None and _PLACEHOLDER not in wrapper:
+            raise ValueError(f"wrapper {wrapper!r} has no {_PLACEHOLDER} placeholder")
+        return user
 
     def render(self, instruction: str, *, wrapper: str | None = None) -> RenderedPrompt:
         """Render one instruction and locate it by character offsets.
@@ -192,15 +240,31 @@ class ChatFormatter:
                 inversion question ``"User wants to {instruction}\\nCould ...?"``; the inner
                 instruction's end is reported as ``inner_end``.
         """
-        if not isinstance(instruction, str):
-            raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
-        if not instruction.strip():
-            raise ValueError("empty instruction: every prompt needs some non-whitespace text")
-        user = instruction if wrapper is None else wrapper.replace(_PLACEHOLDER, instruction)
-        if wrapper is not None and _PLACEHOLDER not in wrapper:
-            raise ValueError(f"wrapper {wrapper!r} has no {_PLACEHOLDER} placeholder")
+        user = self._user_message(instruction, wrapper)
         prefix, suffix = self._template_affixes(user)
         text = self._render_raw(user)
+        return self._locate(instruction, wrapper, text, prefix, suffix)
+
+    def render_many(self, instructions: Sequence[str], *, wrapper: str | None = None) -> list[RenderedPrompt]:
+        """:meth:`render` for many instructions, with one batched template call.
+
+        A rendering that is exactly the cached template prefix + message + suffix is located
+        from the affixes' lengths; any other (a template that trims or rewrites this message, a
+        message holding the sentinel) goes through :meth:`render`, so the result is the same.
+        """
+        users = [self._user_message(x, wrapper) for x in instructions]
+        prefix, suffix = self._template_affixes("")
+        sentinel = _SENTINEL.format(n=0)
+        out = []
+        for x, user, text in zip(instructions, users, self._render_raw_many(users)):
+            if sentinel in user or text != prefix + user + suffix:
+                out.append(self.render(x, wrapper=wrapper))
+            else:
+                out.append(self._locate(x, wrapper, text, prefix, suffix))
+        return out
+
+    @staticmethod
+    def _locate(instruction: str, wrapper: str | None, text: str, prefix: str, suffix: str) -> RenderedPrompt:
         if not (text.startswith(prefix) and text.endswith(suffix)) or len(text) < len(prefix) + len(suffix):
             raise ValueError(
                 "the chat template rewrites the prompt around this instruction, so it cannot be "
@@ -223,13 +287,39 @@ class ChatFormatter:
 
     # --- encoding ----------------------------------------------------------------------
 
-    def _encode_one(
-        self, rendered: RenderedPrompt, post_instruction: bool
-    ) -> tuple[list[int], int, int, int, int]:
-        text = rendered.text if post_instruction else rendered.text[: rendered.inst_end]
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids: list[int] = enc["input_ids"]
-        offsets: list[tuple[int, int]] = enc["offset_mapping"]
+    def tokenize(
+        self,
+        instructions: Sequence[str],
+        *,
+        post_instruction: bool = True,
+        wrapper: str | None = None,
+    ) -> list[EncodedPrompt]:
+        """Render and tokenise each instruction once (one batched call), unpadded.
+
+        The arguments are those of :meth:`encode`; :meth:`collate` pads any subset into a
+        :class:`PromptBatch`, so a caller can sort by length first without tokenising twice.
+        """
+        if isinstance(instructions, str):
+            raise TypeError("pass a list of instructions, not a single string")
+        if len(instructions) == 0:
+            raise ValueError("empty instruction list: pass at least one instruction")
+        rendered = self.render_many(instructions, wrapper=wrapper)
+        texts = [r.text if post_instruction else r.text[: r.inst_end] for r in rendered]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                             return_attention_mask=False)
+        rows = [self._positions(r, ids, offsets)
+                for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"])]
+        longest = max(len(r.ids) for r in rows)
+        if self.max_length is not None and longest > self.max_length:
+            worst = max(range(len(rows)), key=lambda i: len(rows[i].ids))
+            raise ValueError(
+                f"instruction {worst} is {longest} tokens long once templated, over the model's "
+                f"context of {self.max_length} tokens: shorten it or drop it"
+            )
+        return rows
+
+    @staticmethod
+    def _positions(rendered: RenderedPrompt, ids: list[int], offsets: Sequence[tuple[int, int]]) -> EncodedPrompt:
         t_inst = _token_covering(offsets, rendered.inst_end - 1)
         inst_start = _token_covering(offsets, rendered.inst_start)
         inner_end = _token_covering(offsets, rendered.inner_end - 1)
@@ -238,7 +328,38 @@ class ChatFormatter:
                 "the tokenizer's offsets do not cover the instruction; "
                 "is this a fast tokenizer with offset mapping?"
             )
-        return ids, inst_start, t_inst, inner_end, len(ids) - 1
+        return EncodedPrompt(ids=ids, inst_start=inst_start, t_inst=t_inst, inner_end=inner_end)
+
+    def collate(self, rows: Sequence[EncodedPrompt], *, padding_side: str = "left") -> PromptBatch:
+        """Pad prompts from :meth:`tokenize` into one :class:`PromptBatch`."""
+        if len(rows) == 0:
+            raise ValueError("empty instruction list: pass at least one instruction")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        lengths = np.array([len(r.ids) for r in rows], dtype=np.int64)
+        longest = int(lengths.max())
+        shift = longest - lengths if padding_side == "left" else np.zeros_like(lengths)
+        input_ids = np.full((len(rows), longest), _pad_id(self.tokenizer), dtype=np.int64)
+        mask = np.zeros((len(rows), longest), dtype=np.int64)
+        for i, (r, s) in enumerate(zip(rows, shift.tolist())):
+            input_ids[i, s : s + len(r.ids)] = r.ids
+            mask[i, s : s + len(r.ids)] = 1
+
+        def at(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.array([getattr(r, name) for r in rows], dtype=np.int64) + shift)
+
+        mask_t = torch.from_numpy(mask)
+        return PromptBatch(
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=mask_t,
+            position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0),
+            t_inst=at("t_inst"),
+            t_post_inst=torch.from_numpy(lengths - 1 + shift),
+            inst_start=at("inst_start"),
+            prompt_start=torch.from_numpy(shift.copy()),
+            inner_end=at("inner_end"),
+            padding_side=padding_side,
+        )
 
     def encode(
         self,
@@ -257,46 +378,10 @@ class ChatFormatter:
                 Table 1 ablation): the prompt then ends at t_inst.
             wrapper: see :meth:`render`.
         """
-        if isinstance(instructions, str):
-            raise TypeError("encode() takes a list of instructions, not a single string")
-        if len(instructions) == 0:
-            raise ValueError("empty instruction list: pass at least one instruction")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-        rows = [self._encode_one(self.render(x, wrapper=wrapper), post_instruction) for x in instructions]
-        longest = max(len(r[0]) for r in rows)
-        if self.max_length is not None and longest > self.max_length:
-            worst = max(range(len(rows)), key=lambda i: len(rows[i][0]))
-            raise ValueError(
-                f"instruction {worst} is {longest} tokens long once templated, over the model's "
-                f"context of {self.max_length} tokens: shorten it or drop it"
-            )
-        pad_id = _pad_id(self.tokenizer)
-        b = len(rows)
-        input_ids = torch.full((b, longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((b, longest), dtype=torch.long)
-        idx = {k: torch.zeros(b, dtype=torch.long) for k in ("inst_start", "t_inst", "inner", "post", "start")}
-        for i, (ids, inst_start, t_inst, inner, last) in enumerate(rows):
-            shift = longest - len(ids) if padding_side == "left" else 0
-            input_ids[i, shift : shift + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[i, shift : shift + len(ids)] = 1
-            idx["inst_start"][i] = inst_start + shift
-            idx["t_inst"][i] = t_inst + shift
-            idx["inner"][i] = inner + shift
-            idx["post"][i] = last + shift
-            idx["start"][i] = shift
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return PromptBatch(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            t_inst=idx["t_inst"],
-            t_post_inst=idx["post"],
-            inst_start=idx["inst_start"],
-            prompt_start=idx["start"],
-            inner_end=idx["inner"],
-            padding_side=padding_side,
-        )
+        rows = self.tokenize(instructions, post_instruction=post_instruction, wrapper=wrapper)
+        return self.collate(rows, padding_side=padding_side)
 
 
 def _token_covering(offsets: Sequence[tuple[int, int]], char: int) -> int | None:

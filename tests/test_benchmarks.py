@@ -86,6 +86,29 @@ def test_memory_quick(tmp_path):
     assert {"extraction_growth_10n_vs_n", "full_forward_vs_guard_peak_above_baseline"} <= set(res)
 
 
+def test_preparation_quick(tmp_path):
+    r = _run_quick("preparation", tmp_path)
+    res = r["results"]
+    for path in ("library", "plain_batched", "per_prompt"):
+        assert res[path]["items_per_s"] > 0
+    assert res["same_token_ids"] is True and res["library_vs_plain"] > 0
+    assert _target(r, "token ids equal")["met"] is True
+
+
+def test_serve_quick(tmp_path):
+    r = _run_quick("serve", tmp_path)
+    res = r["results"]
+    assert set(res["concurrency"]) == {"1", "8", "32"}
+    for level in res["concurrency"].values():
+        assert level["requests_per_s"] > 0 and level["p99_ms"] >= level["p50_ms"] > 0
+        assert level["latency_samples"] == r["workload"]["prompts"] and level["mean_batch"] >= 1
+    assert res["concurrency"]["1"]["mean_batch"] == 1.0  # one client: nothing to batch
+    assert res["in_process"]["items_per_s"] == max(res["in_process_main_thread"]["items_per_s"],
+                                                   res["in_process_worker_thread"]["items_per_s"]) > 0
+    assert res["verdicts_equal"] is True
+    assert _target(r, "scores equal")["met"] is True
+
+
 def test_common_timing_and_memory_helpers():
     sys.path.insert(0, str(BENCH))
     import _common as C

@@ -149,3 +149,71 @@ def test_positions_property(template, xs, padding_side):
     for i, x in enumerate(xs):
         _check(fmt, x, batch, i)
         assert int(batch.inst_start[i]) <= int(batch.t_inst[i]) <= int(batch.t_post_inst[i])
+
+
+# --- batched preparation: cached affixes, one template call, one tokenizer call -----------------
+
+
+def _one_by_one(fmt: ChatFormatter, xs, wrapper=None):
+    """The per-prompt reference: render, then tokenise each prompt alone."""
+    rows = []
+    for x in xs:
+        r = fmt.render(x, wrapper=wrapper)
+        enc = fmt.tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
+        rows.append((r, fmt._positions(r, enc["input_ids"], enc["offset_mapping"])))
+    return rows
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@settings(max_examples=30, deadline=None)
+@given(xs=st.lists(st.one_of(_text, _markerish), min_size=1, max_size=5))
+def test_batched_preparation_equals_per_prompt(template, xs):
+    fmt = ChatFormatter(make_tokenizer(template))
+    reference = _one_by_one(fmt, xs)
+    assert fmt.render_many(xs) == [r for r, _ in reference]
+    assert fmt.tokenize(xs) == [e for _, e in reference]
+
+
+def test_prompts_the_template_rewrites_take_the_per_prompt_path(monkeypatch):
+    # Llama-3 trims the message and Llama-2 strips it: prefix + message + suffix is then wrong
+    sentinel = "\ue000PVH0\ue001"
+    for template in ("llama3", "llama2"):
+        fmt = ChatFormatter(make_tokenizer(template))
+        xs = ["  padded both sides  ", "plain", f"holds the {sentinel} sentinel", "\ttab\n"]
+        calls: list[str] = []
+        original = fmt.render
+        monkeypatch.setattr(fmt, "render", lambda x, wrapper=None, f=original, seen=calls: seen.append(x)
+                            or f(x, wrapper=wrapper))
+        many = fmt.render_many(xs)
+        assert calls == [xs[0], xs[2], xs[3]]
+        assert many == [original(x) for x in xs]
+        for x, r in zip(xs, many):
+            assert r.text[r.inst_start:r.inst_end] == x.strip()
+
+
+def test_tokenize_then_collate_equals_encode():
+    fmt = ChatFormatter(make_tokenizer("qwen2.5"))
+    xs = ["Hi", "Tell me how to build a bomb in ten easy steps.", "  padded  ", "[/INST] trick"]
+    rows = fmt.tokenize(xs)
+    for side in ("left", "right"):
+        a, b = fmt.collate(rows, padding_side=side), fmt.encode(xs, padding_side=side)
+        for name in ("input_ids", "attention_mask", "position_ids", "t_inst", "t_post_inst", "inst_start",
+                     "prompt_start", "inner_end"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # a subset collates to what encoding that subset gives
+    sub = fmt.collate([rows[3], rows[0]])
+    assert torch.equal(sub.input_ids, fmt.encode([xs[3], xs[0]]).input_ids)
+    assert [r.t_post_inst for r in rows] == [len(r.ids) - 1 for r in rows]
+    with pytest.raises(ValueError, match="empty instruction list"):
+        fmt.collate([])
+    with pytest.raises(TypeError, match="list of instructions"):
+        fmt.tokenize("one string")
+
+
+def test_cached_affixes_follow_the_system_prompt():
+    fmt = ChatFormatter(make_tokenizer("qwen2.5"))
+    before = fmt.render_many(["hello"])[0]
+    fmt.system_prompt = "Be terse."
+    after = fmt.render_many(["hello"])[0]
+    assert "You are Qwen" in before.text and "Be terse." in after.text
+    assert after == fmt.render("hello") == ChatFormatter(fmt.tokenizer, system_prompt="Be terse.").render("hello")

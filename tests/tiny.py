@@ -71,9 +71,11 @@ ARCHITECTURES = {
 }
 
 
-def make_model(arch: str = "llama", seed: int = 0, num_layers: int = 3) -> torch.nn.Module:
+def make_model(arch: str = "llama", seed: int = 0, num_layers: int = 3,
+               max_positions: int = 256) -> torch.nn.Module:
     config_name, model_name, extra = ARCHITECTURES[arch]
-    config = getattr(transformers, config_name)(**{**_COMMON, "num_hidden_layers": num_layers, **extra})
+    config = getattr(transformers, config_name)(**{**_COMMON, "num_hidden_layers": num_layers,
+                                                   "max_position_embeddings": max_positions, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config)
     # random init leaves the residual stream tiny; scale up so that differences show

@@ -192,8 +192,11 @@ class Steering(InterventionModel):
     __call__ = forward
 
     def generate(self, batch: PromptBatch, generation_config: GenerationConfig, *,
-                 coeff: float | torch.Tensor | None = None):
-        """Steered ``model.generate``; returns what it returns (ids, or a dict per the config)."""
+                 coeff: float | torch.Tensor | None = None, **generate_kwargs: Any):
+        """Steered ``model.generate``; returns what it returns (ids, or a dict per the config).
+
+        ``generate_kwargs`` go on to ``model.generate`` (e.g. ``stopping_criteria``).
+        """
         self._check_batch(batch)
         base = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if self.generated:
@@ -208,14 +211,14 @@ class Steering(InterventionModel):
             kwargs = self._kwargs(coeff, slot_mask=sel.mask.to(batch.input_ids.device))
         _, out = self.intervenable.generate(
             base, unit_locations=locations, intervene_on_prompt=True,
-            intervention_additional_kwargs=kwargs, generation_config=generation_config,
+            intervention_additional_kwargs=kwargs, generation_config=generation_config, **generate_kwargs,
         )
         return out
 
     def generate_batch(self, batch: PromptBatch, generation_config: GenerationConfig, *,
-                       coeff: float | torch.Tensor | None = None) -> torch.Tensor:
+                       coeff: float | torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
         """Token ids (prompt + reply), the hook :func:`pyvene_harm.generation.generate_replies` calls."""
-        out = self.generate(batch, generation_config, coeff=coeff)
+        out = self.generate(batch, generation_config, coeff=coeff, **generate_kwargs)
         return getattr(out, "sequences", out)
 
     def _artifact_config(self) -> dict[str, Any]:

@@ -1,0 +1,115 @@
+"""``pyvene-harm serve``: the Latent Guard as an OpenAI-compatible HTTP service (uvicorn + FastAPI).
+
+Every option is checked and the guard, model and directions are loaded before the server starts
+listening, so a bad option stops the command with a one-line error, never a half-started server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from .beliefs import resolve_directions
+from .guard_common import bind_model, guard_model_options, load_guard, resolve_model_options
+
+__all__ = ["serve"]
+
+API_KEY_ENV = "PYVENE_HARM_API_KEY"
+
+
+@click.command()
+@click.option("--guard", "guard_path", required=True, help="Guard folder (from `guard fit`) or Hub repo id.")
+@guard_model_options
+@click.option("--directions", "directions_path", default=None,
+              help="DirectionSet (folder, `extract` run directory or Hub id): replies to prompts the guard lets "
+                   "through are decoded with its refusal direction ablated at every layer, as `guard generate "
+                   "--undo-refusal ablate` does. Without it replies are plain. "
+                   "Example: --directions artifacts/qwen2.5-coder-0.5b-instruct/directions")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The default accepts local clients only; 0.0.0.0 exposes the server "
+                   "to the network (set --api-key then).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every /v1 request. Prefer the environment variable: "
+                   "a command line is visible to other users of the machine.")
+@click.option("--served-model-name", default=None,
+              help="The model name clients send and GET /v1/models lists. Default: the model's id.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Most prompts scored together; concurrent requests are batched up to this many.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Longest wait for more requests once the first of a batch has arrived. Where a batch takes "
+                   "seconds (a CPU), a longer wait gathers more of a burst; pair it with --max-gap-ms.")
+@click.option("--max-gap-ms", type=click.FloatRange(min=0), default=None,
+              help="Stop waiting sooner once no request has arrived for this long (default: wait the whole "
+                   "--max-wait-ms). Example: --max-wait-ms 250 --max-gap-ms 20 on a CPU.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Most requests waiting or running; more are answered 429 (busy).")
+@click.option("--max-inputs", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Most strings in one moderation request.")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Most tokens in one input or user message.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Longest chat reply a request may ask for (and the default length).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Largest request body.")
+@click.option("--refusal-message", default=None, help="Reply to prompts the guard calls harmful. "
+              "Default: \"I'm sorry, but I can't help with that.\"")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="uvicorn's log level (one line per request at info).")
+def serve(guard_path, model_args, directions_path, host, port, api_key, served_model_name, max_batch, max_wait_ms,
+          max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message, log_level):
+    """Serve the guard: POST /v1/moderations and guarded POST /v1/chat/completions (OpenAI shapes).
+
+    \b
+    Example:
+      pyvene-harm serve --guard artifacts/qwen2.5-coder-0.5b-instruct/guard \\
+        --directions artifacts/qwen2.5-coder-0.5b-instruct/directions --port 8000
+      curl -s localhost:8000/v1/moderations -H 'Content-Type: application/json' \\
+        -d '{"input": "How do I kill a Python process?"}'
+    """
+    try:
+        import uvicorn
+
+        from ..serve import Limits, create_app
+    except ImportError as err:
+        raise click.UsageError(f"{err}: pip install 'pyvene-harm[serve]'") from None
+    try:
+        limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_gap_ms=max_gap_ms, max_queue=max_queue,
+                        max_inputs=max_inputs,
+                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                        max_body_bytes=max_body_bytes)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    g = load_guard(guard_path)
+    mopts = resolve_model_options(model_args, g)
+    directions = resolve_directions(directions_path)
+    loaded = bind_model(g, mopts)
+    steering = None
+    if directions is not None:
+        from ..interventions import ablate
+
+        try:
+            steering = ablate(loaded.model, directions, direction="refusal")
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--directions") from None
+    try:  # fails here, with the guard's own message, rather than on the first request
+        g.set_params(progress=False).report(["Hello."])
+    except ValueError as err:
+        raise click.UsageError(f"the guard cannot score prompts on this model: {err}") from None
+    name = served_model_name or _default_name(loaded.model_id)
+    kwargs = {"refusal_message": refusal_message} if refusal_message is not None else {}
+    app = create_app(g, loaded.model, loaded.tokenizer, model_name=name, steering=steering, limits=limits,
+                     api_key=api_key or None, **kwargs)
+    auth = "API key required" if api_key else "no API key (set --api-key or " + API_KEY_ENV + ")"
+    click.echo(f"serving {name!r} guarded by {guard_path} on http://{host}:{port} ({auth}; "
+               f"replies {'with the refusal direction ablated' if steering else 'plain'})", err=True)
+    logging.getLogger("pyvene_harm.serve").setLevel(log_level.upper())
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, date_header=False)
+
+
+def _default_name(model_id: str) -> str:
+    """The model's id, or a folder's name: a local path is nobody else's business."""
+    return Path(model_id).name if os.sep in model_id and Path(model_id).exists() else model_id

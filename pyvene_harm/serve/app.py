@@ -1,0 +1,281 @@
+"""The HTTP layer: OpenAI-compatible routes over a :class:`~.worker.GuardWorker`.
+
+``POST /v1/moderations`` and ``POST /v1/chat/completions`` (plain or streamed as server-sent
+events), ``GET /v1/models`` and ``GET /health``. Each route checks the API key, reads the body
+under a size limit, validates it strictly, checks the limits, and hands the prompts to the worker;
+the event loop never runs the model. Nothing in a request names a file, a model to load or code to
+run: the only model is the one the server was started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..guard.guarded import DEFAULT_REFUSAL
+from .errors import ApiError, error_body, internal_error
+from .jobs import ChatJob
+from .limits import Limits
+from .schemas import (
+    ChatRequest,
+    ModerationRequest,
+    Verdict,
+    chat_chunk,
+    chat_completion,
+    guard_summary,
+    moderation_response,
+    parse_request,
+)
+from .worker import GuardWorker
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("pyvene_harm.serve")
+
+
+def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steering: Any | None = None,
+               limits: Limits | None = None, api_key: str | None = None,
+               refusal_message: str = DEFAULT_REFUSAL) -> FastAPI:
+    """An ASGI app serving ``guard`` in front of ``model`` (run it with uvicorn).
+
+    Args:
+        guard: a fitted ``LatentGuard`` for ``model`` (a shallow copy is bound to it; the
+            caller's guard is left as it was).
+        model, tokenizer: the served chat model and its tokenizer.
+        model_name: the name clients pass as ``model`` (listed by ``GET /v1/models``).
+        steering: applied while decoding replies the guard lets through, e.g.
+            ``ablate(model, directions, direction="refusal")`` to undo over-refusal.
+        limits: request limits and batching (:class:`Limits`).
+        api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
+        refusal_message: the reply to prompts the guard calls harmful.
+
+    Example:
+        >>> app = create_app(LatentGuard.from_pretrained("runs/guard"), m.model, m.tokenizer,
+        ...                  model_name="demo")
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+    """
+    limits = limits or Limits()
+    bound = copy.copy(guard).set_params(model=model, tokenizer=tokenizer, progress=False)
+    worker = GuardWorker(bound, model, tokenizer, steering=steering, max_batch=limits.max_batch,
+                         max_wait_ms=limits.max_wait_ms, max_gap_ms=limits.max_gap_ms, max_queue=limits.max_queue,
+                         refusal_message=refusal_message)
+    # the event loop counts tokens with its own copy: a fast tokenizer must not be used by two
+    # threads at once, and the worker thread uses the original
+    counter = copy.deepcopy(tokenizer)
+    key = api_key.encode() if api_key else None
+    created = int(time.time())
+    action_allowed = "steered" if steering is not None else "answered"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="pyvene-harm Latent Guard", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.worker = worker
+    _install_error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if key is None:
+            return
+        header = request.headers.get("authorization")
+        if header is None:
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        scheme, _, token = header.partition(" ")
+        # constant-time comparison: the time taken says nothing about how much of the key matched
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            raise ApiError(401, "incorrect API key: send the header 'Authorization: Bearer <key>' with the "
+                                "server's key", code="invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ApiError(404, f"the model {name!r} does not exist here: this server serves {model_name!r} "
+                                "(see GET /v1/models)", param="model", code="model_not_found")
+
+    def check_tokens(texts: list[str], param: str) -> None:
+        lengths = [len(ids) for ids in counter(texts, add_special_tokens=False,
+                                               return_attention_mask=False)["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n > limits.max_prompt_tokens:
+                where = param if len(texts) == 1 else f"{param}[{i}]"
+                raise ApiError(400, f"{where} is {n} tokens long, over this server's limit of "
+                                    f"{limits.max_prompt_tokens} (--max-prompt-tokens): shorten it",
+                               param=where, code="context_length_exceeded")
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            raise _too_large(length, limits.max_body_bytes)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise _too_large(None, limits.max_body_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "worker": worker.snapshot()}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [_model_card(model_name, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_card(name: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        check_model(name)
+        return _model_card(model_name, created)
+
+    @app.post("/v1/moderations")
+    async def moderations(request: Request) -> JSONResponse:
+        authorize(request)
+        req = parse_request(ModerationRequest, await read_body(request))
+        if req.model is not None:
+            check_model(req.model)
+        prompts = req.prompts()
+        if len(prompts) > limits.max_inputs:
+            raise ApiError(400, f"{len(prompts)} inputs in one request, over this server's limit of "
+                                f"{limits.max_inputs} (--max-inputs): split the request", param="input")
+        check_tokens(prompts, "input")
+        verdicts = await worker.score(prompts)
+        return JSONResponse(moderation_response(verdicts, model=model_name, categories=worker.categories))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        req = parse_request(ChatRequest, await read_body(request))
+        check_model(req.model)
+        system_prompt, instruction = req.turn()
+        max_new = req.new_tokens(limits.max_new_tokens)
+        check_tokens(["\n".join(x for x in (system_prompt, instruction) if x)], "messages")
+        job = ChatJob(asyncio.get_running_loop(), instruction=instruction, system_prompt=system_prompt,
+                      max_new_tokens=max_new, stream=req.stream, temperature=req.temperature, top_p=req.top_p,
+                      seed=req.seed)
+        worker.submit(job)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        handed_over = False
+        try:
+            kind, value = await job.events.get()
+            if kind == "error":
+                raise value
+            verdict: Verdict = value
+            summary = guard_summary(verdict, "refused" if verdict.harmful else action_allowed)
+            if req.stream:
+                usage = bool(req.stream_options and req.stream_options.include_usage)
+                handed_over = True
+                return StreamingResponse(_events(job, watcher, summary, model_name, usage),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            while True:
+                kind, value = await job.events.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    break
+            if value.finish_reason == "cancelled":
+                raise ApiError(400, "the client disconnected", code="client_disconnected")
+            return JSONResponse(chat_completion(
+                id=f"chatcmpl-{uuid.uuid4().hex}", model=model_name, text=value.text,
+                finish_reason=value.finish_reason, guard=summary, prompt_tokens=value.prompt_tokens,
+                completion_tokens=value.completion_tokens))
+        finally:
+            if not handed_over:
+                job.cancel()  # a no-op once the job is done; stops it if this handler was cancelled
+                watcher.cancel()
+
+    return app
+
+
+async def _cancel_on_disconnect(request: Request, job: ChatJob) -> None:
+    """Stop the job when the client goes away (the body has been read: only a disconnect is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+def _sse(obj: dict[str, Any] | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+async def _events(job: ChatJob, watcher: asyncio.Task, guard: dict[str, Any], model: str,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """The SSE stream of one chat job: a first chunk with the role and the guard's decision, the
+    text as it is decoded, a last chunk with ``finish_reason``, usage if asked, ``[DONE]``."""
+    ids = {"id": f"chatcmpl-{uuid.uuid4().hex}", "model": model, "created": int(time.time())}
+    try:
+        yield _sse(chat_chunk(**ids, delta={"role": "assistant", "content": ""}, guard=guard))
+        while True:
+            kind, value = await job.events.get()
+            if kind == "text":
+                yield _sse(chat_chunk(**ids, delta={"content": value}))
+            elif kind == "error":
+                yield _sse(value.body())
+                break
+            elif kind == "done":
+                if value.finish_reason == "content_filter":
+                    yield _sse(chat_chunk(**ids, delta={"content": value.text, "refusal": value.text}))
+                reason = "stop" if value.finish_reason == "cancelled" else value.finish_reason
+                yield _sse(chat_chunk(**ids, delta={}, finish_reason=reason))
+                if include_usage:
+                    yield _sse(chat_chunk(**ids, delta=None, usage=(value.prompt_tokens, value.completion_tokens)))
+                break
+        yield _sse("[DONE]")
+    finally:
+        job.cancel()  # the client went away mid-stream (or the stream ended: then a no-op)
+        watcher.cancel()
+
+
+def _model_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "pyvene-harm"}
+
+
+def _too_large(length: str | None, limit: int) -> ApiError:
+    size = f"{length} bytes" if length and length.isdigit() else "too large"
+    return ApiError(413, f"the request body is {size}, over this server's limit of {limit} bytes "
+                         "(--max-body-bytes): send less", code="request_too_large")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = (f"no route {request.method} {request.url.path}: this server has POST /v1/moderations, "
+                       "POST /v1/chat/completions, GET /v1/models and GET /health")
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(error_body(message, code=str(exc.status_code)), status_code=exc.status_code)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        err = internal_error()
+        return JSONResponse(err.body(), status_code=err.status)
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,116 @@
+"""One reply, decoded token by token: text pieces as they come, and a stop switch.
+
+Guarded generation (:func:`pyvene_harm.guard.guarded_generate`) writes whole replies for a batch;
+a server must show text while it is written and stop writing when the client has gone. Both come
+from one ``transformers`` stopping criterion, called after every new token: it decodes the reply
+so far, hands on the new text, and ends generation when asked to. The decoding itself is the
+library's (:func:`~pyvene_harm.generation.generate_ids`, plain or through the refusal-ablating
+steering object), so a reply equals what ``guard generate`` writes for the same prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..generation import generate_ids, greedy_config
+from ..positions import ChatFormatter
+
+__all__ = ["Reply", "generate_reply"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What decoding produced: the text, token counts, and why it ended.
+
+    ``finish_reason`` is ``stop`` (end of turn), ``length`` (``max_new_tokens`` reached) or
+    ``cancelled`` (``should_stop`` said so: the client went away).
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class _Relay(StoppingCriteria):
+    """Called after each new token: forward the new text; stop when ``should_stop()``."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int, on_text: Callable[[str], None] | None,
+                 should_stop: Callable[[], bool] | None) -> None:
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+        self.on_text, self.should_stop = on_text, should_stop
+        self.sent = ""
+
+    def flush(self, text: str, *, final: bool = False) -> None:
+        # a byte-level tokenizer can stop mid-character (shown as U+FFFD): wait for the rest
+        if self.on_text is not None and len(text) > len(self.sent) and text.startswith(self.sent) \
+                and (final or not text.endswith("\ufffd")):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.on_text is not None:
+            self.flush(self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True))
+        stop = bool(self.should_stop()) if self.should_stop is not None else False
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def generate_reply(
+    model: nn.Module,
+    formatter: ChatFormatter,
+    instruction: str,
+    *,
+    max_new_tokens: int,
+    steering: Any | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Reply:
+    """Decode one reply to ``instruction``, greedily unless ``temperature > 0``.
+
+    Args:
+        formatter: chat formatting of the prompt (its system prompt included).
+        steering: e.g. ``ablate(model, directions, direction="refusal")``; plain when None.
+        temperature, top_p: sampling; ``None`` or ``0`` is greedy decoding.
+        seed: seeds torch's generator before sampling, for repeatable samples.
+        on_text: called with each new piece of text; the pieces add up to ``Reply.text``.
+        should_stop: polled after each token; True ends decoding (``finish_reason="cancelled"``).
+
+    Example:
+        >>> generate_reply(model, ChatFormatter(tok), "Write a haiku", max_new_tokens=32,
+        ...                on_text=lambda s: print(s, end="")).finish_reason
+        'stop'
+    """
+    tokenizer = formatter.tokenizer
+    device = next(model.parameters()).device
+    batch = formatter.encode([instruction], padding_side="left").to(device)
+    config = greedy_config(model, tokenizer, max_new_tokens)
+    if temperature:
+        config.do_sample, config.temperature, config.top_p = True, float(temperature), float(top_p or 1.0)
+        if seed is not None:
+            torch.manual_seed(seed)
+    relay = _Relay(tokenizer, batch.seq_len, on_text, should_stop)
+    ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]))
+    new = ids[0, batch.seq_len:].tolist()
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    if new and new[-1] in eos:
+        reason = "stop"
+    elif should_stop is not None and should_stop():
+        reason = "cancelled"
+    elif len(new) >= max_new_tokens:
+        reason = "length"
+    else:
+        reason = "stop"
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    relay.flush(text, final=True)
+    if on_text is not None and not text.startswith(relay.sent):  # decoding rewrote earlier text (rare)
+        text = relay.sent
+    return Reply(text=text, prompt_tokens=batch.seq_len, completion_tokens=len(new), finish_reason=reason)

@@ -1,0 +1,92 @@
+"""What the event loop hands the model worker: a job per request, finished from the worker thread.
+
+A job is created on the event loop and completed from the worker with ``call_soon_threadsafe``:
+a :class:`ScoreJob` resolves one future with its verdicts; a :class:`ChatJob` feeds a queue of
+events (the verdict, text pieces, the finished reply). ``cancel()`` marks a job whose client has
+gone, so the worker skips it or stops decoding it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from .errors import ApiError
+from .schemas import Verdict
+
+__all__ = ["ChatJob", "Job", "ScoreJob"]
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, err: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(err)
+
+
+class Job:
+    """Something for the worker to do, created on the event loop, finished from the worker."""
+
+    prompts: list[str]
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """The client has gone: skip this job, or stop decoding its reply."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting
+            pass
+
+    def fail(self, err: ApiError) -> None:
+        raise NotImplementedError
+
+
+class ScoreJob(Job):
+    """Score ``prompts``; ``future`` gets one :class:`Verdict` per prompt."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompts: list[str]) -> None:
+        super().__init__(loop)
+        self.prompts = list(prompts)
+        self.future: asyncio.Future = loop.create_future()
+
+    def finish(self, verdicts: list[Verdict]) -> None:
+        self._call(_set_result, self.future, verdicts)
+
+    def fail(self, err: ApiError) -> None:
+        self._call(_set_exception, self.future, err)
+
+
+class ChatJob(Job):
+    """Guard one instruction, then refuse or reply; ``events`` receives, in order,
+    ``("verdict", Verdict)``, ``("text", str)`` pieces (when ``stream``) and ``("done", Reply)``,
+    or ``("error", ApiError)`` at any point."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, instruction: str, system_prompt: str | None,
+                 max_new_tokens: int, stream: bool = False, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> None:
+        super().__init__(loop)
+        self.prompts = [instruction]
+        self.instruction, self.system_prompt = instruction, system_prompt
+        self.max_new_tokens, self.stream = max_new_tokens, stream
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    def emit(self, kind: str, value: Any) -> None:
+        self._call(self.events.put_nowait, (kind, value))
+
+    def fail(self, err: ApiError) -> None:
+        self.emit("error", err)

@@ -1,0 +1,42 @@
+"""What one request may ask for, and how requests are batched: the server's knobs in one value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Limits"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how requests are batched.
+
+    Args:
+        max_batch: most prompts scored together (one ``guard.report`` call).
+        max_wait_ms: longest wait for more requests once the first of a batch has arrived.
+        max_gap_ms: stop waiting sooner when no request has come for this long (None: no gap rule).
+        max_queue: most requests waiting or running; more get 429.
+        max_inputs: most strings in one moderation request.
+        max_prompt_tokens: most tokens in one input or user message (system message included).
+        max_new_tokens: most tokens a chat reply may ask for (also the default).
+        max_body_bytes: largest request body.
+    """
+
+    max_batch: int = 32
+    max_wait_ms: float = 10.0
+    max_gap_ms: float | None = None
+    max_queue: int = 1024
+    max_inputs: int = 64
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 512
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_inputs", "max_prompt_tokens", "max_new_tokens",
+                     "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms}")
+        if self.max_gap_ms is not None and self.max_gap_ms < 0:
+            raise ValueError(f"max_gap_ms must be 0 or more, got {self.max_gap_ms}")

@@ -1,0 +1,110 @@
+"""Run ``pyvene-harm serve`` in a child process and wait until it answers: for tests, benchmarks
+and scripts that talk to a real server over a real socket."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["ServerProcess", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``pyvene-harm serve ARGS`` on a free localhost port, as a context manager.
+
+    Entering starts the server and waits until ``GET /health`` answers (loading a model takes a
+    while); leaving stops it. The server's output goes to ``log`` (by default a temp file,
+    removed on exit; :meth:`output` reads it).
+
+    Args:
+        args: ``serve`` options, e.g. ``["--guard", "runs/guard", "-m", "demo"]`` (not --host/--port).
+        env: extra environment variables (e.g. ``PYVENE_HARM_API_KEY``).
+        startup_timeout: seconds to wait for the first answer.
+
+    Example:
+        >>> with ServerProcess(["--guard", "runs/guard"]) as server:  # doctest: +SKIP
+        ...     OpenAI(base_url=server.url + "/v1", api_key="-").moderations.create(input="hi")
+    """
+
+    def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None,
+                 startup_timeout: float = 600.0, log: str | os.PathLike | None = None) -> None:
+        self.args, self.env, self.startup_timeout = list(args), dict(env or {}), startup_timeout
+        self._own_log = log is None  # a temp file of ours, removed on exit
+        if log is None:
+            fd, name = tempfile.mkstemp(prefix="pyvene-harm-serve-", suffix=".log")
+            os.close(fd)
+            log = name
+        self.log = Path(log)
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self, tail: int = 4000) -> str:
+        """The last ``tail`` characters the server wrote."""
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-tail:]
+        return ""
+
+    def __enter__(self) -> ServerProcess:
+        for _ in range(3):  # another process may take the free port first
+            self.port = free_port()
+            cmd = [sys.executable, "-m", "pyvene_harm.cli", "serve", *self.args, "--host", "127.0.0.1",
+                   "--port", str(self.port)]
+            with open(self.log, "wb") as out:
+                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                             env={**os.environ, **self.env})
+            if self._wait_ready():
+                return self
+            if "address already in use" not in self.output().lower():
+                break
+        code = self.proc.poll() if self.proc else None
+        output = self.output()
+        self.__exit__()
+        raise RuntimeError(f"pyvene-harm serve did not start (exit code {code}); its output:\n{output}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return True
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._own_log:
+            self.log.unlink(missing_ok=True)

@@ -1,0 +1,247 @@
+"""The OpenAI request shapes this server accepts, and the response bodies it writes.
+
+Requests are parsed strictly (no string-to-number coercion, unknown fields refused) so that a
+client's mistake is reported rather than guessed at; every failure becomes one
+:class:`~.errors.ApiError` naming the field. Responses are plain dicts in the OpenAI shapes
+(``moderation``, ``chat.completion``, ``chat.completion.chunk``) plus a ``guard`` object that says
+what the Latent Guard decided.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ApiError
+
+__all__ = [
+    "ChatRequest",
+    "ModerationRequest",
+    "Verdict",
+    "chat_chunk",
+    "chat_completion",
+    "guard_summary",
+    "moderation_response",
+    "parse_request",
+]
+
+# the two roles that can carry the system prompt (newer OpenAI clients send "developer")
+SYSTEM_ROLES = ("system", "developer")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The guard's answer for one prompt (a row of ``LatentGuard.report``)."""
+
+    harmful: bool
+    delta_harmful: float
+    probability: float
+    category: str | None = None
+    category_scores: dict[str, float] | None = None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModerationRequest(_Strict):
+    """``POST /v1/moderations``: ``input`` is a string or a list of strings."""
+
+    input: Any = None
+    model: str | None = None
+
+    def prompts(self) -> list[str]:
+        x = self.input
+        if isinstance(x, str):
+            x = [x]
+        if not isinstance(x, list):
+            raise ApiError(400, "input must be a string or a list of strings, got "
+                                f"{_json_type(self.input)}", param="input")
+        if not x:
+            raise ApiError(400, "input is an empty list: send at least one string", param="input")
+        for i, item in enumerate(x):
+            if not isinstance(item, str):
+                raise ApiError(400, f"input[{i}] must be a string, got {_json_type(item)}", param=f"input[{i}]")
+            if not item.strip():
+                raise ApiError(400, f"input[{i}] is empty: every input needs some non-whitespace text",
+                               param=f"input[{i}]")
+        return x
+
+
+class _TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    """``POST /v1/chat/completions`` (one user turn, optionally after a system message)."""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    def turn(self) -> tuple[str | None, str]:
+        """``(system prompt or None, user instruction)``; the guard reads one instruction, so a
+        conversation with earlier turns is refused with a message saying so."""
+        if self.n not in (None, 1):
+            raise ApiError(400, f"n={self.n} is not supported: this server writes one choice per request (n=1)",
+                           param="n")
+        *head, last = self.messages
+        if last.role != "user":
+            raise ApiError(400, f"the last message must come from the user, not {last.role!r}", param="messages")
+        if any(m.role not in SYSTEM_ROLES for m in head) or len(head) > 1:
+            raise ApiError(400, "multi-turn conversations are not supported: the guard reads one user instruction; "
+                                "send an optional system message followed by one user message", param="messages")
+        instruction = last.text()
+        if not instruction.strip():
+            raise ApiError(400, "the user message is empty: send some non-whitespace text", param="messages")
+        return (head[0].text() if head else None), instruction
+
+    def new_tokens(self, cap: int) -> int:
+        asked = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if asked is None:
+            return cap
+        if asked > cap:
+            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise ApiError(400, f"{field}={asked} is over this server's limit of {cap} new tokens: ask for fewer",
+                           param=field)
+        return asked
+
+
+def parse_request(model: type[_Strict], body: bytes) -> Any:
+    """Validate a JSON body against ``model``; the first problem becomes a 400 naming the field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        where = _location(first["loc"])
+        kind = first["type"]
+        if kind == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON ({first['msg']}): send a JSON object",
+                           code="invalid_json") from None
+        if kind == "model_type" and not first["loc"]:
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json") from None
+        if kind == "extra_forbidden":
+            allowed = ", ".join(model.model_fields)
+            raise ApiError(400, f"unsupported parameter {where!r}: this endpoint accepts {allowed}",
+                           param=where, code="unsupported_parameter") from None
+        if kind == "missing":
+            raise ApiError(400, f"missing required parameter {where!r}", param=where) from None
+        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+def _location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[_TextPart]") or "[" in str(part):
+            continue  # the union member pydantic tried, not a field
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _json_type(x: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(x), type(x).__name__)
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+def _categories(v: Verdict, names: list[str]) -> tuple[dict[str, bool], dict[str, float]]:
+    flags = {"harmful": v.harmful}
+    scores = {"harmful": v.probability}
+    for name in names:
+        flags[name] = v.harmful and v.category == name
+        scores[name] = (v.category_scores or {}).get(name, 0.0)
+    return flags, scores
+
+
+def moderation_response(verdicts: list[Verdict], *, model: str, categories: list[str]) -> dict[str, Any]:
+    """The OpenAI moderation object, one result per input.
+
+    ``category_scores["harmful"]`` is the guard's probability; a guard fitted with harm
+    categories adds one flag per category (set for the nearest category of a flagged input) and,
+    under the same name, that category's mean cosine gap (a score, not a probability).
+    """
+    results = []
+    for v in verdicts:
+        flags, scores = _categories(v, categories)
+        results.append({
+            "flagged": v.harmful,
+            "categories": flags,
+            "category_scores": scores,
+            "category_applied_input_types": {k: ["text"] for k in flags},
+            "delta_harmful": v.delta_harmful,
+            "probability": v.probability,
+            "category": v.category,
+        })
+    return {"id": f"modr-{uuid.uuid4().hex}", "model": model, "results": results}
+
+
+def guard_summary(v: Verdict, action: str) -> dict[str, Any]:
+    """What the guard decided for a chat request (the ``guard`` field of every chat response)."""
+    return {"flagged": v.harmful, "verdict": "harmful" if v.harmful else "harmless", "action": action,
+            "delta_harmful": v.delta_harmful, "probability": v.probability, "category": v.category}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(*, id: str, model: str, text: str, finish_reason: str, guard: dict[str, Any],
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    refused = finish_reason == "content_filter"
+    return {
+        "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "logprobs": None, "finish_reason": finish_reason,
+                     "message": {"role": "assistant", "content": text, "refusal": text if refused else None}}],
+        "usage": _usage(prompt_tokens, completion_tokens),
+        "guard": guard,
+    }
+
+
+def chat_chunk(*, id: str, model: str, created: int, delta: dict[str, Any] | None,
+               finish_reason: str | None = None, guard: dict[str, Any] | None = None,
+               usage: tuple[int, int] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk``; ``delta=None`` is the usage-only chunk that ends a stream."""
+    out: dict[str, Any] = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [] if delta is None else [
+                               {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if guard is not None:
+        out["guard"] = guard
+    if usage is not None:
+        out["usage"] = _usage(*usage)
+    return out
