@@ -145,14 +145,16 @@ def _choose_c(z: np.ndarray, y: np.ndarray, Cs: tuple[float, ...], groups: np.nd
     """The ``C`` with the lowest mean held-out log-loss, folds by group when groups are given."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
-    from sklearn.model_selection import GroupKFold, StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     if groups is not None:
+        # a source holds one class: folds must mix harmful and harmless sources to score both
         groups = np.asarray(groups)
-        k = min(n_folds, len(np.unique(groups)))
+        k = min(n_folds, len(np.unique(groups[y])), len(np.unique(groups[~y])))
         if k < 2:
-            raise ValueError("choosing C by cross-validation needs at least two groups: pass C=... or more groups")
-        splits = list(GroupKFold(n_splits=k).split(z, y, groups))
+            raise ValueError("choosing C by cross-validation needs at least two groups of each class: pass C=... "
+                             "or more groups")
+        splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=0).split(z, y, groups))
     else:
         k = min(n_folds, int(y.sum()), int((~y).sum()))
         if k < 2:
