@@ -10,12 +10,16 @@ from click.testing import CliRunner
 
 from pyvene_harm.cli import main
 from pyvene_harm.guard.crossval import (
+    DESIGNS,
     GuardDesign,
     PromptSource,
     SourceStates,
+    best_design,
     cross_validate,
+    middle_states,
     overlapping,
     parse_design,
+    selected_rows,
 )
 
 from tiny import make_model, make_tokenizer
@@ -65,7 +69,11 @@ def test_crossval_end_to_end_and_resume(files, tmp_path, monkeypatch):
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["refusal_baseline_accuracy"] <= 1.0
         assert row["n_variants"] > 0 and 0.0 <= row["surface_flip_rate"] <= 1.0
     assert rows[("bombs", "lin")]["C"] == 1.0 and rows[("bombs", "paper")]["C"] is None
-    assert set(res["summary"]) == {"paper", "lin"}
+    assert set(res["summary"]) == {"paper", "lin", "selected"}
+    assert res["best_design"] in ("paper", "lin")
+    for source in ("bombs", "poison", "bread", "sea", "wrapped"):
+        pick = rows[(source, "selected")]["selected_design"]
+        assert rows[(source, "selected")]["accuracy"] == rows[(source, pick)]["accuracy"]
     for name in ("crossval.csv", "crossval.png", "results.json", "units/states_bread_pool.safetensors"):
         assert (out / name).exists(), name
     # adding a design to a finished run reuses every stored state: no model is loaded
@@ -74,7 +82,7 @@ def test_crossval_end_to_end_and_resume(files, tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "load_for_recipe", lambda m: pytest.fail("states were recomputed"))
     r = _run(args[:-3] + ["--design", "tinst:method=linear,reads=t_inst,layers=1-2,C=1", "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
-    assert {x["design"] for x in json.loads(r.stdout)["rows"]} == {"paper", "lin", "tinst"}
+    assert {x["design"] for x in json.loads(r.stdout)["rows"]} == {"paper", "lin", "tinst", "selected"}
 
 
 def test_bad_options_stop_before_loading(files, tmp_path):
@@ -125,3 +133,25 @@ def test_parse_design():
         parse_design("x:colour=red")
     with pytest.raises(ValueError, match="unknown read"):
         parse_design("x:reads=middle")
+
+
+def test_presets_parse_and_place_middle_layers_by_depth():
+    assert middle_states(25) == (8, 10, 12, 14, 16) and middle_states(29) == (10, 12, 14, 16, 18)
+    for name in DESIGNS:
+        d = parse_design(name, n_states=25)
+        assert d.name == name and (d.layers is None or set(d.layers) <= set(range(25)))
+    assert parse_design("linear-mean-aug", n_states=25).augment
+    with pytest.raises(ValueError, match="number of states"):
+        parse_design("linear-mean")
+
+
+def test_selection_never_looks_at_the_source_it_is_scored_on():
+    """b is perfect on s3, where a fails, and worst on s1. Choosing for s3 from s1 and s2 alone
+    must pick a (and report a's failure); choosing for s1 from s2 and s3 picks b."""
+    acc = {("s1", "a"): 0.9, ("s2", "a"): 0.9, ("s3", "a"): 0.5,
+           ("s1", "b"): 0.6, ("s2", "b"): 0.95, ("s3", "b"): 1.0}
+    rows = [{"source": s, "design": d, "accuracy": v} for (s, d), v in acc.items()]
+    picked = {r["source"]: (r["selected_design"], r["accuracy"]) for r in selected_rows(rows)}
+    assert picked == {"s1": ("b", 0.6), "s2": ("b", 0.95), "s3": ("a", 0.5)}
+    assert best_design(rows) == "b"  # worst source 0.6 against a's 0.5
+    assert best_design(rows, without="s3") == "a"

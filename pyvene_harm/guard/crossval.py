@@ -30,13 +30,16 @@ from .features import iter_prompt_states
 __all__ = [
     "DESIGNS",
     "CrossvalResult",
+    "best_design",
     "GuardDesign",
     "PromptSource",
     "SourceStates",
     "collect_source_states",
     "cross_validate",
+    "middle_states",
     "overlapping",
     "parse_design",
+    "selected_rows",
 ]
 
 
@@ -126,16 +129,42 @@ class GuardDesign:
         return d
 
 
-DESIGNS: dict[str, GuardDesign] = {d.name: d for d in (
-    GuardDesign("paper"),
-)}
-"""Named designs (``pyvene-harm guard crossval --design NAME``); see :func:`parse_design`."""
+DESIGNS: dict[str, str] = {
+    "paper": "method=paper,reads=t_inst",
+    "paper-mean": "method=paper,reads=mean_inst",
+    "linear-tinst-aug": "method=linear,reads=t_inst,layers=middle,augment=1",
+    "linear-mean": "method=linear,reads=mean_inst,layers=middle",
+    "linear-mean-aug": "method=linear,reads=mean_inst,layers=middle,augment=1",
+    "linear-last16-aug": "method=linear,reads=last:16,layers=middle,augment=1",
+    "linear-post1-aug": "method=linear,reads=post:1,layers=middle,augment=1",
+    "linear-mean-tpost-aug": "method=linear,reads=mean_inst+t_post_inst,layers=middle,augment=1",
+}
+"""Named designs (``--design NAME``), as the ``key=value`` specs :func:`parse_design` reads.
+
+``paper`` is the paper's guard (centroid gap at t_inst, every state); the others vary one thing
+at a time: where the states are read (the mean over the instruction's tokens, its last 16
+tokens, the first post-instruction token, t_post_inst beside the mean), a logistic read-out over
+the middle states instead of centroids, and fitting on surface variants (``-aug``).
+"""
+
+
+def middle_states(n_states: int) -> tuple[int, ...]:
+    """Every other state from a third to two thirds of the depth (``layers=middle``).
+
+    Harmfulness is linearly readable in the middle of the network; early states still mostly
+    encode the tokens themselves (surface form) and late ones the reply being prepared. For the
+    0.5B demo model (25 states): 8, 10, 12, 14, 16.
+    """
+    if n_states < 3:
+        raise ValueError(f"layers=middle needs a model with at least 3 states, got {n_states}")
+    lo, hi = round(n_states / 3), round(2 * n_states / 3)
+    return tuple(range(lo, max(hi, lo + 1), 2))
 
 
 def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
-    """A design from a preset name, or ``name:key=value,key=value`` (keys: method, reads (``+``
-    between reads), layers (``8-16`` or ``8+12+16``), augment, C, rank, train_on (``+`` between
-    source names), mine_negatives, balance_sources).
+    """A design from a preset name (:data:`DESIGNS`), or ``name:key=value,key=value`` (keys:
+    method, reads (``+`` between reads), layers (``8-16``, ``8+12+16``, ``middle`` or ``all``),
+    augment, C, rank, train_on (``+`` between source names), mine_negatives, balance_sources).
 
     Example:
         >>> parse_design("mine:method=linear,reads=mean_inst+t_post_inst,layers=8-16,augment=1").reads
@@ -144,9 +173,9 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
     name, sep, spec = text.partition(":")
     name = name.strip()
     if not sep:
-        if name in DESIGNS:
-            return DESIGNS[name]
-        raise ValueError(f"unknown design {name!r}: use one of {', '.join(DESIGNS)} or NAME:key=value,...")
+        if name not in DESIGNS:
+            raise ValueError(f"unknown design {name!r}: use one of {', '.join(DESIGNS)} or NAME:key=value,...")
+        spec = DESIGNS[name]
     kwargs: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, eq, value = part.partition("=")
@@ -157,6 +186,10 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
             kwargs[key] = value
         elif key in ("reads", "train_on"):
             kwargs[key] = tuple(v for v in value.split("+") if v)
+        elif key == "layers" and value == "middle":
+            if n_states is None:
+                raise ValueError(f"design {text!r}: layers=middle needs the model's number of states; give layers")
+            kwargs[key] = middle_states(n_states)
         elif key == "layers":
             kwargs[key] = None if value == "all" else _parse_ints(value, text)
         elif key in ("augment", "balance_sources"):
@@ -368,6 +401,36 @@ def cross_validate(blocks: dict[str, SourceStates], designs: Sequence[GuardDesig
                          "n_variants": 0 if inv is None else inv.n_pairs,
                          "C": None if guard.readout_ is None else guard.readout_.C})
     return CrossvalResult(rows=rows, designs=[d.as_dict() for d in designs])
+
+
+def best_design(rows: Sequence[dict], *, without: str | None = None) -> str:
+    """The design whose worst held-out accuracy over the sources (all, or all but ``without``)
+    is highest; ties go to the higher mean. The targets ask for accuracy on *every* source, so
+    the worst one decides."""
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        if r["source"] != without:
+            by.setdefault(r["design"], []).append(r["accuracy"])
+    if not by:
+        raise ValueError("no rows to choose a design from")
+    return max(by, key=lambda d: (min(by[d]), sum(by[d]) / len(by[d])))
+
+
+def selected_rows(rows: Sequence[dict], name: str = "selected") -> list[dict]:
+    """Rows for design *selection* judged like fitting: for each held-out source, the row of the
+    design :func:`best_design` picks from the other sources' accuracies.
+
+    The held-out source's own accuracy never enters its choice, so these rows estimate what
+    choosing a design this way gives on a source nobody looked at (the per-design rows flatter
+    whichever design is later picked on them). The other sources' folds did train on the held-out
+    source; a fully nested run (designs re-judged without it) costs sources-squared fits.
+    """
+    by = {(r["source"], r["design"]): r for r in rows}
+    out = []
+    for source in dict.fromkeys(r["source"] for r in rows):
+        pick = best_design(rows, without=source)
+        out.append({**by[(source, pick)], "design": name, "selected_design": pick})
+    return out
 
 
 def _flip_rate(before: dict[str, list], edited: dict[str, list]) -> SurfaceInvariance:

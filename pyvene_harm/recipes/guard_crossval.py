@@ -22,10 +22,16 @@ from .options import PromptSet, emit, load_for_recipe, model_num_states, model_o
 from .rundir import RunDir
 from .tables import print_table
 
-__all__ = ["crossval", "DEFAULT_DESIGNS"]
+__all__ = ["crossval", "DEFAULT_DESIGNS", "SELECTED"]
 
-DEFAULT_DESIGNS = ("paper",)
-"""The designs compared when no --design is given."""
+SELECTED = "selected"
+"""The table column of design selection itself: each source scored by the design that was best
+(highest worst accuracy) on the other sources."""
+
+DEFAULT_DESIGNS = ("paper", "paper-mean", "linear-tinst-aug", "linear-mean", "linear-mean-aug", "linear-last16-aug",
+                   "linear-post1-aug", "linear-mean-tpost-aug")
+"""The designs compared when no --design is given: every preset of
+:data:`pyvene_harm.guard.crossval.DESIGNS`."""
 
 
 @click.command("crossval")
@@ -111,15 +117,19 @@ def crossval(mopts, sets, wraps, pools, limit, pool_limit, variants, designs, se
               for s in sources}
     refusals = {s.name: _refusal_unit(run, lazy, s, max_new_tokens, mopts.batch_size)
                 for s in evaluated} if baseline else {}
-    from ..guard.crossval import cross_validate
+    from ..guard.crossval import GuardDesign, best_design, cross_validate, selected_rows
 
     result = cross_validate(blocks, chosen, progress=lambda msg: click.echo(f"fitting {msg}", err=True))
-    rows = _with_baseline(result.rows, refusals, {s.name: s for s in evaluated})
+    rows = result.rows
+    if len(chosen) > 1:  # the choice among designs, judged on sources it did not look at
+        rows = rows + selected_rows(rows)
+        chosen = [*chosen, GuardDesign(SELECTED)]
+    rows = _with_baseline(rows, refusals, {s.name: s for s in evaluated})
     run.write_csv("crossval", rows)
     summary = _summary(rows, chosen, evaluated, refusals)
     results = {"model": mopts.model, "designs": result.designs, "sources": [
         {"name": s.name, "label": s.label, "n": len(s.prompts), "evaluated": s.evaluate} for s in sources],
-        "rows": rows, "summary": summary}
+        "rows": rows, "summary": summary, "best_design": best_design(result.rows)}
     run.write_results(results)
     _plot(run, rows, chosen, evaluated, refusals)
     _print(rows, chosen, evaluated, refusals, summary)
@@ -258,6 +268,10 @@ def _print(rows, designs, sources, refusals, summary) -> None:
     table.append(["worst source", "", *([""] if refusals else []),
                   *[cell(summary[d.name]["min_accuracy"], summary[d.name]["max_surface_flip_rate"]) for d in designs]])
     print_table("accuracy % (surface flips %) on each source, by a guard fitted without it", columns, table)
+    picks = [f"{r['source']}: {r['selected_design']}" for r in rows if r["design"] == SELECTED]
+    if picks:
+        click.echo(f"{SELECTED}: the design with the best worst accuracy on the other sources; " + "; ".join(picks),
+                   err=True)
 
 
 def _plot(run: RunDir, rows, designs, sources, refusals) -> None:
