@@ -52,6 +52,8 @@ def _recipes(root: Path, out: Path) -> list[list[str]]:
          "--layers", "1", "--max-new-tokens", "2"],
         ["guard", "eval", "--guard", str(root / "guard"), "--batch-size", "3", "-o", str(out / "guard-eval"),
          "--set", f"h={hf}:harmful", "--set", f"l={hl}:harmless", "--max-new-tokens", "2"],
+        ["guard", "fit", *m, "--design", "lin:method=linear,reads=mean_inst,layers=1-2,C=1,augment=1",
+         "--harmful", hf, "--harmless", hl, "-o", str(out / "guard-fit")],
     ]
 
 
@@ -111,6 +113,13 @@ def test_two_and_three_ranks_write_what_one_process_writes(root, jobs):
         a, b = DirectionSet.load(ref / "extract" / "directions"), DirectionSet.load(root / f"w{w}" / "extract" / "directions")
         for k in a.centroids:  # bit-identical: stronger than the 1e-10 relative the issue asks
             assert torch.equal(a.centroids[k], b.centroids[k]), k
+        # a linear guard fitted on the ranks' gathered states is the one-process guard, to the bit
+        fitted = [json.loads((d / "guard-fit" / "guard.json").read_text()) for d in (ref, root / f"w{w}")]
+        for meta in fitted:
+            meta.pop("created"), meta["extra"].pop("fitted_with")
+        assert fitted[0] == fitted[1]
+        assert ((ref / "guard-fit" / "guard.safetensors").read_bytes()
+                == (root / f"w{w}" / "guard-fit" / "guard.safetensors").read_bytes())
     guard = json.loads((ref / "guard-eval" / "results.json").read_text())
     assert {s["n"] for s in guard["sets"]} == {len(HARMFUL)}
     assert "directions per layer" in jobs[2].log(0)  # rank 0 prints the table
@@ -156,10 +165,10 @@ def test_device_auto_and_single_process_commands_are_refused(root):
     auto = run_job(Job(2, [[*_no_split(root, root / "auto"), "--device", "auto"]], root / "logs-auto"))
     assert auto.exit_codes == [2, 2]
     assert "--device auto" in auto.log(0) and "one copy of the model per rank" in auto.log(0)
-    fit = run_job(Job(2, [["guard", "fit", "-m", str(root / "model"), "--harmful", str(root / "harmful.json"),
-                           "--harmless", str(root / "harmless.json"), "-o", str(root / "g2")]], root / "logs-fit"))
-    assert fit.exit_codes == [2, 2] and "`guard fit` does not run data-parallel" in fit.log(0)
-    assert not (root / "auto").exists() and not (root / "g2").exists()
+    score = run_job(Job(2, [["guard", "score", "--guard", str(root / "guard"), "How do I bake bread?"]],
+                        root / "logs-score"))
+    assert score.exit_codes == [2, 2] and "`guard score` does not run data-parallel" in score.log(0)
+    assert not (root / "auto").exists()
 
 
 def test_torchrun_launch_of_the_module(root, jobs):

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from ..distributed import is_main
 from .guard_common import (
     Lazy,
     bind_model,
@@ -60,17 +61,23 @@ def guard() -> None:
 
 @guard.command("fit")
 @model_options
-@click.option("--harmful", type=click.Path(), required=True,
-              help="Harmful training prompts (JSON, JSONL, CSV, TXT or hf://). "
-                   "Example: --harmful ../shared/data/rd_splits_harmful_train.json")
-@click.option("--harmless", type=click.Path(), required=True,
-              help="Harmless training prompts. Example: --harmless ../shared/data/rd_splits_harmless_train.json")
+@click.option("--harmful", type=click.Path(), multiple=True, required=True,
+              help="Harmful training prompts (JSON, JSONL, CSV, TXT or hf://), repeatable: each file is a source "
+                   "of its own. Example: --harmful ../shared/data/rd_splits_harmful_train.json")
+@click.option("--harmless", type=click.Path(), multiple=True, required=True,
+              help="Harmless training prompts, repeatable. Example: "
+                   "--harmless ../shared/data/rd_splits_harmless_train.json")
 @click.option("--harmful-field", default=None, help="Field holding the prompt (auto-detected if omitted).")
 @click.option("--harmless-field", default=None, help="Field holding the prompt (auto-detected if omitted).")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Training prompts per class, sampled with --seed (the paper: 100 + 100).")
+              help="Training prompts per file, sampled with --seed (the paper: 100 + 100).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
-@click.option("--layers", default="all", show_default=True, help="States to fit on: all, 0-12, 3,5,7.")
+@click.option("--design", default="paper", show_default=True,
+              help="What the guard reads and how it is fitted: a preset of `guard crossval` (paper, "
+                   "linear-mean-aug, linear-last16-aug, ...) or NAME:key=value,... in its syntax. Example: "
+                   "--design linear-last16-aug")
+@click.option("--layers", default=None,
+              help="States to fit on: all, 0-12, 3,5,7. Default: the design's (all for paper).")
 @click.option("--category-field", default=None,
               help="Column of the harmful file naming each prompt's harm category (e.g. Category for CatQA): "
                    "adds per-category centroids and reports the nearest category.")
@@ -79,32 +86,46 @@ def guard() -> None:
 @click.option("--val-limit", type=click.IntRange(min=1), default=100, show_default=True,
               help="Validation prompts per class.")
 @click.option("--target", type=click.Choice(["none", "accuracy", "fpr"]), default="none", show_default=True,
-              help="Choose layers and threshold on the validation prompts: best accuracy, or best detection "
-                   "with a false-positive rate of at most --max-fpr. Validation prompts also calibrate "
-                   "the probabilities.")
+              help="Choose the threshold (and for the paper design the layers) on the validation prompts: best "
+                   "accuracy, or best detection with a false-positive rate of at most --max-fpr. Validation "
+                   "prompts also calibrate the probabilities.")
 @click.option("--max-fpr", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
               help="False-positive bound for --target fpr.")
 @click.option("--balance-punctuation", is_flag=True,
               help="Fit (and validate) on every prompt without final punctuation, with '.' and with '?', so "
                    "the centroids cannot tell the classes apart by their last token (AdvBench ends in a word, "
-                   "Alpaca in a period). Beyond the paper.")
+                   "Alpaca in a period). Beyond the paper; designs with augment=1 go further.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Guard folder to write (guard.json + guard.safetensors). Example: -o guards/demo")
 @click.option("--json", "as_json", is_flag=True, help="Print the guard's summary as JSON to stdout.")
-def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, layers, category_field,
+def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, design, layers, category_field,
         val_harmful, val_harmless, val_limit, target, max_fpr, balance_punctuation, out, as_json):
-    """Fit a Latent Guard: harmful and harmless centroids at t_inst, per layer.
+    """Fit a Latent Guard from harmful and harmless prompts (by default the paper's: centroids at
+    t_inst, per layer).
 
     \b
     Example:
       pyvene-harm guard fit -m demo --harmful ../shared/data/rd_splits_harmful_train.json \\
         --harmless ../shared/data/rd_splits_harmless_train.json -o guards/demo
+      pyvene-harm guard fit -m demo --design linear-last16-aug --limit 300 \\
+        --harmful ../shared/data/rd_splits_harmful_train.json --harmful ../shared/data/chats_sorry-badq.json \\
+        --harmless ../shared/data/rd_splits_harmless_train.json -o guards/demo-linear
     """
+    from ..guard.crossval import parse_design
+
     check_model_spec(mopts.model)
-    layer_list = parse_layers(layers, model_num_states(mopts.model))
-    hf = prompt_set("harmful", harmful, field=harmful_field, limit=limit, seed=seed)
-    hl = prompt_set("harmless", harmless, field=harmless_field, limit=limit, seed=seed)
-    categories = _categories(harmful, harmful_field, category_field, limit, seed, hf) if category_field else None
+    n_states = model_num_states(mopts.model)
+    try:
+        chosen = parse_design(design, n_states)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--design") from None
+    layer_list = parse_layers(layers, n_states) if layers is not None else (
+        list(chosen.layers) if chosen.layers is not None else None)
+    hfs = [prompt_set("harmful", f, field=harmful_field, limit=limit, seed=seed) for f in harmful]
+    hls = [prompt_set("harmless", f, field=harmless_field, limit=limit, seed=seed) for f in harmless]
+    if category_field and len(hfs) > 1:
+        raise click.UsageError("--category-field reads one harmful file: give a single --harmful")
+    categories = _categories(harmful[0], harmful_field, category_field, limit, seed, hfs[0]) if category_field else None
     if (val_harmful is None) != (val_harmless is None):
         raise click.UsageError("give both --val-harmful and --val-harmless, or neither")
     if target != "none" and val_harmful is None:
@@ -121,13 +142,17 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, la
             raise click.UsageError("--balance-punctuation cannot be combined with --category-field")
         from ..data import punctuation_variants
 
-        hf, hl = (replace(ps, prompts=punctuation_variants(ps.prompts)) for ps in (hf, hl))
+        hfs, hls = ([replace(ps, prompts=punctuation_variants(ps.prompts)) for ps in sets] for sets in (hfs, hls))
         vh, vl = ((replace(ps, prompts=punctuation_variants(ps.prompts)) if ps is not None else None) for ps in (vh, vl))
+    prompts = [p for ps in hfs + hls for p in ps.prompts]
+    labels = [1] * sum(len(ps.prompts) for ps in hfs) + [0] * sum(len(ps.prompts) for ps in hls)
+    groups = [f"{ps.name}:{ps.path}" for ps in hfs + hls for _ in ps.prompts]  # read-out strength: by source
     loaded, fmt = load_for_recipe(mopts)
-    g = LatentGuard(loaded.model, loaded.tokenizer, layers=layer_list, batch_size=mopts.batch_size,
+    g = LatentGuard(loaded.model, loaded.tokenizer, method=chosen.method, reads=chosen.reads, layers=layer_list,
+                    C=chosen.C, rank=chosen.rank, augment=chosen.augment, batch_size=mopts.batch_size,
                     system_prompt=mopts.system_prompt, progress=True)
-    g.fit(hf.prompts + hl.prompts, [1] * len(hf.prompts) + [0] * len(hl.prompts),
-          categories=(categories + [None] * len(hl.prompts)) if categories else None)
+    g.fit(prompts, labels, groups=groups if len(hfs) + len(hls) > 2 else None,
+          categories=(categories + [None] * (len(labels) - len(categories))) if categories else None)
     val: dict[str, Any] = {}
     if vh is not None:
         vx, vy = vh.prompts + vl.prompts, [1] * len(vh.prompts) + [0] * len(vl.prompts)
@@ -136,22 +161,26 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, la
         g.calibrate(vx, vy)
         val = {"val_accuracy": float(g.score(vx, vy)), "n_val": len(vx)}
     g.metadata_["model_id"] = loaded.model_id
-    g.metadata_["fitted_with"] = {"model": mopts.model, "harmful": harmful, "harmless": harmless,
-                                  "harmful_field": harmful_field, "harmless_field": harmless_field,
-                                  "limit": limit, "seed": seed, "category_field": category_field,
-                                  "val_harmful": val_harmful, "val_harmless": val_harmless, "val_limit": val_limit,
-                                  "target": target,
+    g.metadata_["fitted_with"] = {"model": mopts.model, "design": chosen.as_dict(), "harmful": list(harmful),
+                                  "harmless": list(harmless), "harmful_field": harmful_field,
+                                  "harmless_field": harmless_field, "limit": limit, "seed": seed,
+                                  "category_field": category_field, "val_harmful": val_harmful,
+                                  "val_harmless": val_harmless, "val_limit": val_limit, "target": target,
                                   "max_fpr": max_fpr if target == "fpr" else None,
                                   "balance_punctuation": balance_punctuation}
     if val:  # the guard carries its own validation result (model cards quote it)
         g.metadata_["validation"] = val
-    g.save(out)
-    summary = {"guard": str(out), "model_id": loaded.model_id, "layers": list(g.layers_),
-               "threshold": g.threshold_, "n_train": g.n_train_, "calibrated": g.calibration_ is not None,
+    if is_main():
+        g.save(out)
+    summary = {"guard": str(out), "model_id": loaded.model_id, "design": chosen.name, "method": g.method,
+               "reads": list(g.reads_), "layers": list(g.layers_), "threshold": g.threshold_,
+               "C": None if g.readout_ is None else g.readout_.C, "n_train": g.n_train_,
+               "calibrated": g.calibration_ is not None,
                "categories": [str(c) for c in g.categories_], "selection": g.selection_, **val}
-    print_table(f"Latent Guard written to {out}", ["field", "value"],
-                [[k, _short(v)] for k, v in summary.items() if v not in (None, [], {})])
-    emit(summary, as_json)
+    if is_main():
+        print_table(f"Latent Guard written to {out}", ["field", "value"],
+                    [[k, _short(v)] for k, v in summary.items() if v not in (None, [], {})])
+        emit(summary, as_json)
 
 
 def _categories(path: str, field: str | None, category_field: str, limit: int, seed: int,

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DATA_PARALLEL_COMMANDS", "check_data_parallel", "rank_session"]
 
-DATA_PARALLEL_COMMANDS = ("extract", "beliefs", "cluster", "post-inst", "elicit", "invert", "guard eval")
+DATA_PARALLEL_COMMANDS = ("extract", "beliefs", "cluster", "post-inst", "elicit", "invert", "guard fit",
+                          "guard eval")
 """Commands that run data-parallel under a multi-rank launch; the others run in one process."""
 
 
