@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,6 +21,7 @@ __all__ = [
     "check_fits_config",
     "guard_fingerprint",
     "guard_model_options",
+    "guard_training_prompts",
     "labelled_prompt_sets",
     "labelled_sets_option",
     "load_guard",
@@ -144,7 +147,9 @@ def exclude_option(fn: Callable) -> Callable:
 
     @click.option("--exclude", "exclude_files", multiple=True, type=click.Path(),
                   help="Drop prompts found in this file from every set before sampling, so the sets are "
-                       "held out (repeatable). Example: --exclude ../shared/data/rd_splits_harmful_train.json")
+                       "held out (repeatable). A guard folder drops the prompts it was fitted on (drawn again "
+                       "from the files, limit and seed it records). Example: --exclude "
+                       "../shared/data/rd_splits_harmful_train.json --exclude artifacts/qwen2.5-coder-0.5b-instruct/guard")
     @functools.wraps(fn)
     def wrapper(*args, exclude_files, **kwargs):
         from ..data import load_prompts
@@ -152,13 +157,36 @@ def exclude_option(fn: Callable) -> Callable:
         excluded: list[str] = []
         for path in exclude_files:
             try:
-                excluded.extend(load_prompts(path))
+                is_guard = (Path(path) / "guard.json").is_file()
+                excluded.extend(guard_training_prompts(path) if is_guard else load_prompts(path))
             except (ValueError, OSError) as err:
                 raise click.BadParameter(str(err), param_hint="--exclude") from None
         kwargs["exclude"] = (list(exclude_files), excluded)
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def guard_training_prompts(folder: str | Path) -> list[str]:
+    """The prompts a guard folder was fitted on, drawn again from the files, field, limit and
+    seed that `guard fit` recorded (paths as given then, so relative to the directory it ran in)."""
+    from ..data import load_prompts
+
+    meta = json.loads((Path(folder) / "guard.json").read_text())
+    used = meta.get("extra", {}).get("fitted_with")
+    if not used or "harmful" not in used:
+        raise ValueError(f"{folder}: the guard does not record its training files (not fitted by `guard fit`): "
+                         "exclude those files instead")
+    out: list[str] = []
+    for key in ("harmful", "harmless"):
+        files = [used[key]] if isinstance(used[key], str) else used[key]
+        for path in files:
+            if not str(path).startswith("hf://") and not Path(path).exists():
+                raise ValueError(f"{folder} was fitted on {path}, which is not here: run from the directory "
+                                 "the guard was fitted in, or exclude the files themselves")
+            out.extend(load_prompts(path, field=used.get(f"{key}_field"), limit=used.get("limit"),
+                                    seed=used.get("seed", 0)))
+    return out
 
 
 def labelled_prompt_sets(sets: tuple[str, ...], exclude: tuple[list[str], list[str]], *, limit: int,
