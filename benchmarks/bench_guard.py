@@ -2,6 +2,9 @@
 
 * ``LatentGuard.decision_function``: Delta_harmful at t_inst over states 0..2L/3, one
   partial prefill per batch (the decoder stops after the deepest layer it reads, no LM head).
+* the same with the design shipped for the demo model (``--design``; a logistic read-out of
+  the mean of the instruction's last 16 tokens over the middle states): the speed of today's
+  guard beside the paper's. Its prefill also stops at its deepest state and at t_inst.
 * ``full forward``: the same batches through the whole causal LM with
   ``output_hidden_states=True``, then the same score - what one gets without early exit.
 * ``GenerativeGuard.classify``: the same model prompted in Llama Guard 3's format (its 14
@@ -35,9 +38,12 @@ import _common as C  # noqa: E402
 from pyvene_harm.beliefs import belief_per_layer  # noqa: E402
 from pyvene_harm.collect import layers_to_run  # noqa: E402
 from pyvene_harm.guard import GenerativeGuard, LatentGuard  # noqa: E402
+from pyvene_harm.guard.crossval import parse_design  # noqa: E402
 from pyvene_harm.positions import ChatFormatter  # noqa: E402
 
 NAME = "guard"
+DEFAULT_DESIGN = "linear-last16-aug"
+"""The design timed beside the paper's guard: the one shipped for the demo model."""
 
 # PEAK dense bf16 TFLOP/s by GPU name (spec sheets, without sparsity)
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
@@ -130,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="GenerativeGuard max_new_tokens (it stops earlier at end of turn)")
     parser.add_argument("--depth", type=float, default=2 / 3, help="fraction of the layers the guard reads")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 dense peak (TFLOP/s)")
+    parser.add_argument("--design", default=DEFAULT_DESIGN,
+                        help="the guard design timed beside the paper's (a `guard crossval` preset or spec)")
     args = parser.parse_args(argv)
     s = C.resolve_settings(args)
     n = args.n or (8 if s.quick else 512 if s.on_cuda else 64)
@@ -143,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     guard = build_latent_guard(bm.model, bm.tokenizer, formatter, layers=layers, batch_size=batch_size,
                                train_prompts=train, train_y=[int(g == "harmful") for g in train_labels])
     harmful, harmless, layers = guard_centroids(guard, bm.n_layers + 1)
+    design = parse_design(args.design, bm.n_layers + 1)
+    designed = LatentGuard(bm.model, bm.tokenizer, method=design.method, reads=design.reads,
+                           layers=list(design.layers) if design.layers else None, C=design.C or 1.0,
+                           rank=design.rank, batch_size=batch_size, formatter=formatter)
+    designed.fit(list(train), [int(g == "harmful") for g in train_labels])
     generative = GenerativeGuard(bm.model, bm.tokenizer, max_new_tokens=args.decode_tokens,
                                  batch_size=batch_size)
     prompts, _ = C.bench_prompts(n)
@@ -154,18 +167,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def latent(ps=prompts):
         scores["latent"] = torch.as_tensor(guard.decision_function(list(ps)), dtype=torch.float64)
 
+    def shipped(ps=prompts):
+        designed.decision_function(list(ps))
+
     def full(ps=prompts):
         scores["full"] = full_forward_scores(bm.model, formatter, list(ps), harmful=harmful, harmless=harmless,
                                              layers=layers, batch_size=batch_size)
 
     answers: dict[str, Any] = {}
     timings = C.time_interleaved(
-        {"latent": (latent, n), "full": (full, n),
+        {"latent": (latent, n), "design": (shipped, n), "full": (full, n),
          "generative": (lambda: generative_verdicts(generative, gen_prompts, answers), n_gen)},
         repeats=s.repeats, device=s.device,
-        warmups={"latent": lambda: latent(warm), "full": lambda: full(warm),
+        warmups={"latent": lambda: latent(warm), "design": lambda: shipped(warm), "full": lambda: full(warm),
                  "generative": lambda: generative_verdicts(generative, warm, {})})
     t_latent, t_full, t_gen = timings["latent"], timings["full"], timings["generative"]
+    t_design = timings["design"]
     score_diff = float((scores["latent"] - scores["full"]).abs().max())
     score_tol = 1e-4 if s.dtype == torch.float32 else 2e-2
 
@@ -177,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     n_run = layers_to_run(bm.n_layers, layers)
     rows = [
         [f"LatentGuard (states 0-{max(layers)}, {n_run}/{bm.n_layers} layers run)", rate, t_latent.median, 1.0],
+        [f"LatentGuard, design {design.name} (states {min(designed.states_)}-{max(designed.states_)}, "
+         f"reads {'+'.join(design.reads)})", t_design.per_second, t_design.median, rate / t_design.per_second],
         ["full forward, output_hidden_states=True", t_full.per_second, t_full.median, rate / t_full.per_second],
         [f"GenerativeGuard (Llama Guard 3 prompt, <= {args.decode_tokens} tokens)", t_gen.per_second,
          t_gen.median, rate / t_gen.per_second],
@@ -186,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"max |LatentGuard - full-forward twin| of Delta_harmful: {score_diff:.2e} (tolerance {score_tol:g})")
     results: dict[str, Any] = {
         "latent_guard": {**t_latent.to_dict(), "layers": layers, "decoder_layers_run": n_run},
+        "design_guard": {**t_design.to_dict(), "design": design.as_dict(), "states": list(designed.states_)},
+        "design_vs_paper_guard": round(t_design.per_second / rate, 3),
+        "design_vs_full_forward": round(t_design.per_second / t_full.per_second, 3),
         "full_forward": t_full.to_dict(),
         "generative_guard": {**t_gen.to_dict(), "max_new_tokens": args.decode_tokens,
                              "answer_tokens_mean": sum(decoded) / len(decoded),
@@ -200,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     targets = [
         C.check_target("LatentGuard vs full forward, prompts/s ratio", results["latent_vs_full_forward"], 3.0),
         C.check_target("LatentGuard vs generative guard, prompts/s ratio", results["latent_vs_generative"], 15.0),
+        C.check_target(f"design {design.name} vs full forward, prompts/s ratio", results["design_vs_full_forward"],
+                       3.0),
         C.check_target("scores equal: LatentGuard vs full forward (max abs diff)", score_diff, score_tol, "<="),
     ]
     if s.on_cuda:
