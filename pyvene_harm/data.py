@@ -23,6 +23,7 @@ from typing import Any
 __all__ = [
     "FIELD_CANDIDATES",
     "PLACEHOLDER",
+    "PROMPT_SUFFIXES",
     "PromptDataError",
     "apply_template",
     "detect_field",
@@ -30,6 +31,7 @@ __all__ = [
     "load_prompts",
     "load_records",
     "load_templates",
+    "prompt_files",
     "punctuation_variants",
 ]
 
@@ -40,6 +42,9 @@ FIELD_CANDIDATES: tuple[str, ...] = (
 
 PLACEHOLDER = "[INSERT PROMPT HERE]"
 """Where a jailbreak template (GPTFuzzer style) takes the prompt."""
+
+PROMPT_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".csv", ".txt")
+"""The files a folder or glob source is made of."""
 
 _HF_SCHEME = "hf://"
 _STRING_KEY = "text"  # the one field of records made from bare strings (JSON list, .txt)
@@ -62,8 +67,10 @@ def load_prompts(source: str | os.PathLike, *, field: str | None = None, limit: 
     warning, so one ragged row does not sink a whole set.
 
     Args:
-        source: a ``.json`` (list) / ``.jsonl`` / ``.csv`` / ``.txt`` file, or
-            ``hf://owner/name[:split]`` (split defaults to ``train``; needs ``datasets``).
+        source: a ``.json`` (list) / ``.jsonl`` / ``.csv`` / ``.txt`` file,
+            ``hf://owner/name[:split]`` (split defaults to ``train``; needs ``datasets``), or a
+            folder or glob of such files (e.g. CatQA's one file per category): with ``limit``,
+            an equal share is sampled from each file, then a shuffled sample of ``limit``.
         field: the column holding the prompt; None tries :data:`FIELD_CANDIDATES` in order.
         limit: keep a random sample of this many prompts (original order preserved).
         seed: the sample's seed; the same seed always gives the same prompts.
@@ -77,6 +84,13 @@ def load_prompts(source: str | os.PathLike, *, field: str | None = None, limit: 
     """
     if template is not None:
         _check_template(template)
+    files = prompt_files(source)
+    if files is not None:
+        per = None if limit is None else -(-limit // len(files))
+        prompts = [p for f in files for p in load_prompts(f, field=field, limit=per, seed=seed, exclude=exclude)]
+        if limit is not None:
+            prompts = random.Random(seed).sample(prompts, min(limit, len(prompts)))
+        return apply_template(template, prompts) if template is not None else prompts
     records = _read_source(source)
     key = field if field is not None else detect_field(records, source=source)
     usable = _usable_rows(records, key, source)
@@ -87,6 +101,25 @@ def load_prompts(source: str | os.PathLike, *, field: str | None = None, limit: 
             raise PromptDataError(f"{source}: every prompt is in the excluded set: nothing is held out")
     prompts = [row[key] for row in _sample(usable, limit, seed)]
     return apply_template(template, prompts) if template is not None else prompts
+
+
+def prompt_files(source: str | os.PathLike) -> list[str] | None:
+    """The prompt files of a folder or glob source, sorted; None for one file or a Hub dataset."""
+    text = os.fspath(source)
+    if text.startswith(_HF_SCHEME):
+        return None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in PROMPT_SUFFIXES)
+    elif any(c in text for c in "*?[") and not path.exists():
+        import glob
+
+        files = sorted(f for f in glob.glob(str(path)) if Path(f).suffix.lower() in PROMPT_SUFFIXES)
+    else:
+        return None
+    if not files:
+        raise PromptDataError(f"{source} holds no prompt files ({', '.join(PROMPT_SUFFIXES)})")
+    return files
 
 
 def load_records(source: str | os.PathLike, *, field: str | None = None, limit: int | None = None,

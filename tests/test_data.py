@@ -290,8 +290,9 @@ class TestErrors:
         assert isinstance(info.value, ValueError)
         assert info.value.__cause__ is None
 
-    def test_a_directory(self, tmp_path):
-        with pytest.raises(PromptDataError, match="is not a file"):
+    def test_a_directory_without_prompt_files(self, tmp_path):
+        (tmp_path / "readme.md").write_text("x")
+        with pytest.raises(PromptDataError, match=r"holds no prompt files \(.json, .jsonl, .csv, .txt\)"):
             load_prompts(tmp_path)
 
     def test_an_absent_field_lists_the_available_ones(self, tmp_path):
@@ -362,3 +363,19 @@ def test_exclude_drops_prompts_before_sampling(tmp_path):
     assert kept == [f"prompt {i}" for i in range(10) if i not in (3, 7)]
     with pytest.raises(PromptDataError, match="nothing is held out"):
         load_prompts(path, exclude=[f"prompt {i}" for i in range(10)])
+
+
+def test_a_folder_or_glob_is_one_source_with_an_equal_share_per_file(tmp_path):
+    folder = tmp_path / "cats"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.json").write_text(json.dumps([{"Question": f"{name}{i}"} for i in range(10)]))
+    (folder / "notes.md").write_text("not prompts")
+    every = load_prompts(folder)
+    assert len(every) == 30 and every[:2] == ["a0", "a1"]
+    six = load_prompts(folder, limit=6, seed=3)
+    assert sorted(p[0] for p in six) == ["a", "a", "b", "b", "c", "c"]
+    assert load_prompts(folder, limit=6, seed=3) == six and load_prompts(str(folder / "*.json"), limit=6, seed=3) == six
+    assert "a0" not in load_prompts(folder, limit=30, exclude=["a0"])
+    with pytest.raises(PromptDataError, match="holds no prompt files"):
+        load_prompts(tmp_path / "cats" / "*.csv")

@@ -10,7 +10,6 @@ resumed run, or one that only adds designs to a finished run's folder, costs no 
 
 from __future__ import annotations
 
-import glob
 import random
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import click
 
 from .guard_common import Lazy, labelled_sets_option, parse_labelled_sets
-from .options import PromptSet, emit, load_for_recipe, model_num_states, model_options, prompt_set
+from .options import emit, load_for_recipe, model_num_states, model_options, prompt_set
 from .rundir import RunDir
 from .tables import print_table
 
@@ -88,7 +87,7 @@ def crossval(mopts, sets, wraps, pools, limit, pool_limit, variants, designs, se
     sources = [PromptSource(ps.name, ps.prompts, label) for ps, label in _load_sets(sets, limit, seed)]
     sources += [PromptSource(name, prompts, label) for name, prompts, label in _load_wraps(wraps, limit, seed)]
     sources += [PromptSource(ps.name, ps.prompts, label, evaluate=False, group=ps.name.rpartition("/")[0] or None)
-                for ps, label in _load_sets(pools, pool_limit, seed, hint="--pool")]
+                for ps, label in _load_sets(pools, pool_limit, seed)]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise click.BadParameter(f"source names must be unique across --set, --wrap and --pool, got {names}")
@@ -136,34 +135,9 @@ def crossval(mopts, sets, wraps, pools, limit, pool_limit, variants, designs, se
     emit(results, as_json)
 
 
-def _load_sets(values: tuple[str, ...], limit: int, seed: int, hint: str = "--set") -> list[tuple[Any, int]]:
-    out = []
-    for name, path, label in parse_labelled_sets(values):
-        files = _expand(path, hint)
-        if len(files) == 1:
-            out.append((prompt_set(name, files[0], limit=limit, seed=seed), label))
-            continue
-        # several files (a folder or a glob, e.g. CatQA's one file per category): an equal share of each
-        per = -(-limit // len(files))
-        prompts: list[str] = []
-        for f in files:
-            prompts += prompt_set(name, f, limit=per, seed=seed).prompts
-        prompts = random.Random(seed).sample(prompts, min(limit, len(prompts)))
-        out.append((PromptSet(name=name, path=path, field=None, prompts=prompts), label))
-    return out
-
-
-def _expand(path: str, hint: str) -> list[str]:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.iterdir() if f.suffix in (".json", ".jsonl", ".csv", ".txt"))
-    elif any(c in path for c in "*?["):
-        files = sorted(glob.glob(path))
-    else:
-        return [path]
-    if not files:
-        raise click.BadParameter(f"{path} names no prompt files (.json, .jsonl, .csv, .txt)", param_hint=hint)
-    return files
+def _load_sets(values: tuple[str, ...], limit: int, seed: int) -> list[tuple[Any, int]]:
+    return [(prompt_set(name, path, limit=limit, seed=seed), label)
+            for name, path, label in parse_labelled_sets(values)]
 
 
 def _load_wraps(values: tuple[str, ...], limit: int, seed: int) -> list[tuple[str, list[str], int]]:
