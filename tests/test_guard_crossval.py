@@ -74,7 +74,7 @@ def test_crossval_end_to_end_and_resume(files, tmp_path, monkeypatch):
     for source in ("bombs", "poison", "bread", "sea", "wrapped"):
         pick = rows[(source, "selected")]["selected_design"]
         assert rows[(source, "selected")]["accuracy"] == rows[(source, pick)]["accuracy"]
-    for name in ("crossval.csv", "crossval.png", "results.json", "units/states_bread_pool.safetensors"):
+    for name in ("crossval.csv", "table.csv", "crossval.png", "results.json", "units/states_bread_pool.safetensors"):
         assert (out / name).exists(), name
     # adding a design to a finished run reuses every stored state: no model is loaded
     import pyvene_harm.recipes.guard_crossval as recipe

@@ -131,7 +131,9 @@ def crossval(mopts, sets, wraps, pools, limit, pool_limit, variants, designs, se
         "rows": rows, "summary": summary, "best_design": best_design(result.rows)}
     run.write_results(results)
     _plot(run, rows, chosen, evaluated, refusals)
-    _print(rows, chosen, evaluated, refusals, summary)
+    columns, table = _table(rows, chosen, evaluated, refusals, summary)
+    run.write_csv("table", [dict(zip(columns, r)) for r in table])
+    _print(columns, table, rows)
     emit(results, as_json)
 
 
@@ -224,7 +226,7 @@ def _summary(rows: list[dict], designs, sources, refusals) -> dict[str, dict]:
     return out
 
 
-def _print(rows, designs, sources, refusals, summary) -> None:
+def _table(rows, designs, sources, refusals, summary) -> tuple[list[str], list[list[str]]]:
     """One row per held-out source, one column per design: accuracy % (surface flips %)."""
     by = {(r["source"], r["design"]): r for r in rows}
 
@@ -241,6 +243,13 @@ def _print(rows, designs, sources, refusals, summary) -> None:
                         for d in designs]])
     table.append(["worst source", "", *([""] if refusals else []),
                   *[cell(summary[d.name]["min_accuracy"], summary[d.name]["max_surface_flip_rate"]) for d in designs]])
+    if refusals:
+        table.append(["sources above the refusal baseline", "", "",
+                      *[f"{summary[d.name]['beats_refusal_on']} of {len(sources)}" for d in designs]])
+    return columns, table
+
+
+def _print(columns: list[str], table: list[list[str]], rows: list[dict]) -> None:
     print_table("accuracy % (surface flips %) on each source, by a guard fitted without it", columns, table)
     picks = [f"{r['source']}: {r['selected_design']}" for r in rows if r["design"] == SELECTED]
     if picks:
