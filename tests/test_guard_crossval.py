@@ -70,7 +70,7 @@ def test_crossval_end_to_end_and_resume(files, tmp_path, monkeypatch):
         assert row["n_variants"] > 0 and 0.0 <= row["surface_flip_rate"] <= 1.0
     assert rows[("bombs", "lin")]["C"] == 1.0 and rows[("bombs", "paper")]["C"] is None
     assert set(res["summary"]) == {"paper", "lin", "selected"}
-    assert res["best_design"] in ("paper", "lin")
+    assert res["best_design"] in ("paper", "lin") and set(res["pooled_auc"]) == {"paper", "lin"}
     for source in ("bombs", "poison", "bread", "sea", "wrapped"):
         pick = rows[(source, "selected")]["selected_design"]
         assert rows[(source, "selected")]["accuracy"] == rows[(source, pick)]["accuracy"]
@@ -122,6 +122,10 @@ def test_cross_validate_on_states_never_fits_on_the_held_out_source():
     acc = {r["source"]: r["accuracy"] for r in res.rows}
     assert min(acc["h1"], acc["h2"], acc["l1"], acc["l2"]) >= 0.9
     assert acc["odd"] == 0.0
+    auc = {r["source"]: r["auc_vs_other_class"] for r in res.rows}
+    assert auc["h1"] == 1.0 and auc["odd"] < 0.5  # odd ranks with, or below, the harmless
+    assert auc["l1"] == pytest.approx(2 / 3, abs=0.1)  # above h1, h2; level with odd
+    assert 0.7 < res.pooled_auc["lin"] < 1.0
 
 
 def test_parse_design():

@@ -303,6 +303,11 @@ class CrossvalResult:
 
     rows: list[dict[str, Any]]
     designs: list[dict[str, Any]]
+    pooled_auc: dict[str, float] = field(default_factory=dict)
+    """Per design: ROC AUC of every held-out score, harmful against harmless sources, each score
+    from the fold that left its source out. High AUC with low accuracy on some sources means
+    their scores shift between sources (the threshold does not transfer); low AUC means the
+    states do not separate them."""
 
 
 def _training(blocks: dict[str, SourceStates], held: str, design: GuardDesign, layers: Sequence[int],
@@ -371,10 +376,13 @@ def cross_validate(blocks: dict[str, SourceStates], designs: Sequence[GuardDesig
                    progress: Callable[[str], None] | None = None) -> CrossvalResult:
     """Leave each evaluation source out in turn: fit every design on the others, score it.
 
-    Returns one row per (held-out source, design): accuracy on the source's prompts,
-    surface flip rate over its variants, mean score, and the fitted read-out's chosen ``C``.
+    Returns one row per (held-out source, design): accuracy on the source's prompts, surface
+    flip rate over its variants, the fitted read-out's chosen ``C``, and ``auc_vs_other_class``:
+    how well its held-out scores rank against every held-out score of the other class; and per
+    design the AUC of all held-out scores pooled.
     """
     rows = []
+    scores: dict[tuple[str, str], np.ndarray] = {}
     for held, b in blocks.items():
         if not b.source.evaluate:
             continue
@@ -384,7 +392,8 @@ def cross_validate(blocks: dict[str, SourceStates], designs: Sequence[GuardDesig
             guard = fit_design(blocks, design, held=held, held_texts=b.source.prompts)
             layers = guard.states_
             x = b.select(design.reads, layers, range(len(b.rows)))
-            pred = guard.decision_function(x) > 0
+            decision = guard.decision_function(x)
+            pred = decision > 0
             orig = b.original_rows()
             base = {b.rows[i][0]: pred[i] for i in orig}
             edited: dict[str, list] = {}
@@ -394,13 +403,32 @@ def cross_validate(blocks: dict[str, SourceStates], designs: Sequence[GuardDesig
                     edited.setdefault(e, []).append(pred[i])
                     before.setdefault(e, []).append(base[p])
             inv = _flip_rate(before, edited) if edited else None
+            scores[(held, design.name)] = decision[orig]
             rows.append({"source": held, "label": b.source.label, "design": design.name, "n": len(orig),
                          "accuracy": float((pred[orig] == bool(b.source.label)).mean()),
                          "surface_flip_rate": None if inv is None else inv.rate,
                          "surface_flips": None if inv is None else inv.per_edit,
                          "n_variants": 0 if inv is None else inv.n_pairs,
                          "C": None if guard.readout_ is None else guard.readout_.C})
-    return CrossvalResult(rows=rows, designs=[d.as_dict() for d in designs])
+    pooled = {}
+    for design in designs:
+        by_label = {lab: [v for (src, d), v in scores.items() if d == design.name and blocks[src].source.label == lab]
+                    for lab in (0, 1)}
+        if by_label[0] and by_label[1]:
+            pooled[design.name] = _auc(np.concatenate(by_label[1]), np.concatenate(by_label[0]))
+            for r in rows:
+                if r["design"] == design.name:  # this source against every held-out source of the other class
+                    own = scores[(r["source"], design.name)]
+                    other = np.concatenate(by_label[1 - r["label"]])
+                    r["auc_vs_other_class"] = _auc(own, other) if r["label"] else _auc(other, own)
+    return CrossvalResult(rows=rows, designs=[d.as_dict() for d in designs], pooled_auc=pooled)
+
+
+def _auc(harmful: np.ndarray, harmless: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
+    return float(roc_auc_score(y, np.r_[harmful, harmless]))
 
 
 def best_design(rows: Sequence[dict], *, without: str | None = None) -> str:

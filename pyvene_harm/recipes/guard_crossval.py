@@ -128,10 +128,10 @@ def crossval(mopts, sets, wraps, pools, limit, pool_limit, variants, designs, se
     summary = _summary(rows, chosen, evaluated, refusals)
     results = {"model": mopts.model, "designs": result.designs, "sources": [
         {"name": s.name, "label": s.label, "n": len(s.prompts), "evaluated": s.evaluate} for s in sources],
-        "rows": rows, "summary": summary, "best_design": best_design(result.rows)}
+        "rows": rows, "summary": summary, "pooled_auc": result.pooled_auc, "best_design": best_design(result.rows)}
     run.write_results(results)
     _plot(run, rows, chosen, evaluated, refusals)
-    columns, table = _table(rows, chosen, evaluated, refusals, summary)
+    columns, table = _table(rows, chosen, evaluated, refusals, summary, result.pooled_auc)
     run.write_csv("table", [dict(zip(columns, r)) for r in table])
     _print(columns, table, rows)
     emit(results, as_json)
@@ -226,7 +226,7 @@ def _summary(rows: list[dict], designs, sources, refusals) -> dict[str, dict]:
     return out
 
 
-def _table(rows, designs, sources, refusals, summary) -> tuple[list[str], list[list[str]]]:
+def _table(rows, designs, sources, refusals, summary, pooled) -> tuple[list[str], list[list[str]]]:
     """One row per held-out source, one column per design: accuracy % (surface flips %)."""
     by = {(r["source"], r["design"]): r for r in rows}
 
@@ -246,6 +246,9 @@ def _table(rows, designs, sources, refusals, summary) -> tuple[list[str], list[l
     if refusals:
         table.append(["sources above the refusal baseline", "", "",
                       *[f"{summary[d.name]['beats_refusal_on']} of {len(sources)}" for d in designs]])
+    if pooled:
+        table.append(["AUC, all held-out scores pooled", "", *([""] if refusals else []),
+                      *[f"{pooled[d.name]:.3f}" if d.name in pooled else "" for d in designs]])
     return columns, table
 
 
