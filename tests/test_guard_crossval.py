@@ -125,7 +125,7 @@ def test_cross_validate_on_states_never_fits_on_the_held_out_source():
     auc = {r["source"]: r["auc_vs_other_class"] for r in res.rows}
     assert auc["h1"] == 1.0 and auc["odd"] < 0.5  # odd ranks with, or below, the harmless
     assert auc["l1"] == pytest.approx(2 / 3, abs=0.1)  # above h1, h2; level with odd
-    assert 0.7 < res.pooled_auc["lin"] < 1.0
+    assert 0.5 < res.pooled_auc["lin"] < 1.0  # odd spoils an otherwise perfect ranking
 
 
 def test_parse_design():
