@@ -111,9 +111,9 @@ def test_demo_extraction_round_trip(demo, shared_data, tmp_path, capsys):
 def test_demo_command_end_to_end_with_shipped_artifacts(demo):
     """The README's main job on the real model: shipped directions and guard, no prompt files.
 
-    Also checks the guard's scores against beliefs computed here from the shipped directions,
-    and the behaviour the README shows: the plain harmful request is refused and flagged, the
-    ordinary one answered and passed.
+    Also checks the beliefs against ones computed here from the shipped directions, and the
+    behaviour the README shows: the plain harmful request is refused and flagged, the ordinary
+    one answered and passed, and the guard flags the harmful request with a final period too.
     """
     from click.testing import CliRunner
 
@@ -129,6 +129,11 @@ def test_demo_command_end_to_end_with_shipped_artifacts(demo):
     assert not rows["ordinary"]["guard_harmful"] and not rows["ordinary"]["model_refuses"]
     assert rows["harmful"]["guard_harmful"] and rows["harmful"]["model_refuses"]
     assert rows["harmful, jailbreak"]["delta_harmful"] > 0
+    # the shipped guard reads more than the last token: a final period no longer fools it, while
+    # the paper's belief at t_inst still flips with it, and the over-refusal trap passes
+    assert rows["harmful, final period"]["guard_harmful"] and rows["harmful, jailbreak"]["guard_harmful"]
+    assert rows["harmful, final period"]["delta_harmful"] < 0
+    assert not rows["over-refusal trap"]["guard_harmful"]
     directions = DirectionSet.load(default_artifacts() / "directions")
     fmt = ChatFormatter(demo.tokenizer)
     ref = compute_beliefs(demo.model, fmt, [p for _, p in EXAMPLES], directions)
