@@ -104,6 +104,7 @@ def _health(server) -> dict:
 def _check_result(result: dict, want: dict) -> None:
     assert result["flagged"] is want["harmful"] and result["categories"]["harmful"] is want["harmful"]
     assert abs(result["delta_harmful"] - want["delta"]) <= DELTA_TOL
+    assert abs(result["score"] - want["delta"]) <= DELTA_TOL  # a centroid guard cuts Delta_harmful itself
     assert abs(result["probability"] - want["probability"]) <= PROB_TOL
     assert abs(result["category_scores"]["harmful"] - want["probability"]) <= PROB_TOL
     assert result["category"] == want["category"]
@@ -452,6 +453,7 @@ def test_demo_model_served(demo):
         assert [r.flagged for r in out.results] == want.harmful.tolist()
         np.testing.assert_allclose([r.to_dict()["delta_harmful"] for r in out.results], want.delta_harmful,
                                    atol=1e-4)
+        np.testing.assert_allclose([r.to_dict()["score"] for r in out.results], want.score, rtol=1e-3, atol=1e-3)
         chunks = list(client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompts[0]}],
                                                      max_tokens=16, stream=True))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -461,3 +463,16 @@ def test_demo_model_served(demo):
                                                 max_tokens=16)
         reason = second.choices[0].finish_reason
         assert reason == "content_filter" if want.harmful[1] else reason in ("stop", "length")
+
+
+def test_a_linear_guard_reports_the_score_its_threshold_cuts():
+    """Delta_harmful (the paper's belief) and the read-out's log-odds differ for a linear guard:
+    clients get both, and ``flagged`` follows the score."""
+    from pyvene_harm.serve.schemas import Verdict, guard_summary, moderation_response
+
+    v = Verdict(harmful=True, delta_harmful=-0.004, probability=0.99, score=4.2)
+    result = moderation_response([v], model="m", categories=[])["results"][0]
+    assert (result["flagged"], result["delta_harmful"], result["score"]) == (True, -0.004, 4.2)
+    assert guard_summary(v, "refused")["score"] == 4.2
+    paper = Verdict(harmful=False, delta_harmful=-0.2, probability=0.1)
+    assert moderation_response([paper], model="m", categories=[])["results"][0]["score"] == -0.2

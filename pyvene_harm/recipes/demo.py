@@ -58,7 +58,7 @@ def run_demo(loaded, fmt, artifacts: Path, prompts: list[tuple[str, str]], *, ma
     return [
         {"kind": kind, "prompt": text, "delta_harmful": float(beliefs.delta_harmful[i]),
          "delta_refuse": float(beliefs.delta_refuse[i]), "guard_harmful": bool(report.harmful[i]),
-         "guard_probability": float(report.probability[i]), "guard_score": float(report.delta_harmful[i]),
+         "guard_probability": float(report.probability[i]), "guard_score": float(report.score[i]),
          "model_refuses": is_refusal(replies[i]), "reply": replies[i]}
         for i, (kind, text) in enumerate(prompts)
     ]

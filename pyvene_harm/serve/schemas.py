@@ -42,6 +42,12 @@ class Verdict:
     probability: float
     category: str | None = None
     category_scores: dict[str, float] | None = None
+    score: float | None = None
+    """The score the guard's threshold cuts (a linear read-out's log-odds); None: ``delta_harmful``."""
+
+    @property
+    def decision(self) -> float:
+        return self.delta_harmful if self.score is None else self.score
 
 
 class _Strict(BaseModel):
@@ -204,6 +210,7 @@ def moderation_response(verdicts: list[Verdict], *, model: str, categories: list
             "category_scores": scores,
             "category_applied_input_types": {k: ["text"] for k in flags},
             "delta_harmful": v.delta_harmful,
+            "score": v.decision,
             "probability": v.probability,
             "category": v.category,
         })
@@ -213,7 +220,8 @@ def moderation_response(verdicts: list[Verdict], *, model: str, categories: list
 def guard_summary(v: Verdict, action: str) -> dict[str, Any]:
     """What the guard decided for a chat request (the ``guard`` field of every chat response)."""
     return {"flagged": v.harmful, "verdict": "harmful" if v.harmful else "harmless", "action": action,
-            "delta_harmful": v.delta_harmful, "probability": v.probability, "category": v.category}
+            "delta_harmful": v.delta_harmful, "score": v.decision, "probability": v.probability,
+            "category": v.category}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

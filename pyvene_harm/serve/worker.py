@@ -223,7 +223,7 @@ class GuardWorker:
         for i in range(len(prompts)):
             out.append(Verdict(
                 harmful=bool(rep.harmful[i]), delta_harmful=float(rep.delta_harmful[i]),
-                probability=float(rep.probability[i]),
+                score=float(rep.score[i]), probability=float(rep.probability[i]),
                 category=None if rep.category is None else str(rep.category[i]),
                 category_scores=None if per_cat is None else dict(zip(self.categories, map(float, per_cat[i]))),
             ))
