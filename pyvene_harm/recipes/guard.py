@@ -151,7 +151,9 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
     g = LatentGuard(loaded.model, loaded.tokenizer, method=chosen.method, reads=chosen.reads, layers=layer_list,
                     C=chosen.C, rank=chosen.rank, augment=chosen.augment, batch_size=mopts.batch_size,
                     system_prompt=mopts.system_prompt, progress=True)
-    g.fit(prompts, labels, groups=groups if len(hfs) + len(hls) > 2 else None,
+    # folds by source need two sources of each class; otherwise folds by prompt (variants kept together)
+    by_source = len(hfs) >= 2 and len(hls) >= 2
+    g.fit(prompts, labels, groups=groups if by_source else None,
           categories=(categories + [None] * (len(labels) - len(categories))) if categories else None)
     val: dict[str, Any] = {}
     if vh is not None:
