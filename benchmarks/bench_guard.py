@@ -148,14 +148,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     formatter = ChatFormatter(bm.tokenizer)
     layers = guard_layers(bm.n_layers, args.depth)
     train, train_labels = C.bench_prompts(8 if s.quick else 32, seed=1)
+    train_y = [int(g == "harmful") for g in train_labels]
     guard = build_latent_guard(bm.model, bm.tokenizer, formatter, layers=layers, batch_size=batch_size,
-                               train_prompts=train, train_y=[int(g == "harmful") for g in train_labels])
+                               train_prompts=train, train_y=train_y)
     harmful, harmless, layers = guard_centroids(guard, bm.n_layers + 1)
     design = parse_design(args.design, bm.n_layers + 1)
     designed = LatentGuard(bm.model, bm.tokenizer, method=design.method, reads=design.reads,
                            layers=list(design.layers) if design.layers else None, C=design.C or 1.0,
                            rank=design.rank, batch_size=batch_size, formatter=formatter)
-    designed.fit(list(train), [int(g == "harmful") for g in train_labels])
+    designed.fit(list(train), train_y)
     generative = GenerativeGuard(bm.model, bm.tokenizer, max_new_tokens=args.decode_tokens,
                                  batch_size=batch_size)
     prompts, _ = C.bench_prompts(n)

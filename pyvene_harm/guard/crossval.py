@@ -412,14 +412,14 @@ def cross_validate(blocks: dict[str, SourceStates], designs: Sequence[GuardDesig
                          "C": None if guard.readout_ is None else guard.readout_.C})
     pooled = {}
     for design in designs:
-        by_label = {lab: [v for (src, d), v in scores.items() if d == design.name and blocks[src].source.label == lab]
-                    for lab in (0, 1)}
-        if by_label[0] and by_label[1]:
-            pooled[design.name] = _auc(np.concatenate(by_label[1]), np.concatenate(by_label[0]))
+        parts = {lab: [v for (src, d), v in scores.items() if d == design.name and blocks[src].source.label == lab]
+                 for lab in (0, 1)}
+        if parts[0] and parts[1]:
+            by_label = {lab: np.concatenate(v) for lab, v in parts.items()}
+            pooled[design.name] = _auc(by_label[1], by_label[0])
             for r in rows:
                 if r["design"] == design.name:  # this source against every held-out source of the other class
-                    own = scores[(r["source"], design.name)]
-                    other = np.concatenate(by_label[1 - r["label"]])
+                    own, other = scores[(r["source"], design.name)], by_label[1 - r["label"]]
                     r["auc_vs_other_class"] = _auc(own, other) if r["label"] else _auc(other, own)
     return CrossvalResult(rows=rows, designs=[d.as_dict() for d in designs], pooled_auc=pooled)
 

@@ -172,17 +172,17 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
                                   "balance_punctuation": balance_punctuation}
     if val:  # the guard carries its own validation result (model cards quote it)
         g.metadata_["validation"] = val
-    if is_main():
-        g.save(out)
+    if not is_main():  # every rank fitted the same guard; rank 0 writes and reports it
+        return
+    g.save(out)
     summary = {"guard": str(out), "model_id": loaded.model_id, "design": chosen.name, "method": g.method,
                "reads": list(g.reads_), "layers": list(g.layers_), "threshold": g.threshold_,
                "C": None if g.readout_ is None else g.readout_.C, "n_train": g.n_train_,
                "calibrated": g.calibration_ is not None,
                "categories": [str(c) for c in g.categories_], "selection": g.selection_, **val}
-    if is_main():
-        print_table(f"Latent Guard written to {out}", ["field", "value"],
-                    [[k, _short(v)] for k, v in summary.items() if v not in (None, [], {})])
-        emit(summary, as_json)
+    print_table(f"Latent Guard written to {out}", ["field", "value"],
+                [[k, _short(v)] for k, v in summary.items() if v not in (None, [], {})])
+    emit(summary, as_json)
 
 
 def _categories(path: str, field: str | None, category_field: str, limit: int, seed: int,

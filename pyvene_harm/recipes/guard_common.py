@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -171,8 +170,9 @@ def guard_training_prompts(folder: str | Path) -> list[str]:
     """The prompts a guard folder was fitted on, drawn again from the files, field, limit and
     seed that `guard fit` recorded (paths as given then, so relative to the directory it ran in)."""
     from ..data import load_prompts
+    from ..io_utils import read_json
 
-    meta = json.loads((Path(folder) / "guard.json").read_text())
+    meta = read_json(Path(folder) / "guard.json")
     used = meta.get("extra", {}).get("fitted_with")
     if not used or "harmful" not in used:
         raise ValueError(f"{folder}: the guard does not record its training files (not fitted by `guard fit`): "
