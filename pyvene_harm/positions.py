@@ -10,6 +10,11 @@ is the instruction as the template wrote it (after any trimming the template doe
 Preparing a batch (``encode``, ``tokenize``) renders all prompts in one batched template call,
 checks each rendering against the cached prefix and suffix (a prompt the template rewrites, e.g.
 trims, goes through the per-prompt path instead), and tokenises them in one tokenizer call.
+
+A prompt may also be a :class:`~pyvene_harm.conversation.Conversation` (system, user and assistant
+turns): t_inst is then the last token of the last user message. Whatever the client wrote (the
+instruction, every message, a system prompt) is tokenised as plain text, so a control-token
+string typed inside it never becomes a control token (:mod:`~pyvene_harm.literal_text`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+
+from .conversation import Conversation
+from .literal_text import control_token_ids, literal_client_text
 
 __all__ = ["ChatFormatter", "EncodedPrompt", "PromptBatch", "RenderedPrompt", "template_hash"]
 
@@ -36,6 +44,9 @@ class RenderedPrompt:
     inst_end: int
     inner_end: int
     """End of the wrapped instruction when a wrapper (a question after it) was applied."""
+    client: tuple[tuple[int, int], ...] = ()
+    """Character spans of text the client wrote (instruction, messages, system prompt): read
+    as plain text whatever control-token strings it holds."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,8 @@ class ChatFormatter:
         limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
         self.max_length = int(limit) if limit and limit < 10**9 else None
         self._affixes: tuple[tuple[str | None, str], tuple[str, str]] | None = None
+        self._system_span: tuple[tuple[str | None, str], tuple[tuple[int, int], ...]] | None = None
+        self._specials: np.ndarray | None = None
 
     # --- rendering ---------------------------------------------------------------------
 
@@ -184,6 +197,81 @@ class ChatFormatter:
         messages.append({"role": "user", "content": user_message})
         return messages
 
+    def _render_messages(self, messages: list[dict[str, str]]) -> str:
+        """A whole conversation through the Jinja template (with the generation prompt)."""
+        if self._format_string is not None:
+            raise ValueError("a plain format-string template renders one instruction, not a conversation: "
+                             "pass a Jinja chat template as template=")
+        from jinja2 import TemplateError
+
+        kwargs = {"chat_template": self._jinja} if self._jinja is not None else {}
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      **kwargs)
+        except TemplateError as err:
+            roles = ", ".join(m["role"] for m in messages)
+            raise ValueError(f"the chat template refuses this conversation (roles: {roles}): {err}") from None
+
+    def render_conversation(self, conversation: Conversation) -> RenderedPrompt:
+        """Render a conversation and locate every message in it; the instruction is the last
+        user message, so t_inst is its last token.
+
+        The template is rendered once with a sentinel in place of each message to learn the
+        text between messages; the real rendering must be that text with each message written
+        in turn (as given, or trimmed, as some templates do). A template that drops, merges or
+        rewrites a message is an error, never a guess: a guard must know where every message is.
+        """
+        messages = conversation.dicts(self.system_prompt)
+        contents = [m["content"] for m in messages]
+        n = 0
+        while any(_SENTINEL.format(n=n + k) in c for c in contents for k in range(len(contents))):
+            n += len(contents)
+        marks = [_SENTINEL.format(n=n + k) for k in range(len(contents))]
+        skeleton = self._render_messages([{**m, "content": x} for m, x in zip(messages, marks)])
+        pieces, at = [], 0
+        for k, mark in enumerate(marks):
+            found = skeleton.find(mark, at)
+            if found < 0 or skeleton.count(mark) != 1:
+                raise ValueError(f"the chat template does not write message {k} ({messages[k]['role']}) exactly "
+                                 "once, so the guard cannot read it: pass a template= that writes every message")
+            pieces.append(skeleton[at:found])
+            at = found + len(mark)
+        pieces.append(skeleton[at:])
+        text = self._render_messages(messages)
+        spans, pos = [], 0
+        for k, content in enumerate(contents):
+            if not text.startswith(pieces[k], pos):
+                raise ValueError("the chat template rewrites this conversation, so its messages cannot be located: "
+                                 "pass a custom template= to ChatFormatter")
+            pos += len(pieces[k])
+            tail = pieces[k + 1]
+            for written in (content, content.strip(), content.lstrip(), content.rstrip()):
+                end = pos + len(written)
+                if text.startswith(written, pos) and text.startswith(tail, end) and (
+                        k + 1 < len(contents) or end + len(tail) == len(text)):
+                    break
+            else:
+                raise ValueError(f"the chat template rewrites message {k} ({messages[k]['role']}), so it cannot "
+                                 "be located: pass a custom template= to ChatFormatter")
+            spans.append((pos, end))
+            pos = end
+        start, end = spans[-1]
+        return RenderedPrompt(text=text, inst_start=start, inst_end=end, inner_end=end, client=tuple(spans))
+
+    def _system_spans(self) -> tuple[tuple[int, int], ...]:
+        """Where this formatter's own system prompt sits in every prompt it renders: text a
+        caller chose (in a server, a client), so read as plain text too."""
+        key = (self.system_prompt, self.template_source)
+        if self._system_span is None or self._system_span[0] != key:
+            if self.system_prompt is None:
+                spans: tuple[tuple[int, int], ...] = ()
+            elif self._format_string is not None:
+                spans = ((0, len(self.system_prompt)),)
+            else:
+                spans = self.render_conversation(Conversation((("user", "x"),))).client[:-1]
+            self._system_span = (key, spans)
+        return self._system_span[1]
+
     def _render_raw(self, user_message: str) -> str:
         return self._render_raw_many([user_message])[0]
 
@@ -194,10 +282,16 @@ class ChatFormatter:
             if self.system_prompt:
                 texts = [self.system_prompt + "\n" + t for t in texts]
             return texts
+        from jinja2 import TemplateError
+
         kwargs = {"chat_template": self._jinja} if self._jinja is not None else {}
-        return list(self.tokenizer.apply_chat_template(
-            [self._messages(m) for m in user_messages], tokenize=False, add_generation_prompt=True, **kwargs
-        ))
+        try:
+            return list(self.tokenizer.apply_chat_template(
+                [self._messages(m) for m in user_messages], tokenize=False, add_generation_prompt=True, **kwargs
+            ))
+        except TemplateError as err:
+            raise ValueError(f"the chat template refuses this prompt: {err}"
+                             + (" (drop the system prompt)" if self.system_prompt is not None else "")) from None
 
     def _template_affixes(self, user_message: str) -> tuple[str, str]:
         n = 0
@@ -243,7 +337,7 @@ class ChatFormatter:
         user = self._user_message(instruction, wrapper)
         prefix, suffix = self._template_affixes(user)
         text = self._render_raw(user)
-        return self._locate(instruction, wrapper, text, prefix, suffix)
+        return self._locate(instruction, wrapper, text, prefix, suffix, self._system_spans())
 
     def render_many(self, instructions: Sequence[str], *, wrapper: str | None = None) -> list[RenderedPrompt]:
         """:meth:`render` for many instructions, with one batched template call.
@@ -254,17 +348,33 @@ class ChatFormatter:
         """
         users = [self._user_message(x, wrapper) for x in instructions]
         prefix, suffix = self._template_affixes("")
+        system = self._system_spans()
         sentinel = _SENTINEL.format(n=0)
         out = []
         for x, user, text in zip(instructions, users, self._render_raw_many(users)):
             if sentinel in user or text != prefix + user + suffix:
                 out.append(self.render(x, wrapper=wrapper))
             else:
-                out.append(self._locate(x, wrapper, text, prefix, suffix))
+                out.append(self._locate(x, wrapper, text, prefix, suffix, system))
         return out
 
+    def render_items(self, items: Sequence[str | Conversation], *, wrapper: str | None = None) -> list[RenderedPrompt]:
+        """:meth:`render_many` for instructions and :meth:`render_conversation` for
+        conversations, in the order given."""
+        out: list[RenderedPrompt | None] = [None] * len(items)
+        plain = [i for i, x in enumerate(items) if not isinstance(x, Conversation)]
+        if len(plain) < len(items) and wrapper is not None:
+            raise ValueError("a wrapper applies to single instructions, not to conversations")
+        for i, r in zip(plain, self.render_many([items[i] for i in plain], wrapper=wrapper) if plain else []):
+            out[i] = r
+        for i, x in enumerate(items):
+            if isinstance(x, Conversation):
+                out[i] = self.render_conversation(x)
+        return out  # type: ignore[return-value]
+
     @staticmethod
-    def _locate(instruction: str, wrapper: str | None, text: str, prefix: str, suffix: str) -> RenderedPrompt:
+    def _locate(instruction: str, wrapper: str | None, text: str, prefix: str, suffix: str,
+                system: tuple[tuple[int, int], ...] = ()) -> RenderedPrompt:
         if not (text.startswith(prefix) and text.endswith(suffix)) or len(text) < len(prefix) + len(suffix):
             raise ValueError(
                 "the chat template rewrites the prompt around this instruction, so it cannot be "
@@ -283,7 +393,8 @@ class ChatFormatter:
             if at < 0:
                 raise ValueError("could not locate the instruction inside the wrapper")
             inner_end = start + at + len(inner)
-        return RenderedPrompt(text=text, inst_start=start, inst_end=end, inner_end=inner_end)
+        return RenderedPrompt(text=text, inst_start=start, inst_end=end, inner_end=inner_end,
+                              client=(*system, (start, end)))
 
     # --- encoding ----------------------------------------------------------------------
 
@@ -303,12 +414,16 @@ class ChatFormatter:
             raise TypeError("pass a list of instructions, not a single string")
         if len(instructions) == 0:
             raise ValueError("empty instruction list: pass at least one instruction")
-        rendered = self.render_many(instructions, wrapper=wrapper)
+        rendered = self.render_items(instructions, wrapper=wrapper)
         texts = [r.text if post_instruction else r.text[: r.inst_end] for r in rendered]
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
                              return_attention_mask=False)
-        rows = [self._positions(r, ids, offsets)
-                for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"])]
+        if self._specials is None:
+            self._specials = control_token_ids(self.tokenizer)
+        rows = []
+        for r, text, ids, offsets in zip(rendered, texts, enc["input_ids"], enc["offset_mapping"]):
+            ids, offsets = literal_client_text(self.tokenizer, text, ids, offsets, r.client, self._specials)
+            rows.append(self._positions(r, ids, offsets))
         longest = max(len(r.ids) for r in rows)
         if self.max_length is not None and longest > self.max_length:
             worst = max(range(len(rows)), key=lambda i: len(rows[i].ids))
