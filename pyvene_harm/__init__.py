@@ -15,6 +15,7 @@ from .analysis import (
 )
 from .beliefs import Beliefs, compute_beliefs, delta_harmful, delta_refuse
 from .collect import ActivationStats, collect_states, collect_stats
+from .conversation import Conversation
 from .data import apply_template, fingerprint, load_prompts, load_records, load_templates
 from .directions import DirectionSet, DirectionSetMismatch
 from .extract import Extraction, extract_directions
@@ -29,6 +30,7 @@ __all__ = [
     "ActivationStats",
     "Beliefs",
     "ChatFormatter",
+    "Conversation",
     "DirectionSet",
     "DirectionSetMismatch",
     "Extraction",

@@ -247,7 +247,9 @@ def fingerprint(prompts: Sequence[str]) -> str:
     """
     if isinstance(prompts, str):
         raise TypeError("fingerprint() takes a sequence of prompts, not one string; wrap it: [prompt]")
-    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
+    # a conversation counts by its messages (its repr is the tuple of (role, content) pairs)
+    return hashlib.sha256("\n".join(p if isinstance(p, str) else repr(p) for p in prompts)
+                          .encode("utf-8")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- reading

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata as importlib_metadata
@@ -21,7 +20,16 @@ import torch
 from torch import nn
 
 from .collect import ActivationStats
-from .io_utils import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .hub import hub_download, hub_upload, locate_artifact  # noqa: F401  (hub_download: re-exported)
+from .io_utils import (
+    atomic_save_tensors,
+    atomic_write_json,
+    check_finite,
+    check_tensors_digest,
+    load_tensors,
+    read_json,
+    tensors_digest,
+)
 
 __all__ = [
     "CENTROIDS",
@@ -233,8 +241,10 @@ class DirectionSet:
         tensors["direction.harmfulness"] = self.harmfulness
         tensors["direction.refusal"] = self.refusal
         atomic_save_tensors(directory / TENSORS_FILE, tensors)
-        # the JSON goes last: its presence means the folder is complete
-        atomic_write_json(directory / CONFIG_FILE, {**self.metadata, "format_version": FORMAT_VERSION})
+        # the JSON goes last: its presence means the folder is complete, its digest that the
+        # tensors beside it are the ones it was written with
+        atomic_write_json(directory / CONFIG_FILE, {**self.metadata, "format_version": FORMAT_VERSION,
+                                                    "tensors_sha256": tensors_digest(directory / TENSORS_FILE)})
         return directory
 
     @classmethod
@@ -247,7 +257,9 @@ class DirectionSet:
                 f"{directory} holds DirectionSet format {version!r}, newer than this library's "
                 f"{FORMAT_VERSION}: upgrade with pip install -U pyvene-harm"
             )
+        check_tensors_digest(directory, TENSORS_FILE, CONFIG_FILE, meta.pop("tensors_sha256", None))
         tensors = load_tensors(directory / TENSORS_FILE)
+        check_finite(tensors, directory / TENSORS_FILE)
         centroids = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("centroid.")}
         missing = sorted(set(CENTROIDS) - set(centroids))
         if missing:
@@ -258,44 +270,10 @@ class DirectionSet:
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None) -> DirectionSet:
         """Load from a local folder or a Hub repo id (honours ``HF_HUB_OFFLINE`` and the cache)."""
-        path = Path(name_or_path)
-        if path.is_dir():
-            return cls.load(path)
-        return cls.load(hub_download(str(name_or_path), [CONFIG_FILE, TENSORS_FILE],
-                                     revision=revision, cache_dir=cache_dir))
+        return cls.load(locate_artifact(name_or_path, [CONFIG_FILE, TENSORS_FILE], what="DirectionSet",
+                                        revision=revision, cache_dir=cache_dir))
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload pyvene-harm DirectionSet") -> str:
         """Upload to a Hub model repo (created if needed); returns the commit URL."""
         return hub_upload(self.save, repo_id, private=private, token=token, commit_message=commit_message)
-
-
-def hub_download(repo_id: str, files: Sequence[str], *, revision: str | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> Path:
-    """Fetch an artifact folder from the Hub (or its local cache when offline)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(files), revision=revision,
-                                      cache_dir=cache_dir))
-    except HFValidationError:
-        raise ValueError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id") from None
-    except LocalEntryNotFoundError:
-        raise ValueError(
-            f"{repo_id!r} is not a local folder and is not in the Hub cache while offline: "
-            "check the path, or go online / unset HF_HUB_OFFLINE"
-        ) from None
-    except OSError as err:
-        raise ValueError(f"could not fetch {repo_id!r} from the Hub: {err}") from None
-
-
-def hub_upload(save, repo_id: str, *, private: bool | None, token: str | None, commit_message: str) -> str:
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save(tmp)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
-    return str(getattr(info, "commit_url", info))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -14,7 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "load_tensors", "read_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "check_finite", "check_tensors_digest",
+           "load_tensors", "read_json", "tensors_digest"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -87,6 +89,34 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}): save or download the artifact again") from None
+
+
+def tensors_digest(path: str | os.PathLike) -> str:
+    """sha256 of a tensors file: recorded in the JSON written after it, so that a folder whose
+    tensors were replaced without its JSON (an interrupted save) is caught on loading."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_tensors_digest(folder: Path, tensors_file: str, config_file: str, recorded: Any) -> None:
+    """Raise when the tensors file is not the one ``config_file`` was written with."""
+    if recorded is None:  # written before digests were recorded
+        return
+    if not isinstance(recorded, str) or tensors_digest(folder / tensors_file) != recorded:
+        raise ValueError(f"{folder / tensors_file} is not the file {config_file} was saved with (its sha256 differs: "
+                         "an interrupted save or a partial copy): save or download the artifact again")
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: Any) -> None:
+    """Refuse NaN or infinite values, naming the tensor: a NaN centroid makes every cosine NaN,
+    and a guard that compares NaN with its threshold says 'harmless' to everything."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values: the artifact is corrupt, "
+                             "fit or download it again")
 
 
 def _jsonable(obj: Any) -> Any:

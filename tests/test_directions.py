@@ -75,6 +75,11 @@ def test_future_format_and_corruption(setup, tmp_path):
         DirectionSet.load(tmp_path / "d")
     ds.save(tmp_path / "e")
     (tmp_path / "e" / "directions.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        DirectionSet.load(tmp_path / "e")
+    # a folder written before digests were recorded still gets a clear error for a corrupt file
+    cfg = tmp_path / "e" / "directions.json"
+    cfg.write_text(json.dumps({k: v for k, v in json.loads(cfg.read_text()).items() if k != "tensors_sha256"}))
     with pytest.raises(ValueError, match="not a valid safetensors"):
         DirectionSet.load(tmp_path / "e")
 

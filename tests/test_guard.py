@@ -288,7 +288,7 @@ def test_load_errors(fitted, tmp_path):
         LatentGuard.load(tmp_path / "g")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LatentGuard.load(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="not a guard folder"):
+    with pytest.raises(FileNotFoundError, match="guard folder .* does not exist"):
         LatentGuard.from_pretrained(str(tmp_path / "missing"))
     ds_dir = tmp_path / "ds"
     ds_dir.mkdir()
@@ -299,7 +299,6 @@ def test_load_errors(fitted, tmp_path):
 
 def test_hub_paths_use_the_directionset_helpers(fitted, tmp_path, monkeypatch):
     import pyvene_harm.directions as directions
-    import pyvene_harm.guard.artifact as artifact
 
     fitted.save(tmp_path / "snapshot")
     asked = {}
@@ -308,7 +307,7 @@ def test_hub_paths_use_the_directionset_helpers(fitted, tmp_path, monkeypatch):
         asked.update(repo_id=repo_id, files=list(files), revision=revision)
         return tmp_path / "snapshot"
 
-    monkeypatch.setattr(artifact, "hub_download", fake_download)
+    monkeypatch.setattr("pyvene_harm.hub.hub_download", fake_download)
     back = LatentGuard.from_pretrained("someone/guard", revision="v1")
     assert asked == {"repo_id": "someone/guard", "files": ["guard.json", "guard.safetensors"], "revision": "v1"}
     assert np.array_equal(back.centroids_["harmful"], fitted.centroids_["harmful"])

@@ -194,7 +194,7 @@ def test_bad_options_stop_before_loading(fitted_guard, files, tmp_path, monkeypa
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
     fails([*fit, "--harmful", str(files / "harmful.jsonl"), "-o", str(tmp_path / "busy")], "something other")
-    fails(["guard", "score", "--guard", str(tmp_path / "nowhere"), "hi"], "not a guard folder")
+    fails(["guard", "score", "--guard", str(tmp_path / "nowhere"), "hi"], "does not exist")
     fails(["guard", "score", "--guard", str(out)], "nothing to score")
     fails(["guard", "score", "--guard", str(out), "hi", "--file", str(files / "mixed.txt")], "not both")
     fails(["guard", "score", "--guard", str(out), "--model", str(files / "other"), "hi"],

@@ -121,7 +121,7 @@ def test_loading_onto_a_model_that_does_not_fit(tmp_path):
     (folder / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unknown intervention type 'someone.else'"):
         load_intervention(folder, tiny("llama"))
-    with pytest.raises(ValueError, match="is not a folder"):
+    with pytest.raises(FileNotFoundError, match="intervention folder .* does not exist"):
         load_intervention(tmp_path / "missing" / "x", tiny("llama"))
 
 
@@ -135,7 +135,7 @@ def test_loading_from_the_hub_cache(tmp_path, monkeypatch):
         calls.append((repo_id, tuple(files), revision))
         return folder
 
-    monkeypatch.setattr("pyvene_harm.interventions.artifacts.hub_download", fake)
+    monkeypatch.setattr("pyvene_harm.hub.hub_download", fake)
     back = load_intervention("someone/refusal-steer", model, revision="main")
     assert back.coeff == 3.0 and calls == [("someone/refusal-steer", (CONFIG_FILE, TENSORS_FILE), "main")]
 

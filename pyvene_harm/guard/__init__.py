@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from .conversations import ConversationVerdict
 from .features import GuardMismatch
 from .generative import (
                          LLAMA_GUARD_3_CATEGORIES,
@@ -22,6 +23,7 @@ from .latent import UNCALIBRATED_TEMPERATURE, GuardReport, LatentGuard
 from .selection import Selection, ThresholdChoice, choose_threshold, layer_prefixes, layer_windows
 
 __all__ = [
+    "ConversationVerdict",
     "DEFAULT_REFUSAL",
     "GenerativeGuard",
     "GuardMismatch",

@@ -20,8 +20,17 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ..directions import CONFIG_FILE as DIRECTIONS_CONFIG
-from ..directions import hub_download, library_versions
-from ..io_utils import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from ..directions import library_versions
+from ..hub import locate_artifact
+from ..io_utils import (
+    atomic_save_tensors,
+    atomic_write_json,
+    check_finite,
+    check_tensors_digest,
+    load_tensors,
+    read_json,
+    tensors_digest,
+)
 from .features import PROVENANCE_KEYS, check_fits_model, resolve_states
 
 __all__ = ["CONFIG_FILE", "FORMAT_VERSION", "GuardArtifactMixin", "NOT_FITTED", "TENSORS_FILE", "load_guard",
@@ -39,8 +48,10 @@ _KNOWN = {
     "format_version", "kind", "states", "layers", "threshold", "classes", "categories", "calibration",
     "selection", "n_train", "fitted_on", "params", "versions", "created", "hidden_size", "model_id",
     "architecture", "num_layers", "chat_template_hash", "data", "system_prompt", "extra",
-    "method", "reads", "readout",
+    "method", "reads", "readout", "tensors_sha256",
 }
+RESERVED_CATEGORIES = ("harmful", "flagged")
+"""Names a harm category cannot take: the moderation response already uses them for the verdict."""
 
 
 class GuardArtifactMixin:
@@ -106,6 +117,7 @@ def set_fitted(guard: Any, *, states: Sequence[int], reads: Sequence[str], class
                calibration: dict | None = None, selection: dict | None = None, readout: Any = None) -> None:
     """Set every fitted attribute but ``centroids_`` (which the caller has set) in one place,
     so that fit, :meth:`~LatentGuard.from_directions` and loading cannot drift apart."""
+    check_category_names(categories)
     h = guard.centroids_["harmful"]
     guard.states_ = tuple(int(s) for s in states)
     guard.reads_ = tuple(str(r) for r in reads)
@@ -165,6 +177,7 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
     }
     if extra:
         config["extra"] = {**meta.get("extra", {}), **extra}
+    config["tensors_sha256"] = tensors_digest(directory / TENSORS_FILE)
     atomic_write_json(directory / CONFIG_FILE, config)
     return directory
 
@@ -189,7 +202,13 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
     if unknown:
         warnings.warn(f"{directory / CONFIG_FILE}: ignoring unknown keys {unknown} (written by a newer "
                       "pyvene-harm?)", stacklevel=3)
+    absent = [k for k in ("states", "classes") if k not in meta]
+    if absent:
+        raise ValueError(f"{directory / CONFIG_FILE} lacks {absent}: the artifact is incomplete, save it again")
+    check_tensors_digest(directory, TENSORS_FILE, CONFIG_FILE, meta.get("tensors_sha256"))
     tensors = load_tensors(directory / TENSORS_FILE)
+    check_finite(tensors, directory / TENSORS_FILE)
+    _check_finite_numbers(meta, directory / CONFIG_FILE)
     missing = [k for k in ("centroid.harmful", "centroid.harmless") if k not in tensors]
     names = list(meta.get("categories") or [])
     missing += [f"category.{i}" for i in range(len(names)) if f"category.{i}" not in tensors]
@@ -234,13 +253,31 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
     return guard
 
 
+def _check_finite_numbers(meta: Mapping[str, Any], where: Path) -> None:
+    """The numbers that decide a verdict must be finite: a threshold of Infinity, or a NaN one,
+    would let every prompt through. JSON readers accept ``NaN`` and ``Infinity``; this does not."""
+    fields = {"threshold": meta.get("threshold"), "params.threshold": (meta.get("params") or {}).get("threshold")}
+    for k, v in (meta.get("calibration") or {}).items():
+        fields[f"calibration.{k}"] = v
+    for name, v in fields.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise ValueError(f"{where}: {name} is {v!r}, not a finite number: the artifact is corrupt or was edited; "
+                             "fit the guard again or restore its guard.json")
+
+
+def check_category_names(names: Sequence[str]) -> None:
+    """Refuse category names the moderation response uses for the verdict itself."""
+    clash = sorted({str(n) for n in names} & set(RESERVED_CATEGORIES))
+    if clash:
+        raise ValueError(f"category names {clash} collide with the moderation verdict's own fields: rename them "
+                         f"(e.g. '{clash[0]}_content')")
+
+
 def locate(name_or_path: str | os.PathLike, *, revision: str | None = None,
            cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local guard folder, or the Hub snapshot of a repo id."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path} is not a guard folder: give the folder written by "
-                                "LatentGuard.save or `pyvene-harm guard fit --out`, or a Hub repo id")
-    return hub_download(str(name_or_path), [CONFIG_FILE, TENSORS_FILE], revision=revision, cache_dir=cache_dir)
+    """A local guard folder, or the Hub snapshot of an ``org/name`` repo id (never a Hub lookup
+    for a path that merely does not exist: :func:`~pyvene_harm.hub.locate_artifact`)."""
+    return locate_artifact(name_or_path, [CONFIG_FILE, TENSORS_FILE], what="guard", revision=revision,
+                           cache_dir=cache_dir)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..collect import collect_states
+from ..conversation import Conversation
 from ..directions import DirectionSetMismatch, model_provenance
 from ..positions import ChatFormatter
 
@@ -43,20 +44,22 @@ class GuardMismatch(DirectionSetMismatch):
     """
 
 
-def as_prompts(X: Any) -> list[str] | None:
+def as_prompts(X: Any) -> list[str | Conversation] | None:
     """``X`` as a list of prompts, or None when it is (meant to be) a numeric array of states.
 
-    Raises on the inputs that are surely mistakes: one bare string (which would otherwise be
-    read as a list of characters), an empty list, and a list mixing strings with other things.
+    A prompt is an instruction string or a :class:`~pyvene_harm.conversation.Conversation`
+    (read at its last user message). Raises on the inputs that are surely mistakes: one bare
+    string (which would otherwise be read as a list of characters), an empty list, and a list
+    mixing prompts with other things.
     """
     if isinstance(X, str):
         raise TypeError(f"pass a list of prompts, not one string: use [{X[:40]!r}]")
     if isinstance(X, (list, tuple)):
         if len(X) == 0:
             raise ValueError("empty prompt list: pass at least one prompt (or an array of states)")
-        if not any(isinstance(x, str) for x in X):
+        if not any(isinstance(x, (str, Conversation)) for x in X):
             return None
-        bad = next((i for i, x in enumerate(X) if not isinstance(x, str)), None)
+        bad = next((i for i, x in enumerate(X) if not isinstance(x, (str, Conversation))), None)
         if bad is not None:
             raise TypeError(f"prompt {bad} is a {type(X[bad]).__name__}, not a str: "
                             "pass a list of prompt strings")

@@ -124,8 +124,16 @@ class LinearReadout:
         if missing:
             raise ValueError(f"the guard's tensors lack {missing}: the artifact is incomplete, save it again")
         get = lambda k: tensors[k].to(torch.float64).numpy()  # noqa: E731
-        return cls(mean=get("readout.mean"), scale=get("readout.scale"), coef=get("readout.coef"),
-                   intercept=float(config["intercept"]), C=float(config["C"]), cv=config.get("cv"))
+        intercept = config.get("intercept")
+        if isinstance(intercept, bool) or not isinstance(intercept, (int, float)) or not np.isfinite(intercept):
+            raise ValueError(f"the guard's readout.intercept is {intercept!r}, not a finite number: the artifact is "
+                             "corrupt or was edited; fit the guard again")
+        scale = get("readout.scale")
+        if not (scale > 0).all():
+            raise ValueError("the guard's tensor 'readout.scale' holds zeros or negative values (scores would be "
+                             "infinite): the artifact is corrupt; fit the guard again")
+        return cls(mean=get("readout.mean"), scale=scale, coef=get("readout.coef"),
+                   intercept=float(intercept), C=float(config.get("C") or 0.0), cv=config.get("cv"))
 
 
 def _principal_directions(z: np.ndarray, w: np.ndarray | None, rank: int | None) -> np.ndarray | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..directions import hub_download
+from ..hub import locate_artifact
 from ..io_utils import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 __all__ = ["CONFIG_FILE", "FORMAT_VERSION", "TENSORS_FILE", "read_artifact", "write_artifact"]
@@ -45,14 +45,8 @@ def write_artifact(directory: str | os.PathLike, config: Mapping[str, Any],
 
 def _resolve(name_or_path: str | os.PathLike, revision: str | None,
              cache_dir: str | os.PathLike | None) -> Path:
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    text = str(name_or_path)
-    # a Hub id is "owner/name"; anything else that is not a folder is a local path gone wrong
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or isinstance(name_or_path, Path):
-        raise ValueError(f"{text} is not a folder: pass a folder written by .save() or a Hub repo id")
-    return hub_download(text, [CONFIG_FILE, TENSORS_FILE], revision=revision, cache_dir=cache_dir)
+    return locate_artifact(name_or_path, [CONFIG_FILE, TENSORS_FILE], what="intervention", revision=revision,
+                           cache_dir=cache_dir)
 
 
 def read_artifact(name_or_path: str | os.PathLike, *, revision: str | None = None,
