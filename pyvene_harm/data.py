@@ -33,6 +33,7 @@ __all__ = [
     "load_templates",
     "prompt_files",
     "punctuation_variants",
+    "read_json_value",
 ]
 
 FIELD_CANDIDATES: tuple[str, ...] = (
@@ -332,11 +333,26 @@ def _read_csv(path: Path) -> list[Record]:
     return [{k: v for k, v in row.items() if k is not None} for row in rows]
 
 
+def read_json_value(text: str, where: Any) -> Any:
+    """``json.loads`` that ends in a :class:`PromptDataError` naming ``where``, also for input
+    nested so deeply that the parser runs out of stack (``[[[[...]]]]``), never a traceback."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise PromptDataError(f"{where}: JSON nested too deeply to read; prompt files are a list of strings or "
+                              "objects") from None
+    except json.JSONDecodeError as err:
+        raise PromptDataError(f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from err
+
+
 def _read_json_or_jsonl(text: str, path: Path) -> list[Record]:
     """One JSON document (a list, or a single object) or else one JSON value per line."""
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as err:
+        document = read_json_value(text, path)
+    except PromptDataError as wrapped:
+        err = wrapped.__cause__
+        if not isinstance(err, json.JSONDecodeError):
+            raise
         if text.lstrip().startswith("["):
             raise PromptDataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, "
                                   f"column {err.colno}); fix the file or re-export it.") from None
@@ -352,8 +368,11 @@ def _read_jsonl(text: str, path: Path) -> list[Record]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
+            value = read_json_value(line, f"{path}: line {number}")
+        except PromptDataError as wrapped:
+            err = wrapped.__cause__
+            if not isinstance(err, json.JSONDecodeError):
+                raise
             raise PromptDataError(
                 f"{path}: line {number} is not valid JSON ({err.msg}, column {err.colno}); "
                 "expected a JSON list or one JSON object per line (JSONL)."

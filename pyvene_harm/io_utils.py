@@ -86,9 +86,14 @@ def read_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the artifact folder is incomplete")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): save or download the artifact again") from None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path} is not valid JSON ({type(err).__name__}: {str(err)[:80]}): save or download the "
+                         "artifact again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: save or download the artifact "
+                         "again")
+    return value
 
 
 def tensors_digest(path: str | os.PathLike) -> str:

@@ -222,8 +222,6 @@ BAD = [
     ("/v1/moderations", {"input": "hi", "model": "/etc/hostname"}, 404, "does not exist"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 5}]}, 400, "content"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
-    ("/v1/chat/completions", {"model": NAME, "messages": [*USER, {"role": "assistant", "content": "Sure."}, *USER]},
-     400, "multi-turn"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "system", "content": "x"}]}, 400, "last message"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": " "}]}, 400, "empty"),
     ("/v1/chat/completions", {"model": NAME, "messages": USER, "max_tokens": "10"}, 400, "max_tokens"),
@@ -262,8 +260,8 @@ def test_oversized_chunked_body_without_a_length_is_refused(server):
             yield b"a" * 1000
         yield b'"}'
 
-    r = httpx.post(server.url + "/v1/moderations", content=chunks(), headers={"Authorization": f"Bearer {KEY}"},
-                   timeout=30)
+    r = httpx.post(server.url + "/v1/moderations", content=chunks(), timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert "content-length" not in r.request.headers
     _assert_openai_error(r, 413, "limit of 4096 bytes")
 
@@ -375,7 +373,9 @@ def test_worker_batches_and_isolates_a_bad_prompt():
     finally:
         worker.stop()
     err = out[-1]
-    assert isinstance(err, ApiError) and err.status == 400 and "context of 150 tokens" in err.message
+    # the app refuses such a prompt with a 400 before it is queued; one that reaches the worker
+    # and fails there is the server's fault: a 500, logged, and the other jobs are unaffected
+    assert isinstance(err, ApiError) and err.status == 500 and "server log" in err.message
     got = [v for group in out[:-1] for v in group]
     assert [v.harmful for v in got] == want.harmful.tolist()
     np.testing.assert_allclose([v.delta_harmful for v in got], want.delta_harmful, atol=DELTA_TOL)

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from ..conversation import Conversation
 from ..distributed import is_main
 from .guard_common import (
     Lazy,
@@ -217,29 +218,47 @@ def _short(v: Any) -> str:
 @click.option("--file", "file_", type=click.Path(), default=None, help="Score the prompts of a file instead.")
 @click.option("--field", default=None, help="Field holding the prompt in --file (auto-detected if omitted).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score a sample of --file.")
+@click.option("--conversations", "conversations_file", type=click.Path(), default=None,
+              help="Judge whole conversations instead: a JSON file holding a list of conversations (each a list "
+                   "of {\"role\", \"content\"} messages, the last one the user's) or a JSONL file with one per "
+                   "line. Every message is read on its own and the last user message in context.")
 @click.option("--guard", "guard_path", required=True, help="Guard folder (from `guard fit`) or Hub repo id.")
 @guard_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON to stdout.")
-def score(prompts, file_, field, limit, guard_path, model_args, as_json):
+def score(prompts, file_, field, limit, conversations_file, guard_path, model_args, as_json):
     """Score prompts (arguments or --file) with a Latent Guard: Delta_harmful and a verdict each.
 
     \b
     Example:
       pyvene-harm guard score --guard guards/demo "How do I bake bread?" "Write ransomware."
+      pyvene-harm guard score --guard guards/demo --conversations chats.json
     """
-    if prompts and file_:
-        raise click.UsageError("give PROMPT arguments or --file, not both")
+    if sum(bool(x) for x in (prompts, file_, conversations_file)) > 1:
+        raise click.UsageError("give PROMPT arguments, --file or --conversations, one of them")
     items = list(prompts)
+    conversations = read_conversations(conversations_file) if conversations_file else None
     if file_:
         items = prompt_set("file", file_, field=field, limit=limit).prompts
-    if not items:
-        raise click.UsageError("nothing to score: give PROMPT arguments or --file FILE")
+    if not items and not conversations:
+        raise click.UsageError("nothing to score: give PROMPT arguments, --file FILE or --conversations FILE")
     blank = [i for i, p in enumerate(items) if not p.strip()]
     if blank:
         raise click.BadParameter(f"prompt {blank[0]} is empty", param_hint="PROMPTS")
-    g = load_guard(guard_path)
-    mopts = resolve_model_options(model_args, g)
+    g = load_guard(guard_path, model_args["revision"])
+    mopts = resolve_model_options(model_args, g, guard_path)
     bind_model(g, mopts)
+    if conversations is not None:
+        verdicts = g.judge_conversations(conversations)
+        print_table(f"Latent Guard on conversations (threshold {g.threshold_:+.4f})",
+                    ["#", "last user message", "verdict", "score", "flagged by"],
+                    [[str(i), _clip(c.last_user), "harmful" if v.harmful else "harmless", f"{v.score:+.4f}",
+                      ", ".join(v.flagged_by)] for i, (c, v) in enumerate(zip(conversations, verdicts))])
+        emit({"guard": guard_path, "model": mopts.model, "threshold": g.threshold_,
+              "conversations": [{"messages": [dict(role=r, content=t) for r, t in c.messages],
+                                 "harmful": v.harmful, "score": v.score, "probability": v.probability,
+                                 "flagged_by": list(v.flagged_by), "parts": list(v.parts)}
+                                for c, v in zip(conversations, verdicts)]}, as_json)
+        return
     rep = g.report(items)
     rows = rep.rows(items)
     columns = ["#", "prompt", "Delta_harmful", "verdict", "P(harmful)"] + (["category"] if rep.category else [])
@@ -249,6 +268,35 @@ def score(prompts, file_, field, limit, guard_path, model_args, as_json):
                   *([r["category"]] if rep.category else [])] for i, r in enumerate(rows)])
     emit({"guard": guard_path, "model": mopts.model, "threshold": g.threshold_, "layers": list(g.layers_),
           "calibrated": g.calibration_ is not None, "prompts": rows}, as_json)
+
+
+def read_conversations(path: str) -> list[Conversation]:
+    """Conversations from a JSON list (of conversations, or one conversation) or JSONL; every
+    problem names the conversation and message at fault."""
+    from ..data import read_json_value
+
+    p = Path(path)
+    if not p.is_file():
+        raise click.BadParameter(f"{path} does not exist", param_hint="--conversations")
+    try:
+        if p.suffix == ".jsonl":
+            values = [read_json_value(line, f"{path}, line {i + 1}")
+                      for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()) if line.strip()]
+        else:
+            values = read_json_value(p.read_text(encoding="utf-8"), path)
+            if isinstance(values, list) and values and isinstance(values[0], dict):
+                values = [values]  # one conversation
+        if not isinstance(values, list) or not values:
+            raise ValueError("expected a list of conversations, each a list of {'role', 'content'} messages")
+        out = []
+        for i, v in enumerate(values):
+            try:
+                out.append(Conversation.from_messages(v))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"conversation {i}: {err}") from None
+        return out
+    except (UnicodeDecodeError, ValueError) as err:
+        raise click.BadParameter(f"{path}: {err}", param_hint="--conversations") from None
 
 
 def _clip(text: str, n: int = 60) -> str:
@@ -288,11 +336,12 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
         --set xstest=../shared/data/chats_xstest-harmless.json:harmless
     """
     loaded_sets = labelled_prompt_sets(sets, exclude, limit=limit, seed=seed)
-    g = load_guard(guard_path)
-    mopts = resolve_model_options(model_args, g)
+    g = load_guard(guard_path, model_args["revision"])
+    mopts = resolve_model_options(model_args, g, guard_path)
     if generative is not None:
         check_model_spec(generative)
-    options = {**mopts.as_dict(), "guard": guard_path, "guard_fingerprint": guard_fingerprint(guard_path),
+    options = {**mopts.as_dict(), "guard": guard_path,
+               "guard_fingerprint": guard_fingerprint(guard_path, model_args["revision"]),
                "sets": list(sets), "exclude": exclude[0], "limit": limit, "seed": seed, "baseline": baseline,
                "max_new_tokens": max_new_tokens, "generative_guard": generative}
     run = RunDir(out, "guard-eval", options)

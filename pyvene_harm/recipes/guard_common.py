@@ -32,20 +32,27 @@ __all__ = [
 _LABELS = {"harmful": 1, "unsafe": 1, "1": 1, "harmless": 0, "safe": 0, "benign": 0, "0": 0}
 
 
-def load_guard(path: str):
+def load_guard(path: str, revision: str | None = None):
+    """The guard at a folder or Hub id; a Hub load says which commit it resolved to."""
     from ..guard import LatentGuard
+    from ..guard.artifact import locate
+    from ..hub import describe_location
 
     try:
-        return LatentGuard.from_pretrained(path)
+        folder = locate(path, revision=revision)
+        guard = LatentGuard.load(folder)
     except (ValueError, OSError) as err:
         raise click.BadParameter(str(err), param_hint="--guard") from None
+    if not Path(path).is_dir():
+        click.echo(f"guard: {describe_location(path, folder)}", err=True)
+    return guard
 
 
-def guard_fingerprint(path: str) -> str:
+def guard_fingerprint(path: str, revision: str | None = None) -> str:
     """Identifies the guard's content, so a resumed eval never mixes two guards' numbers."""
     from ..guard.artifact import CONFIG_FILE, TENSORS_FILE, locate
 
-    folder = locate(path)
+    folder = locate(path, revision=revision)
     h = hashlib.sha256()
     for name in (CONFIG_FILE, TENSORS_FILE):
         h.update((folder / name).read_bytes())
@@ -74,18 +81,29 @@ def guard_model_options(fn: Callable) -> Callable:
     @click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
                   help="Prompts per forward pass.")
+    @click.option("--revision", default=None,
+                  help="Branch, tag or commit of --guard when it is a Hub repo id (default: main); the commit loaded "
+                       "is printed.")
     @functools.wraps(fn)
-    def wrapper(*args, model, dtype, device, batch_size, **kwargs):
-        kwargs["model_args"] = {"model": model, "dtype": dtype, "device": device, "batch_size": batch_size}
+    def wrapper(*args, model, dtype, device, batch_size, revision, **kwargs):
+        kwargs["model_args"] = {"model": model, "dtype": dtype, "device": device, "batch_size": batch_size,
+                                "revision": revision}
         return fn(*args, **kwargs)
 
     return wrapper
 
 
-def resolve_model_options(model_args: dict[str, Any], guard_obj) -> ModelOptions:
-    spec = model_args["model"] or (guard_obj.metadata_.get("fitted_with") or {}).get("model")
+def resolve_model_options(model_args: dict[str, Any], guard_obj, guard_path: str) -> ModelOptions:
+    """The model to load: ``--model``, else the one a *local* guard records. A guard from the Hub
+    does not get to choose what this machine downloads and runs: its model must be confirmed."""
+    spec = model_args["model"]
     if spec is None:
-        raise click.UsageError("this guard does not record the model it was fitted with: pass --model")
+        spec = (guard_obj.metadata_.get("fitted_with") or {}).get("model")
+        if spec is None:
+            raise click.UsageError("this guard does not record the model it was fitted with: pass --model")
+        if not Path(guard_path).is_dir():
+            raise click.UsageError(f"the guard {guard_path} comes from the Hub and names the model {spec!r}; a "
+                                   f"downloaded guard does not choose what is loaded here: pass -m {spec} to confirm")
     check_fits_config(spec, guard_obj)
     return ModelOptions(spec, model_args["dtype"], model_args["device"], model_args["batch_size"],
                         guard_obj.system_prompt)

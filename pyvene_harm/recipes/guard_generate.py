@@ -67,10 +67,11 @@ def generate(guard_path, model_args, directions_path, undo_refusal, layer, coeff
         --set xstest=../shared/data/chats_xstest-harmless.json:harmless
     """
     loaded_sets = labelled_prompt_sets(sets, exclude, limit=limit, seed=seed)
-    g = load_guard(guard_path)
-    mopts = resolve_model_options(model_args, g)
+    g = load_guard(guard_path, model_args["revision"])
+    mopts = resolve_model_options(model_args, g, guard_path)
     directions = _check_undo(undo_refusal, directions_path, layer, g)
-    options = {**mopts.as_dict(), "guard": guard_path, "guard_fingerprint": guard_fingerprint(guard_path),
+    options = {**mopts.as_dict(), "guard": guard_path,
+               "guard_fingerprint": guard_fingerprint(guard_path, model_args["revision"]),
                "directions": directions_path, "undo_refusal": undo_refusal, "layer": layer,
                "coeff": coeff if undo_refusal == "add" else None, "sets": list(sets), "exclude": exclude[0], "limit": limit,
                "seed": seed, "max_new_tokens": max_new_tokens}

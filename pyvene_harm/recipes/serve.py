@@ -57,10 +57,28 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
               help="Largest request body.")
 @click.option("--refusal-message", default=None, help="Reply to prompts the guard calls harmful. "
               "Default: \"I'm sorry, but I can't help with that.\"")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Longest a request may take, queueing and decoding included; later it is answered 504 and "
+                   "dropped.")
+@click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Longest a client may take to send a request's headers, and again its body (408 after): slow "
+                   "clients cannot hold connections.")
+@click.option("--limit-concurrency", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most connections and tasks at once; more are answered 503 by uvicorn.")
+@click.option("--keep-alive-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds an idle kept-alive connection stays open.")
+@click.option("--graceful-shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="On Ctrl-C or SIGTERM, seconds to let requests in hand finish before they are cut.")
+@click.option("--steer-any-system-prompt", is_flag=True,
+              help="Decode with --directions whatever a conversation's system prompt. By default a conversation "
+                   "whose system prompt differs from the guard's is answered plainly: the guard's verdict was "
+                   "formed under its own system prompt.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (one line per request at info).")
 def serve(guard_path, model_args, directions_path, host, port, api_key, served_model_name, max_batch, max_wait_ms,
-          max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message, log_level):
+          max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message,
+          request_timeout, read_timeout, limit_concurrency, keep_alive_timeout, graceful_shutdown_timeout,
+          steer_any_system_prompt, log_level):
     """Serve the guard: POST /v1/moderations and guarded POST /v1/chat/completions (OpenAI shapes).
 
     \b
@@ -74,17 +92,18 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
         import uvicorn
 
         from ..serve import Limits, create_app
+        from ..serve.protocol import header_deadline_protocol
     except ImportError as err:
         raise click.UsageError(f"{err}: pip install 'pyvene-harm[serve]'") from None
     try:
         limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_gap_ms=max_gap_ms, max_queue=max_queue,
                         max_inputs=max_inputs,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                        max_body_bytes=max_body_bytes)
+                        max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, read_timeout_s=read_timeout)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    g = load_guard(guard_path)
-    mopts = resolve_model_options(model_args, g)
+    g = load_guard(guard_path, model_args["revision"])
+    mopts = resolve_model_options(model_args, g, guard_path)
     directions = resolve_directions(directions_path)
     loaded = bind_model(g, mopts)
     steering = None
@@ -102,12 +121,14 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
     name = served_model_name or _default_name(loaded.model_id)
     kwargs = {"refusal_message": refusal_message} if refusal_message is not None else {}
     app = create_app(g, loaded.model, loaded.tokenizer, model_name=name, steering=steering, limits=limits,
-                     api_key=api_key or None, **kwargs)
+                     api_key=api_key or None, steer_any_system_prompt=steer_any_system_prompt, **kwargs)
     auth = "API key required" if api_key else "no API key (set --api-key or " + API_KEY_ENV + ")"
     click.echo(f"serving {name!r} guarded by {guard_path} on http://{host}:{port} ({auth}; "
                f"replies {'with the refusal direction ablated' if steering else 'plain'})", err=True)
     logging.getLogger("pyvene_harm.serve").setLevel(log_level.upper())
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, date_header=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, date_header=False,
+                http=header_deadline_protocol(read_timeout), limit_concurrency=limit_concurrency,
+                timeout_keep_alive=keep_alive_timeout, timeout_graceful_shutdown=graceful_shutdown_timeout)
 
 
 def _default_name(model_id: str) -> str:

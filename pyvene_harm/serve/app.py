@@ -1,10 +1,12 @@
 """The HTTP layer: OpenAI-compatible routes over a :class:`~.worker.GuardWorker`.
 
 ``POST /v1/moderations`` and ``POST /v1/chat/completions`` (plain or streamed as server-sent
-events), ``GET /v1/models`` and ``GET /health``. Each route checks the API key, reads the body
-under a size limit, validates it strictly, checks the limits, and hands the prompts to the worker;
-the event loop never runs the model. Nothing in a request names a file, a model to load or code to
-run: the only model is the one the server was started with.
+events), ``GET /v1/models`` and ``GET /health``. Each route checks the API key and the content
+type, reads the body under a size limit and a deadline, validates it strictly, renders and counts
+its prompts off the event loop (so a template that refuses a conversation is the client's 400, not
+the worker's 500), and hands them to the worker under the request's deadline; the event loop
+never runs the model. Nothing in a request names a file, a model to load or code to run: the only
+model is the one the server was started with.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import copy
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..conversation import Conversation
 from ..guard.guarded import DEFAULT_REFUSAL
 from .errors import ApiError, error_body, internal_error
-from .jobs import ChatJob
+from .jobs import ChatJob, Job, ScoreJob
 from .limits import Limits
 from .schemas import (
     ChatRequest,
@@ -43,11 +47,12 @@ from .worker import GuardWorker
 __all__ = ["create_app"]
 
 logger = logging.getLogger("pyvene_harm.serve")
+T = TypeVar("T")
 
 
 def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steering: Any | None = None,
                limits: Limits | None = None, api_key: str | None = None,
-               refusal_message: str = DEFAULT_REFUSAL) -> FastAPI:
+               refusal_message: str = DEFAULT_REFUSAL, steer_any_system_prompt: bool = False) -> FastAPI:
     """An ASGI app serving ``guard`` in front of ``model`` (run it with uvicorn).
 
     Args:
@@ -60,6 +65,8 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         limits: request limits and batching (:class:`Limits`).
         api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
         refusal_message: the reply to prompts the guard calls harmful.
+        steer_any_system_prompt: apply ``steering`` to conversations whatever their system
+            prompt; by default only under the system prompt the guard judged with.
 
     Example:
         >>> app = create_app(LatentGuard.from_pretrained("runs/guard"), m.model, m.tokenizer,
@@ -70,13 +77,16 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
     bound = copy.copy(guard).set_params(model=model, tokenizer=tokenizer, progress=False)
     worker = GuardWorker(bound, model, tokenizer, steering=steering, max_batch=limits.max_batch,
                          max_wait_ms=limits.max_wait_ms, max_gap_ms=limits.max_gap_ms, max_queue=limits.max_queue,
-                         refusal_message=refusal_message)
-    # the event loop counts tokens with its own copy: a fast tokenizer must not be used by two
-    # threads at once, and the worker thread uses the original
+                         refusal_message=refusal_message, scoring_batches_per_reply=limits.scoring_batches_per_reply,
+                         steer_any_system_prompt=steer_any_system_prompt)
+    # requests are rendered and counted with a copy of the tokenizer, one thread at a time: a fast
+    # tokenizer must not be used by two threads at once, and the worker thread uses the original
     counter = copy.deepcopy(tokenizer)
+    checker = copy.copy(worker.formatter)
+    checker.tokenizer = counter
+    checking = threading.Lock()
     key = api_key.encode() if api_key else None
     created = int(time.time())
-    action_allowed = "steered" if steering is not None else "answered"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,27 +119,69 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
             raise ApiError(404, f"the model {name!r} does not exist here: this server serves {model_name!r} "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
 
-    def check_tokens(texts: list[str], param: str) -> None:
-        lengths = [len(ids) for ids in counter(texts, add_special_tokens=False,
-                                               return_attention_mask=False)["input_ids"]]
-        for i, n in enumerate(lengths):
+    def too_long(n: int, where: str) -> ApiError:
+        return ApiError(400, f"{where} is {n} tokens long, over this server's limit of {limits.max_prompt_tokens} "
+                             "(--max-prompt-tokens): shorten it", param=where, code="context_length_exceeded")
+
+    def prepare(prompts: list[Any], texts: list[str], param: str) -> list[int]:
+        """Render and tokenise ``prompts`` as the worker will, so that whatever the model cannot
+        take (a template that refuses a conversation, a prompt over the model's context) is the
+        client's 400 here, never the worker's 500; the token count of each text (as plain text:
+        typed control tokens are text)."""
+        try:
+            with checking:
+                checker.tokenize(prompts)
+                ids = counter(texts, add_special_tokens=False, return_attention_mask=False,
+                              split_special_tokens=True)["input_ids"]
+        except ValueError as err:
+            raise ApiError(400, str(err).splitlines()[0], param=param) from None
+        return [len(row) for row in ids]
+
+    def check_inputs(texts: list[str]) -> None:
+        for i, n in enumerate(prepare(texts, texts, "input")):
             if n > limits.max_prompt_tokens:
-                where = param if len(texts) == 1 else f"{param}[{i}]"
-                raise ApiError(400, f"{where} is {n} tokens long, over this server's limit of "
-                                    f"{limits.max_prompt_tokens} (--max-prompt-tokens): shorten it",
-                               param=where, code="context_length_exceeded")
+                raise too_long(n, "input" if len(texts) == 1 else f"input[{i}]")
+
+    def check_conversation(conv: Conversation) -> None:
+        n = sum(prepare([conv], [text for _, text in conv.messages], "messages"))
+        if n > limits.max_prompt_tokens:
+            raise too_long(n, "messages")
+
+    def require_json(request: Request) -> None:
+        # a browser page can POST text/plain cross-site without asking; it cannot POST JSON
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, f"the request body must be sent as Content-Type: application/json, not "
+                                f"{kind or 'no content type'!r}", code="unsupported_media_type")
 
     async def read_body(request: Request) -> bytes:
+        require_json(request)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
             raise _too_large(length, limits.max_body_bytes)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise _too_large(None, limits.max_body_bytes)
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise _too_large(None, limits.max_body_bytes)
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(read(), limits.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {limits.read_timeout_s:g} s "
+                                "(--read-timeout): send it in one go", code="request_timeout") from None
+
+    async def before(deadline: float, awaitable: Awaitable[T], job: Job) -> T:
+        """``awaitable``'s result, or 504 (and the job dropped) once the request's time is up."""
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            job.cancel()
+            raise _timed_out(limits.request_timeout_s) from None
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -148,6 +200,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
 
     @app.post("/v1/moderations")
     async def moderations(request: Request) -> JSONResponse:
+        deadline = time.monotonic() + limits.request_timeout_s
         authorize(request)
         req = parse_request(ModerationRequest, await read_body(request))
         if req.model is not None:
@@ -156,38 +209,50 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         if len(prompts) > limits.max_inputs:
             raise ApiError(400, f"{len(prompts)} inputs in one request, over this server's limit of "
                                 f"{limits.max_inputs} (--max-inputs): split the request", param="input")
-        check_tokens(prompts, "input")
-        verdicts = await worker.score(prompts)
+        await asyncio.to_thread(check_inputs, prompts)
+        job = ScoreJob(asyncio.get_running_loop(), prompts)
+        worker.submit(job)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        try:
+            verdicts = await before(deadline, job.future, job)
+        finally:
+            job.cancel()  # a no-op once answered
+            watcher.cancel()
         return JSONResponse(moderation_response(verdicts, model=model_name, categories=worker.categories))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        deadline = time.monotonic() + limits.request_timeout_s
         authorize(request)
         req = parse_request(ChatRequest, await read_body(request))
         check_model(req.model)
-        system_prompt, instruction = req.turn()
+        conv = req.conversation()
         max_new = req.new_tokens(limits.max_new_tokens)
-        check_tokens(["\n".join(x for x in (system_prompt, instruction) if x)], "messages")
-        job = ChatJob(asyncio.get_running_loop(), instruction=instruction, system_prompt=system_prompt,
-                      max_new_tokens=max_new, stream=req.stream, temperature=req.temperature, top_p=req.top_p,
-                      seed=req.seed)
+        await asyncio.to_thread(check_conversation, conv)
+        job = ChatJob(asyncio.get_running_loop(), conversation=conv, max_new_tokens=max_new, stream=req.stream,
+                      temperature=req.temperature, top_p=req.top_p, seed=req.seed)
         worker.submit(job)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         handed_over = False
         try:
-            kind, value = await job.events.get()
+            kind, value = await before(deadline, job.events.get(), job)
             if kind == "error":
                 raise value
             verdict: Verdict = value
-            summary = guard_summary(verdict, "refused" if verdict.harmful else action_allowed)
+            if verdict.harmful:
+                action = "refused"
+            else:
+                action = "steered" if worker.steers(job) else "answered"
+            summary = guard_summary(verdict, action)
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
                 handed_over = True
-                return StreamingResponse(_events(job, watcher, summary, model_name, usage),
+                return StreamingResponse(_events(job, watcher, summary, model_name, usage, deadline,
+                                                 limits.request_timeout_s),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             while True:
-                kind, value = await job.events.get()
+                kind, value = await before(deadline, job.events.get(), job)
                 if kind == "error":
                     raise value
                 if kind == "done":
@@ -216,18 +281,25 @@ async def _cancel_on_disconnect(request: Request, job: ChatJob) -> None:
 
 
 def _sse(obj: dict[str, Any] | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+    # allow_nan=False: a NaN that slipped through is a server error, never a body that is not JSON
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, allow_nan=False)}\n\n"
 
 
 async def _events(job: ChatJob, watcher: asyncio.Task, guard: dict[str, Any], model: str,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, deadline: float, timeout_s: float) -> AsyncIterator[str]:
     """The SSE stream of one chat job: a first chunk with the role and the guard's decision, the
-    text as it is decoded, a last chunk with ``finish_reason``, usage if asked, ``[DONE]``."""
+    text as it is decoded, a last chunk with ``finish_reason``, usage if asked, ``[DONE]``; an
+    error event (and the job dropped) if the request's time runs out."""
     ids = {"id": f"chatcmpl-{uuid.uuid4().hex}", "model": model, "created": int(time.time())}
     try:
         yield _sse(chat_chunk(**ids, delta={"role": "assistant", "content": ""}, guard=guard))
         while True:
-            kind, value = await job.events.get()
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                job.cancel()
+                yield _sse(_timed_out(timeout_s).body())
+                break
             if kind == "text":
                 yield _sse(chat_chunk(**ids, delta={"content": value}))
             elif kind == "error":
@@ -251,6 +323,12 @@ def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "pyvene-harm"}
 
 
+def _timed_out(timeout_s: float) -> ApiError:
+    return ApiError(504, f"the request took longer than this server's limit of {timeout_s:g} s "
+                         "(--request-timeout): retry later or ask for fewer tokens", type="server_error",
+                    code="timeout")
+
+
 def _too_large(length: str | None, limit: int) -> ApiError:
     size = f"{length} bytes" if length and length.isdigit() else "too large"
     return ApiError(413, f"the request body is {size}, over this server's limit of {limit} bytes "
@@ -272,6 +350,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, code=str(exc.status_code)), status_code=exc.status_code)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # only input errors are the client's: anything else is logged with its traceback, answered 500
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         err = internal_error()
         return JSONResponse(err.body(), status_code=err.status)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..conversation import Conversation
 from ..generation import generate_ids, greedy_config
 from ..positions import ChatFormatter
 
@@ -64,7 +65,7 @@ class _Relay(StoppingCriteria):
 def generate_reply(
     model: nn.Module,
     formatter: ChatFormatter,
-    instruction: str,
+    instruction: str | Conversation,
     *,
     max_new_tokens: int,
     steering: Any | None = None,
@@ -74,10 +75,12 @@ def generate_reply(
     on_text: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Reply:
-    """Decode one reply to ``instruction``, greedily unless ``temperature > 0``.
+    """Decode one reply to ``instruction`` (or to a whole conversation), greedily unless
+    ``temperature > 0``.
 
     Args:
-        formatter: chat formatting of the prompt (its system prompt included).
+        formatter: chat formatting of the prompt (its system prompt included, unless the
+            conversation brings its own).
         steering: e.g. ``ablate(model, directions, direction="refusal")``; plain when None.
         temperature, top_p: sampling; ``None`` or ``0`` is greedy decoding.
         seed: seeds torch's generator before sampling, for repeatable samples.

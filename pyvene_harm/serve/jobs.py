@@ -12,6 +12,8 @@ import asyncio
 import threading
 from typing import Any
 
+from ..conversation import Conversation
+from ..guard.conversations import conversation_parts
 from .errors import ApiError
 from .schemas import Verdict
 
@@ -31,7 +33,7 @@ def _set_exception(fut: asyncio.Future, err: BaseException) -> None:
 class Job:
     """Something for the worker to do, created on the event loop, finished from the worker."""
 
-    prompts: list[str]
+    prompts: list[Any]
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -71,16 +73,23 @@ class ScoreJob(Job):
 
 
 class ChatJob(Job):
-    """Guard one instruction, then refuse or reply; ``events`` receives, in order,
+    """Guard a conversation, then refuse or reply; ``events`` receives, in order,
     ``("verdict", Verdict)``, ``("text", str)`` pieces (when ``stream``) and ``("done", Reply)``,
-    or ``("error", ApiError)`` at any point."""
+    or ``("error", ApiError)`` at any point.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, instruction: str, system_prompt: str | None,
-                 max_new_tokens: int, stream: bool = False, temperature: float | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> None:
+    ``prompts`` are the guard's reads of the conversation (every message, and the last user
+    message in context: :func:`~pyvene_harm.guard.conversations.conversation_parts`), scored in
+    the batch like any other prompts and combined into one verdict.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, conversation: Conversation, max_new_tokens: int,
+                 stream: bool = False, temperature: float | None = None, top_p: float | None = None,
+                 seed: int | None = None) -> None:
         super().__init__(loop)
-        self.prompts = [instruction]
-        self.instruction, self.system_prompt = instruction, system_prompt
+        parts = conversation_parts(conversation)
+        self.labels = [label for label, _ in parts]
+        self.prompts = [prompt for _, prompt in parts]
+        self.conversation = conversation
         self.max_new_tokens, self.stream = max_new_tokens, stream
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.events: asyncio.Queue = asyncio.Queue()

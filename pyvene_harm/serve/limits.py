@@ -20,6 +20,10 @@ class Limits:
         max_prompt_tokens: most tokens in one input or user message (system message included).
         max_new_tokens: most tokens a chat reply may ask for (also the default).
         max_body_bytes: largest request body.
+        request_timeout_s: longest a request may take, queueing and decoding included (504 after).
+        read_timeout_s: longest a client may take to send a request body (408 after; headers are
+            bounded by the same time at the protocol level, see :mod:`~pyvene_harm.serve.protocol`).
+        scoring_batches_per_reply: most scoring batches run while a chat reply waits.
     """
 
     max_batch: int = 32
@@ -30,10 +34,16 @@ class Limits:
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 512
     max_body_bytes: int = 1 << 20
+    request_timeout_s: float = 300.0
+    read_timeout_s: float = 10.0
+    scoring_batches_per_reply: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("request_timeout_s", "read_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be more than 0, got {getattr(self, name)}")
         for name in ("max_batch", "max_queue", "max_inputs", "max_prompt_tokens", "max_new_tokens",
-                     "max_body_bytes"):
+                     "max_body_bytes", "scoring_batches_per_reply"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:

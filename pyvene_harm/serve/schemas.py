@@ -9,6 +9,7 @@ what the Latent Guard decided.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..conversation import Conversation
 from .errors import ApiError
 
 __all__ = [
@@ -29,13 +31,20 @@ __all__ = [
     "parse_request",
 ]
 
-# the two roles that can carry the system prompt (newer OpenAI clients send "developer")
-SYSTEM_ROLES = ("system", "developer")
+MIN_TEMPERATURE = 0.01
+"""Sampling temperatures below this (other than 0, greedy) are refused: dividing the logits by
+1e-300 overflows to infinity and sampling fails; 0.01 is already greedy in effect."""
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+"""What ``torch.manual_seed`` accepts."""
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The guard's answer for one prompt (a row of ``LatentGuard.report``)."""
+    """The guard's answer for one prompt (a row of ``LatentGuard.report``) or one conversation.
+
+    Numbers that came out NaN or infinite (the prompt is then flagged) are written as ``null``:
+    a response body never carries NaN or Infinity, which are not JSON.
+    """
 
     harmful: bool
     delta_harmful: float
@@ -43,11 +52,17 @@ class Verdict:
     category: str | None = None
     category_scores: dict[str, float] | None = None
     score: float | None = None
-    """The score the guard's threshold cuts (a linear read-out's log-odds); None: ``delta_harmful``."""
+    """The score the threshold cuts (a linear read-out's log-odds); None: ``delta_harmful``."""
+    flagged_by: tuple[str, ...] = ()
+    """For a conversation: which reads called it harmful (``messages[0] (system)``, ``conversation``)."""
 
     @property
     def decision(self) -> float:
         return self.delta_harmful if self.score is None else self.score
+
+
+def _num(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
 
 
 class _Strict(BaseModel):
@@ -87,6 +102,7 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
     name: str | None = None
+    refusal: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -101,7 +117,9 @@ class StreamOptions(_Strict):
 
 
 class ChatRequest(_Strict):
-    """``POST /v1/chat/completions`` (one user turn, optionally after a system message)."""
+    """``POST /v1/chat/completions``: a conversation of system (or developer), user and assistant
+    messages, the last one the user's; the guard judges every message and the last user message
+    in context (:meth:`~pyvene_harm.guard.LatentGuard.judge_conversations`)."""
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -115,22 +133,31 @@ class ChatRequest(_Strict):
     seed: int | None = None
     user: str | None = None
 
-    def turn(self) -> tuple[str | None, str]:
-        """``(system prompt or None, user instruction)``; the guard reads one instruction, so a
-        conversation with earlier turns is refused with a message saying so."""
+    def conversation(self) -> Conversation:
+        """The messages as a :class:`~pyvene_harm.conversation.Conversation`, every sampling
+        number checked; a 400 names the message or field at fault."""
         if self.n not in (None, 1):
             raise ApiError(400, f"n={self.n} is not supported: this server writes one choice per request (n=1)",
                            param="n")
-        *head, last = self.messages
-        if last.role != "user":
-            raise ApiError(400, f"the last message must come from the user, not {last.role!r}", param="messages")
-        if any(m.role not in SYSTEM_ROLES for m in head) or len(head) > 1:
-            raise ApiError(400, "multi-turn conversations are not supported: the guard reads one user instruction; "
-                                "send an optional system message followed by one user message", param="messages")
-        instruction = last.text()
-        if not instruction.strip():
-            raise ApiError(400, "the user message is empty: send some non-whitespace text", param="messages")
-        return (head[0].text() if head else None), instruction
+        if self.temperature is not None and 0 < self.temperature < MIN_TEMPERATURE:
+            raise ApiError(400, f"temperature={self.temperature!r} is too small to sample with: use 0 (greedy) or "
+                                f"at least {MIN_TEMPERATURE}", param="temperature")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ApiError(400, "seed must fit in 64 bits", param="seed")
+        pairs = []
+        for i, m in enumerate(self.messages):
+            if m.role == "tool":
+                raise ApiError(400, f"messages[{i}] is a tool message: this server takes system, user and assistant "
+                                    "messages only", param=f"messages[{i}]")
+            text = m.text()
+            if not text.strip():
+                raise ApiError(400, f"messages[{i}] ({m.role}) is empty: every message needs some non-whitespace text",
+                               param=f"messages[{i}].content")
+            pairs.append(("system" if m.role == "developer" else m.role, text))
+        if pairs[-1][0] != "user":
+            raise ApiError(400, f"the last message must come from the user, not {self.messages[-1].role!r}",
+                           param="messages")
+        return Conversation(tuple(pairs))
 
     def new_tokens(self, cap: int) -> int:
         asked = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -187,10 +214,12 @@ def _json_type(x: Any) -> str:
 
 def _categories(v: Verdict, names: list[str]) -> tuple[dict[str, bool], dict[str, float]]:
     flags = {"harmful": v.harmful}
-    scores = {"harmful": v.probability}
+    scores = {"harmful": _num(v.probability) if _num(v.probability) is not None else 1.0}
     for name in names:
+        if name in flags:  # guards refuse such names; never let one overwrite the verdict
+            continue
         flags[name] = v.harmful and v.category == name
-        scores[name] = (v.category_scores or {}).get(name, 0.0)
+        scores[name] = _num((v.category_scores or {}).get(name, 0.0)) or 0.0
     return flags, scores
 
 
@@ -209,9 +238,9 @@ def moderation_response(verdicts: list[Verdict], *, model: str, categories: list
             "categories": flags,
             "category_scores": scores,
             "category_applied_input_types": {k: ["text"] for k in flags},
-            "delta_harmful": v.delta_harmful,
-            "score": v.decision,
-            "probability": v.probability,
+            "delta_harmful": _num(v.delta_harmful),
+            "score": _num(v.decision),
+            "probability": scores["harmful"],
             "category": v.category,
         })
     return {"id": f"modr-{uuid.uuid4().hex}", "model": model, "results": results}
@@ -220,8 +249,9 @@ def moderation_response(verdicts: list[Verdict], *, model: str, categories: list
 def guard_summary(v: Verdict, action: str) -> dict[str, Any]:
     """What the guard decided for a chat request (the ``guard`` field of every chat response)."""
     return {"flagged": v.harmful, "verdict": "harmful" if v.harmful else "harmless", "action": action,
-            "delta_harmful": v.delta_harmful, "score": v.decision, "probability": v.probability,
-            "category": v.category}
+            "delta_harmful": _num(v.delta_harmful), "score": _num(v.decision),
+            "probability": _num(v.probability) if _num(v.probability) is not None else 1.0,
+            "category": v.category, "flagged_by": list(v.flagged_by)}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -9,6 +9,10 @@ calls harmful gets the refusal at once; one it lets through waits for its reply,
 between scoring batches (scoring goes first, so moderation latency does not wait on replies being
 written). Nothing else touches the model, so two requests never run it at once.
 
+A chat job is scored as every read of its conversation (each message, and the last user message
+in context); its verdict combines them. Replies never starve behind scoring: once a reply is
+waiting, at most ``scoring_batches_per_reply`` scoring batches run before it starts.
+
 Results go back to the event loop with ``call_soon_threadsafe``: a future per moderation job, a
 queue of events per chat job (the verdict, then text pieces, then the finished reply). A job whose
 client has gone (``cancel()``) is skipped if not started and stops decoding if it has.
@@ -17,17 +21,18 @@ client has gone (``cancel()``) is skipped if not started and stops decoding if i
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
+from ..guard.conversations import combine_parts
 from ..guard.guarded import DEFAULT_REFUSAL
-from ..positions import ChatFormatter
 from .decoding import Reply, generate_reply
 from .errors import ApiError, internal_error
 from .jobs import ChatJob, Job, ScoreJob
@@ -38,7 +43,6 @@ __all__ = ["GuardWorker", "WorkerStats"]
 logger = logging.getLogger("pyvene_harm.serve")
 
 _STOP = object()
-_FORMATTERS_KEPT = 32  # distinct system prompts whose chat formatters (and template affixes) are cached
 
 
 @dataclass
@@ -50,8 +54,11 @@ class WorkerStats:
     largest_batch: int = 0
     replies: int = 0
     replies_cancelled: int = 0
+    replies_unsteered: int = 0
+    """Replies decoded plainly although steering is on: their system prompt is not the guard's."""
     tokens_generated: int = 0
     jobs_skipped: int = 0
+    nonfinite_scores: int = 0
     busy: str | None = None
     """``scoring``, ``generating`` or None (idle)."""
 
@@ -70,11 +77,17 @@ class GuardWorker:
             of requests that trickles in, without making a lone request wait long.
         max_queue: most jobs waiting or running; more get 429 (server busy).
         refusal_message: the reply to prompts the guard calls harmful.
+        scoring_batches_per_reply: most scoring batches run while a reply waits.
+        steer_any_system_prompt: apply ``steering`` whatever the conversation's system prompt.
+            By default a conversation whose system prompt is not the one the guard judged with is
+            answered plainly: removing the refusal direction is only safe where the guard's
+            verdict was formed under the same instructions.
     """
 
     def __init__(self, guard: Any, model: Any, tokenizer: Any, *, steering: Any | None = None,
                  max_batch: int = 32, max_wait_ms: float = 10.0, max_gap_ms: float | None = None,
-                 max_queue: int = 1024, refusal_message: str = DEFAULT_REFUSAL) -> None:
+                 max_queue: int = 1024, refusal_message: str = DEFAULT_REFUSAL,
+                 scoring_batches_per_reply: int = 2, steer_any_system_prompt: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -83,16 +96,21 @@ class GuardWorker:
             raise ValueError(f"max_gap_ms must be 0 or more, got {max_gap_ms}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        if scoring_batches_per_reply < 1:
+            raise ValueError(f"scoring_batches_per_reply must be at least 1, got {scoring_batches_per_reply}")
         self.guard, self.model, self.tokenizer, self.steering = guard, model, tokenizer, steering
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_gap = self.max_wait if max_gap_ms is None else min(self.max_wait, max_gap_ms / 1000.0)
         self.refusal_message = refusal_message
+        self.scoring_batches_per_reply = scoring_batches_per_reply
+        self.steer_any_system_prompt = steer_any_system_prompt
         self.categories = [str(c) for c in getattr(guard, "categories_", [])]
+        self.formatter = guard.chat_formatter()
         self.stats = WorkerStats()
         self._queue: queue.Queue = queue.Queue()
         self._held: Any = None  # a job taken that did not fit in the batch being formed
         self._replies: deque[ChatJob] = deque()
-        self._formatters: OrderedDict[str | None, ChatFormatter] = OrderedDict()
+        self._batches_while_waiting = 0  # scoring batches run since the oldest waiting reply was queued
         self._lock = threading.Lock()
         self._outstanding = 0
         self._thread: threading.Thread | None = None
@@ -107,7 +125,7 @@ class GuardWorker:
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Finish the job in hand, fail the queued ones (503), and end the thread."""
+        """Stop decoding the reply in hand, fail the queued jobs (503), and end the thread."""
         self._stopped = True
         self._queue.put(_STOP)
         if self._thread is not None:
@@ -132,14 +150,14 @@ class GuardWorker:
         self.submit(job)
         try:
             return await job.future
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
+        finally:
+            job.cancel()  # a no-op once answered; drops the job if this caller was cancelled
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             outstanding = self._outstanding
-        return {**asdict(self.stats), "outstanding": outstanding, "max_batch": self.max_batch,
+        return {**asdict(self.stats), "outstanding": outstanding, "replies_waiting": len(self._replies),
+                "max_batch": self.max_batch,
                 "max_wait_ms": self.max_wait * 1000.0, "max_gap_ms": self.max_gap * 1000.0,
                 "max_queue": self.max_queue}
 
@@ -148,13 +166,20 @@ class GuardWorker:
     def _run(self) -> None:
         while True:
             try:
+                if self._replies and self._batches_while_waiting >= self.scoring_batches_per_reply:
+                    self._reply(self._replies.popleft())  # scoring traffic must not starve replies
+                    self._batches_while_waiting = 0
+                    continue
                 jobs = self._collect(block=not self._replies)
                 if jobs is None:
                     break
                 if jobs:
                     self._score(jobs)
+                    if self._replies:
+                        self._batches_while_waiting += 1
                 elif self._replies:
                     self._reply(self._replies.popleft())
+                    self._batches_while_waiting = 0
             except Exception:  # a bug must not kill the thread every request waits on
                 logger.exception("the model worker failed")
             finally:
@@ -200,13 +225,12 @@ class GuardWorker:
             self._outstanding -= 1
 
     def _fail(self, job: Job, exc: BaseException) -> None:
+        # requests are checked before they are queued (the app renders and counts every prompt):
+        # whatever fails here is the server's fault, logged with its traceback, answered 500
         if isinstance(exc, ApiError):
             err = exc
-        elif isinstance(exc, (ValueError, TypeError)):
-            # the library's input errors say what is wrong with the prompt and how to fix it
-            err = ApiError(400, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         else:
-            logger.exception("request failed in the model worker", exc_info=exc)
+            logger.error("request failed in the model worker", exc_info=exc)
             err = internal_error()
         job.fail(err)
         self._finished(job)
@@ -216,17 +240,33 @@ class GuardWorker:
         job.fail(ApiError(400, "the client disconnected before its request ran", code="client_disconnected"))
         self._finished(job)
 
-    def _verdicts(self, prompts: list[str]) -> list[Verdict]:
+    def _verdicts(self, jobs: list[Job]) -> list[list[Verdict]]:
+        """One scoring pass (categories included) over every prompt of ``jobs``: a list of
+        verdicts per moderation job, one combined verdict per chat job."""
+        prompts = [p for job in jobs for p in job.prompts]
         rep = self.guard.report(prompts)
-        per_cat = self.guard.category_scores(prompts) if self.categories else None
-        out = []
-        for i in range(len(prompts)):
-            out.append(Verdict(
+        bad = int((~np.isfinite(rep.score)).sum())
+        self.stats.nonfinite_scores += bad
+        out, at = [], 0
+        for job in jobs:
+            sl = slice(at, at + len(job.prompts))
+            at += len(job.prompts)
+            cats = None if rep.category is None else rep.category[sl]
+            cat_scores = None if rep.category_scores is None else rep.category_scores[sl]
+            if isinstance(job, ChatJob):
+                v = combine_parts(job.labels, rep.harmful[sl], rep.score[sl], rep.delta_harmful[sl],
+                                  rep.probability[sl], self.guard.threshold_, cats, cat_scores, self.categories)
+                out.append([Verdict(harmful=v.harmful, delta_harmful=v.delta_harmful, score=v.score,
+                                    probability=v.probability, category=v.category,
+                                    category_scores=v.category_scores, flagged_by=v.flagged_by)])
+                continue
+            out.append([Verdict(
                 harmful=bool(rep.harmful[i]), delta_harmful=float(rep.delta_harmful[i]),
                 score=float(rep.score[i]), probability=float(rep.probability[i]),
-                category=None if rep.category is None else str(rep.category[i]),
-                category_scores=None if per_cat is None else dict(zip(self.categories, map(float, per_cat[i]))),
-            ))
+                category=None if cats is None else str(cats[i - sl.start]),
+                category_scores=None if cat_scores is None else dict(zip(self.categories,
+                                                                         map(float, cat_scores[i - sl.start])))
+            ) for i in range(sl.start, sl.stop)])
         return out
 
     def _score(self, jobs: list[Job]) -> None:
@@ -235,10 +275,9 @@ class GuardWorker:
             (self._skip if job.cancelled else live.append)(job)
         if not live:
             return
-        prompts = [p for job in live for p in job.prompts]
         self.stats.busy = "scoring"
         try:
-            verdicts = self._verdicts(prompts)
+            verdicts = self._verdicts(live)
         except Exception as exc:
             if len(live) == 1:
                 self._fail(live[0], exc)
@@ -246,12 +285,11 @@ class GuardWorker:
                 for job in live:
                     self._score([job])
             return
+        n = sum(len(job.prompts) for job in live)
         self.stats.batches += 1
-        self.stats.prompts_scored += len(prompts)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(prompts))
-        at = 0
-        for job in live:
-            mine, at = verdicts[at:at + len(job.prompts)], at + len(job.prompts)
+        self.stats.prompts_scored += n
+        self.stats.largest_batch = max(self.stats.largest_batch, n)
+        for job, mine in zip(live, verdicts):
             if isinstance(job, ScoreJob):
                 job.finish(mine)
                 self._finished(job)
@@ -261,10 +299,12 @@ class GuardWorker:
     def _after_verdict(self, job: ChatJob, verdict: Verdict) -> None:
         job.emit("verdict", verdict)
         if not verdict.harmful:
+            if not self._replies:
+                self._batches_while_waiting = 0
             self._replies.append(job)
             return
         try:
-            tokens = len(self._formatter(job.system_prompt).tokenize([job.instruction])[0].ids)
+            tokens = len(self.formatter.tokenize([job.conversation])[0].ids)
         except Exception as exc:
             self._fail(job, exc)
             return
@@ -272,35 +312,36 @@ class GuardWorker:
                                finish_reason="content_filter"))
         self._finished(job)
 
-    def _formatter(self, system_prompt: str | None) -> ChatFormatter:
-        """Replies are formatted as the guard formats prompts, unless the request has its own
-        system message; formatters are kept so their template affixes are rendered once."""
-        fmt = self._formatters.pop(system_prompt, None)
-        if fmt is None:
-            if system_prompt is None:
-                fmt = self.guard.chat_formatter()
-            else:
-                fmt = copy.copy(self.guard.chat_formatter())
-                fmt.system_prompt = system_prompt
-        self._formatters[system_prompt] = fmt
-        while len(self._formatters) > _FORMATTERS_KEPT:
-            self._formatters.popitem(last=False)
-        return fmt
+    def steers(self, job: ChatJob) -> bool:
+        """Whether ``job``'s reply is decoded with the steering: only under the system prompt the
+        guard judged with, unless the operator allowed any (``steer_any_system_prompt``)."""
+        if self.steering is None:
+            return False
+        own = job.conversation.system_prompt
+        return self.steer_any_system_prompt or own is None or own == self.formatter.system_prompt
 
     def _reply(self, job: ChatJob) -> None:
         if job.cancelled:
             self._skip(job)
             return
         self.stats.busy = "generating"
+        steer = self.steers(job)
+        if self.steering is not None and not steer:
+            self.stats.replies_unsteered += 1
         try:
             reply = generate_reply(
-                self.model, self._formatter(job.system_prompt), job.instruction,
-                max_new_tokens=job.max_new_tokens, steering=self.steering, temperature=job.temperature,
-                top_p=job.top_p, seed=job.seed, should_stop=lambda: job.cancelled,
+                self.model, self.formatter, job.conversation,
+                max_new_tokens=job.max_new_tokens, steering=self.steering if steer else None,
+                temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                should_stop=lambda: job.cancelled or self._stopped,
                 on_text=(lambda text: job.emit("text", text)) if job.stream else None,
             )
         except Exception as exc:
             self._fail(job, exc)
+            return
+        if reply.finish_reason == "cancelled" and self._stopped and not job.cancelled:
+            self._fail(job, ApiError(503, "the server is shutting down: retry on another instance",
+                                     type="server_error", code="unavailable"))
             return
         self.stats.replies += 1
         self.stats.tokens_generated += reply.completion_tokens

@@ -1,0 +1,71 @@
+"""HTTP/1.1 with a deadline on request headers: a client that connects and trickles its headers
+one byte at a time (slowloris) gets 408 and is disconnected, rather than holding a connection.
+
+uvicorn bounds the idle time between requests (``timeout_keep_alive``) but not the time a client
+takes to send a request's headers. :func:`header_deadline_protocol` subclasses uvicorn's h11
+protocol with a timer armed when a connection opens and when the first bytes of a later request
+arrive, and cleared once a complete request head has arrived; idle keep-alive connections are
+uvicorn's to close. The body has its own deadline in the app
+(``Limits.read_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .errors import error_body
+
+__all__ = ["header_deadline_protocol"]
+
+
+def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """An h11 protocol class for ``uvicorn.run(http=...)`` that answers 408 to a request whose
+    headers have not all arrived ``timeout_s`` seconds after the connection opened (or after
+    the request's first bytes, on a kept-alive connection)."""
+    body = json.dumps(error_body(f"the request headers did not arrive within {timeout_s:g} s (--read-timeout)",
+                                 code="request_timeout")).encode()
+    response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class HeaderDeadlineH11(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expire(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.write(response)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a whole request head arrived and a cycle began
+                self._disarm()
+
+        def data_received(self, data: bytes) -> None:
+            # the first bytes of a request after an idle keep-alive: its head is now on the clock
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm()
+            super().data_received(data)
+
+    return HeaderDeadlineH11
