@@ -25,12 +25,21 @@ class LazyGroup(click.Group):
         from .distributed import launched
 
         if not launched():
-            return super().invoke(ctx)
+            return self._invoke(ctx)
         # torchrun / accelerate launch: the whole command is one data-parallel session
         from .recipes.launch import rank_session
 
         with rank_session(ctx.params["dist_timeout"]):
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context):
+        # a model that cannot be loaded is the user's to fix: its one-line message, not a traceback
+        from .models import ModelLoadError
+
+        try:
             return super().invoke(ctx)
+        except ModelLoadError as err:
+            raise click.ClickException(str(err)) from None
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name, cmd, rest = super().resolve_command(ctx, args)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..generation import greedy_config
+from ..literal_text import control_token_ids, literal_client_text
 from ..progress import progress_bar
 
 __all__ = [
@@ -167,6 +168,7 @@ class GenerativeGuard:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.progress = progress
+        self._specials = None
 
     def format_prompt(self, prompt: str) -> str:
         """The exact text the guard model reads for one user prompt."""
@@ -179,12 +181,21 @@ class GenerativeGuard:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
 
-    def _check(self, prompts: Sequence[str]) -> list[str]:
+    def _check(self, prompts: Sequence[str]) -> list[tuple[str, tuple[tuple[int, int], ...]]]:
+        """Each prompt's guard text with the span the prompt takes in it (read as plain text)."""
         if isinstance(prompts, str):
             raise TypeError(f"pass a list of prompts, not one string: use [{prompts[:40]!r}]")
         if len(prompts) == 0:
             raise ValueError("empty prompt list: pass at least one prompt")
-        return [self.format_prompt(p) for p in prompts]
+        out = []
+        for p in prompts:
+            text = self.format_prompt(p)
+            mark = "\ue000PVH0\ue001" if "\ue000" not in p else "\ue001PVH1\ue002"
+            probe = self.format_prompt(mark)
+            head, _, tail = probe.partition(mark)
+            where = ((len(head), len(head) + len(p)),) if text == head + p + tail else ()
+            out.append((text, where))
+        return out
 
     def _pad(self, seqs: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         """Left-pad token lists (without touching the caller's tokenizer settings)."""
@@ -200,9 +211,15 @@ class GenerativeGuard:
         device = next(self.model.parameters()).device
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
-    def _ids(self, text: str) -> list[int]:
-        # the rendered text carries its own special tokens (BOS included)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _ids(self, item: tuple[str, tuple[tuple[int, int], ...]]) -> list[int]:
+        # the rendered text carries its own special tokens (BOS included); control-token strings
+        # typed in the prompt stay text, so a prompt cannot close the guard's task and fake a verdict
+        text, client = item
+        if self._specials is None:
+            self._specials = control_token_ids(self.tokenizer)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return literal_client_text(self.tokenizer, text, enc["input_ids"], enc["offset_mapping"], client,
+                                   self._specials)[0]
 
     def classify(self, prompts: Sequence[str]) -> list[GuardVerdict]:
         """Greedy-decode a few tokens per prompt and parse each answer."""

@@ -117,12 +117,19 @@ def parse_layers(text: str | None, n_states: int | None = None) -> list[int] | N
             part = part.strip()
             if "-" in part:
                 a, b = part.split("-", 1)
+                if int(b) < int(a):
+                    raise click.BadParameter(f"layer range {part!r} runs backwards: write it low-high, e.g. "
+                                             f"{b.strip()}-{a.strip()}", param_hint="--layers")
                 out.update(range(int(a), int(b) + 1))
             else:
                 out.add(int(part))
+    except click.BadParameter:
+        raise
     except ValueError:
         raise click.BadParameter(f"cannot read layers {text!r}: use e.g. all, 0-12, 3,5,7",
                                  param_hint="--layers") from None
+    if not out:
+        raise click.BadParameter(f"no layers in {text!r}: use e.g. all, 0-12, 3,5,7", param_hint="--layers")
     if n_states is not None:
         bad = [x for x in sorted(out) if not 0 <= x < n_states]
         if bad:

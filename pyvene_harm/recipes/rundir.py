@@ -2,7 +2,12 @@
 
 A recipe opens a :class:`RunDir` with its full configuration. If the folder already holds a
 run with a different configuration, it refuses before any model is loaded; if it holds the
-same configuration, finished units are read back instead of recomputed (resume).
+same configuration, finished units are read back instead of recomputed (resume). The config
+also records a fingerprint of every prompt file its options name (``inputs``): a file edited
+between a run and its resumption would otherwise mix old units with new prompts.
+
+CSV cells that a spreadsheet would run as a formula (text starting with ``=``, ``+``, ``-``,
+``@``, a tab or a carriage return) are written with a leading ``'``: prompts are untrusted text.
 
 Under a multi-rank launch only rank 0 touches the folder: it decides what is stored and
 shares that (and each unit's value) with the other ranks, so all ranks take the same path.
@@ -11,6 +16,8 @@ shares that (and each unit's value) with the other ranks, so all ranks take the 
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import io
 import json
 import os
@@ -56,8 +63,8 @@ class RunDir:
     def __init__(self, path: str | os.PathLike, command: str, options: dict[str, Any],
                  free: Sequence[str] = ()) -> None:
         self.path = Path(path)
-        self.config = {"command": command, "options": _plain(options), "versions": library_versions(),
-                       "platform": platform.platform()}
+        self.config = {"command": command, "options": _plain(options), "inputs": input_fingerprints(options),
+                       "versions": library_versions(), "platform": platform.platform()}
         self._free = set(free)
         on_main(self._open)
 
@@ -65,6 +72,12 @@ class RunDir:
         cfg = self.path / "config.json"
         if cfg.exists():
             old = read_json(cfg)
+            changed = [f for f, digest in (old.get("inputs") or {}).items()
+                       if f in self.config["inputs"] and self.config["inputs"][f] != digest]
+            if changed:
+                raise RunDirConflict(
+                    f"{self.path} was run on another version of {changed[0]} (its content changed since: "
+                    f"{len(changed)} file(s) differ): restore the file, or choose another --out folder")
             diffs = _differences(old, self.config, self._free)
             if diffs:
                 raise RunDirConflict(
@@ -156,8 +169,66 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(v: Any) -> Any:
-    return f"{v:.6g}" if isinstance(v, float) else v
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, str) and v.startswith(_FORMULA_START) and not _is_number(v):
+        return "'" + v  # a spreadsheet would run it as a formula
+    return v
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def input_fingerprints(options: dict[str, Any]) -> dict[str, str]:
+    """``{file: sha256[:16]}`` of every prompt file the options name: a path, a ``NAME=FILE``
+    or ``NAME=FILE:LABEL`` spec, a folder or glob of prompt files, or a list of those."""
+    from ..data import PROMPT_SUFFIXES
+
+    found: dict[str, str] = {}
+
+    def files_of(text: str) -> list[str]:
+        path = Path(text).expanduser()
+        if path.is_file():
+            return [text] if path.suffix.lower() in PROMPT_SUFFIXES else []
+        if path.is_dir():
+            return sorted(str(f) for f in path.iterdir() if f.suffix.lower() in PROMPT_SUFFIXES and f.is_file())
+        if any(c in text for c in "*?["):
+            return sorted(f for f in glob.glob(str(path)) if Path(f).suffix.lower() in PROMPT_SUFFIXES)
+        return []
+
+    def visit(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, str) and v and len(v) < 4096:
+            tail = v.split("=", 1)[1] if "=" in v else v
+            for text in {v, tail, tail.rsplit(":", 1)[0], *tail.split("+")}:
+                for f in files_of(text):
+                    if f not in found:
+                        found[f] = _digest(f)
+
+    visit(options)
+    return dict(sorted(found.items()))
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _plain(obj: Any) -> Any:
