@@ -16,11 +16,12 @@ tokens (all ordinary traffic) keep the one batched tokenizer call.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["control_token_ids", "literal_client_text"]
+__all__ = ["control_token_ids", "control_token_pattern", "literal_client_text"]
 
 Span = tuple[int, int]
 
@@ -32,6 +33,16 @@ def control_token_ids(tokenizer) -> np.ndarray:
         if getattr(tok, "special", False):
             ids.add(int(i))
     return np.array(sorted(ids), dtype=np.int64)
+
+
+def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
+    """A regex matching any of the tokenizer's special-token strings (longest first), or None
+    when it has none: what a text that fakes chat turns is split at."""
+    names = {getattr(t, "content", str(t)) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+             if getattr(t, "special", False)}
+    names |= set(getattr(tokenizer, "all_special_tokens", None) or [])
+    names = sorted((n for n in names if n), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names))) if names else None
 
 
 def literal_client_text(tokenizer, text: str, ids: list[int], offsets: Sequence[Span],

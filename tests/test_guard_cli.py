@@ -196,7 +196,7 @@ def test_bad_options_stop_before_loading(fitted_guard, files, tmp_path, monkeypa
     fails([*fit, "--harmful", str(files / "harmful.jsonl"), "-o", str(tmp_path / "busy")], "something other")
     fails(["guard", "score", "--guard", str(tmp_path / "nowhere"), "hi"], "does not exist")
     fails(["guard", "score", "--guard", str(out)], "nothing to score")
-    fails(["guard", "score", "--guard", str(out), "hi", "--file", str(files / "mixed.txt")], "not both")
+    fails(["guard", "score", "--guard", str(out), "hi", "--file", str(files / "mixed.txt")], "one of them")
     fails(["guard", "score", "--guard", str(out), "--model", str(files / "other"), "hi"],
           "has 2 decoder layers but the guard was fitted on a model with 3")
     fails(["guard", "eval", "--guard", str(out), "--set", "nofile", "-o", str(tmp_path / "e")], "NAME=FILE")

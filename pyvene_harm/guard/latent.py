@@ -30,6 +30,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, colu
 from ..collect import check_reads
 from ..conversation import as_conversation
 from ..directions import model_provenance
+from ..literal_text import control_token_pattern
 from ..positions import ChatFormatter
 from . import artifact
 from .conversations import ConversationVerdict, combine_parts, conversation_parts
@@ -419,9 +420,10 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
 
         Each conversation is a list of ``{"role", "content"}`` messages (system / developer,
         user, assistant; the last one the user's) or a :class:`~pyvene_harm.conversation.Conversation`.
-        Every message is read on its own, as an instruction, and the last user message after the
-        whole conversation, where the model reads it; the conversation is harmful when any read
-        is (:mod:`~pyvene_harm.guard.conversations`). All reads of all conversations share one
+        Every message is read on its own, as an instruction (and piece by piece when it types
+        control tokens), and the last user message after the whole conversation, where the model
+        reads it; the conversation is harmful when any read is
+        (:mod:`~pyvene_harm.guard.conversations`). All reads of all conversations share one
         scoring pass; a lone user message costs one read, as :meth:`report` does.
 
         Example:
@@ -439,7 +441,8 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
                 convs.append(as_conversation(c))
             except (TypeError, ValueError) as err:
                 raise type(err)(f"conversation {i}: {err}") from None
-        parts = [conversation_parts(c) for c in convs]
+        split_at = control_token_pattern(self.chat_formatter().tokenizer)
+        parts = [conversation_parts(c, split_at) for c in convs]
         rep = self.report([p for ps in parts for _, p in ps])
         out, at = [], 0
         for ps in parts:

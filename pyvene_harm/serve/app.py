@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..conversation import Conversation
 from ..guard.guarded import DEFAULT_REFUSAL
+from ..literal_text import control_token_pattern
 from .errors import ApiError, error_body, internal_error
 from .jobs import ChatJob, Job, ScoreJob
 from .limits import Limits
@@ -85,6 +86,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
     checker = copy.copy(worker.formatter)
     checker.tokenizer = counter
     checking = threading.Lock()
+    split_at = control_token_pattern(tokenizer)  # texts that type control tokens are also read in pieces
     key = api_key.encode() if api_key else None
     created = int(time.time())
 
@@ -210,7 +212,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
             raise ApiError(400, f"{len(prompts)} inputs in one request, over this server's limit of "
                                 f"{limits.max_inputs} (--max-inputs): split the request", param="input")
         await asyncio.to_thread(check_inputs, prompts)
-        job = ScoreJob(asyncio.get_running_loop(), prompts)
+        job = ScoreJob(asyncio.get_running_loop(), prompts, split_at)
         worker.submit(job)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
@@ -230,7 +232,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         max_new = req.new_tokens(limits.max_new_tokens)
         await asyncio.to_thread(check_conversation, conv)
         job = ChatJob(asyncio.get_running_loop(), conversation=conv, max_new_tokens=max_new, stream=req.stream,
-                      temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+                      temperature=req.temperature, top_p=req.top_p, seed=req.seed, split_at=split_at)
         worker.submit(job)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         handed_over = False

@@ -9,11 +9,12 @@ gone, so the worker skips it or stops decoding it.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from typing import Any
 
 from ..conversation import Conversation
-from ..guard.conversations import conversation_parts
+from ..guard.conversations import conversation_parts, text_parts
 from .errors import ApiError
 from .schemas import Verdict
 
@@ -31,13 +32,23 @@ def _set_exception(fut: asyncio.Future, err: BaseException) -> None:
 
 
 class Job:
-    """Something for the worker to do, created on the event loop, finished from the worker."""
+    """Something for the worker to do, created on the event loop, finished from the worker.
 
-    prompts: list[Any]
+    ``groups`` holds, per verdict the job wants, the guard's reads behind it as ``(label,
+    prompt)`` pairs (:func:`~pyvene_harm.guard.conversations.conversation_parts`): the worker
+    scores every read of every job in one batch and combines each group into one verdict.
+    """
+
+    groups: list[list[tuple[str, Any]]]
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._cancelled = threading.Event()
+
+    @property
+    def prompts(self) -> list[Any]:
+        """Every read of every group, in order."""
+        return [p for group in self.groups for _, p in group]
 
     def cancel(self) -> None:
         """The client has gone: skip this job, or stop decoding its reply."""
@@ -58,11 +69,13 @@ class Job:
 
 
 class ScoreJob(Job):
-    """Score ``prompts``; ``future`` gets one :class:`Verdict` per prompt."""
+    """Score ``texts``; ``future`` gets one :class:`Verdict` per text (each read whole, and
+    piece by piece when it types control tokens and ``split_at`` is given)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompts: list[str]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, texts: list[str],
+                 split_at: re.Pattern[str] | None = None) -> None:
         super().__init__(loop)
-        self.prompts = list(prompts)
+        self.groups = [text_parts("input", t, split_at) for t in texts]
         self.future: asyncio.Future = loop.create_future()
 
     def finish(self, verdicts: list[Verdict]) -> None:
@@ -77,18 +90,15 @@ class ChatJob(Job):
     ``("verdict", Verdict)``, ``("text", str)`` pieces (when ``stream``) and ``("done", Reply)``,
     or ``("error", ApiError)`` at any point.
 
-    ``prompts`` are the guard's reads of the conversation (every message, and the last user
-    message in context: :func:`~pyvene_harm.guard.conversations.conversation_parts`), scored in
-    the batch like any other prompts and combined into one verdict.
+    Its one group holds the guard's reads of the conversation (every message, and the last user
+    message in context), scored in the batch like any other prompts and combined into one verdict.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, conversation: Conversation, max_new_tokens: int,
                  stream: bool = False, temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, split_at: re.Pattern[str] | None = None) -> None:
         super().__init__(loop)
-        parts = conversation_parts(conversation)
-        self.labels = [label for label, _ in parts]
-        self.prompts = [prompt for _, prompt in parts]
+        self.groups = [conversation_parts(conversation, split_at)]
         self.conversation = conversation
         self.max_new_tokens, self.stream = max_new_tokens, stream
         self.temperature, self.top_p, self.seed = temperature, top_p, seed

@@ -241,32 +241,24 @@ class GuardWorker:
         self._finished(job)
 
     def _verdicts(self, jobs: list[Job]) -> list[list[Verdict]]:
-        """One scoring pass (categories included) over every prompt of ``jobs``: a list of
-        verdicts per moderation job, one combined verdict per chat job."""
-        prompts = [p for job in jobs for p in job.prompts]
-        rep = self.guard.report(prompts)
-        bad = int((~np.isfinite(rep.score)).sum())
-        self.stats.nonfinite_scores += bad
+        """One scoring pass (categories included) over every read of ``jobs``; a verdict per
+        group (per moderation input, per conversation), combined from its reads."""
+        rep = self.guard.report([p for job in jobs for p in job.prompts])
+        self.stats.nonfinite_scores += int((~np.isfinite(rep.score)).sum())
         out, at = [], 0
         for job in jobs:
-            sl = slice(at, at + len(job.prompts))
-            at += len(job.prompts)
-            cats = None if rep.category is None else rep.category[sl]
-            cat_scores = None if rep.category_scores is None else rep.category_scores[sl]
-            if isinstance(job, ChatJob):
-                v = combine_parts(job.labels, rep.harmful[sl], rep.score[sl], rep.delta_harmful[sl],
-                                  rep.probability[sl], self.guard.threshold_, cats, cat_scores, self.categories)
-                out.append([Verdict(harmful=v.harmful, delta_harmful=v.delta_harmful, score=v.score,
+            mine = []
+            for group in job.groups:
+                sl = slice(at, at + len(group))
+                at += len(group)
+                v = combine_parts([label for label, _ in group], rep.harmful[sl], rep.score[sl],
+                                  rep.delta_harmful[sl], rep.probability[sl], self.guard.threshold_,
+                                  None if rep.category is None else rep.category[sl],
+                                  None if rep.category_scores is None else rep.category_scores[sl], self.categories)
+                mine.append(Verdict(harmful=v.harmful, delta_harmful=v.delta_harmful, score=v.score,
                                     probability=v.probability, category=v.category,
-                                    category_scores=v.category_scores, flagged_by=v.flagged_by)])
-                continue
-            out.append([Verdict(
-                harmful=bool(rep.harmful[i]), delta_harmful=float(rep.delta_harmful[i]),
-                score=float(rep.score[i]), probability=float(rep.probability[i]),
-                category=None if cats is None else str(cats[i - sl.start]),
-                category_scores=None if cat_scores is None else dict(zip(self.categories,
-                                                                         map(float, cat_scores[i - sl.start])))
-            ) for i in range(sl.start, sl.stop)])
+                                    category_scores=v.category_scores, flagged_by=v.flagged_by))
+            out.append(mine)
         return out
 
     def _score(self, jobs: list[Job]) -> None:
