@@ -10,6 +10,12 @@
   their next request when the last one is answered (closed loop). The server scores concurrent
   requests together (dynamic batching, ``--max-batch``, ``--max-wait-ms``).
 
+* ``in-process conversations``: ``LatentGuard.judge_conversations`` on the same prompts, each
+  after a system message (three reads each: the system message, the user message, the user
+  message in context): what judging every message the model reads costs a conversation that has
+  more than one, against ``decision_function`` on the user messages alone (a lone user message
+  is still one read, so moderation and single-message chat traffic pay nothing).
+
 Contenders are timed in turns, as in the other benchmarks. Every server answer must equal the
 in-process score (Delta_harmful within a float tolerance, the same verdict) or the run fails.
 
@@ -43,6 +49,7 @@ from pyvene_harm.serve import ServerProcess  # noqa: E402
 
 NAME = "serve"
 CONCURRENCY = (1, 8, 32)
+SYSTEM = "You are a careful assistant. Answer briefly and say when you are unsure."
 
 
 async def _drive(url: str, prompts: Sequence[str], concurrency: int, latencies: list[float]) -> list[dict]:
@@ -125,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             def in_process() -> None:
                 scores["in_process"] = guard.decision_function(prompts) + guard.threshold_
 
+            conversations = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}] for p in prompts]
+
+            def in_process_conversations() -> None:
+                scores["conversations"] = guard.judge_conversations(conversations)
+
             def in_worker_thread() -> None:
                 scores["in_worker_thread"] = worker.submit(guard.decision_function, prompts).result() \
                     + guard.threshold_
@@ -139,9 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 return run
 
             calls = {"in-process": (in_process, n), "in-process thread": (in_worker_thread, n),
+                     "in-process conversations": (in_process_conversations, n),
                      **{f"server c={c}": (served(c), n) for c in CONCURRENCY}}
             warmups = {"in-process": lambda: guard.decision_function(warm),
                        "in-process thread": lambda: worker.submit(guard.decision_function, warm).result(),
+                       "in-process conversations": lambda: guard.judge_conversations(conversations[:4]),
                        **{f"server c={c}": (lambda c=c: drive(server.url, warm, c, [])) for c in CONCURRENCY}}
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="in-process-model") as worker:
                 timings = C.time_interleaved(calls, repeats=s.repeats, device=s.device, warmups=warmups)
@@ -162,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
              main_thread.per_second / base.per_second],
             ["in-process decision_function, one worker thread", thread.per_second, "-", "-", "-",
              thread.per_second / base.per_second]]
+    conv = timings["in-process conversations"]
+    rows.append(["in-process judge_conversations, system + user message", conv.per_second, "-", "-", "-",
+                 conv.per_second / base.per_second])
     for c in CONCURRENCY:
         t = timings[f"server c={c}"]
         p50, p99 = (float(x) * 1000 for x in np.percentile(latencies[c], [50, 99]))
@@ -179,7 +196,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = {"in_process": base.to_dict(), "in_process_main_thread": main_thread.to_dict(),
                "in_process_worker_thread": thread.to_dict(),
                "in_process_baseline": "worker thread" if base is thread else "main thread", "concurrency": levels,
-               "c32_vs_in_process": levels["32"]["vs_in_process"], "max_abs_score_difference": worst,
+               "c32_vs_in_process": levels["32"]["vs_in_process"],
+               "conversations": {**conv.to_dict(), "reads_per_conversation": 3,
+                                 "cost_vs_one_message": round(main_thread.per_second / conv.per_second, 3)},
+               "max_abs_score_difference": worst,
                "score_tolerance": tol, "verdicts_equal": verdicts_equal}
     targets = [
         C.check_target("server at concurrency 32 vs the faster in-process decision_function, prompts/s ratio",

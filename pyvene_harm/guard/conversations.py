@@ -19,13 +19,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .latent import GuardReport
+
 from ..conversation import Conversation
 
-__all__ = ["CONTEXT", "ConversationVerdict", "combine_parts", "conversation_parts", "text_parts"]
+__all__ = ["CONTEXT", "ConversationVerdict", "combine_parts", "conversation_parts", "score_reads", "text_parts"]
 
 CONTEXT = "conversation"
 """The label of the read of the last user message after the whole conversation."""
@@ -89,3 +92,41 @@ def combine_parts(labels: Sequence[str], harmful: np.ndarray, score: np.ndarray,
         category_scores=None if category_scores is None else dict(zip(category_names,
                                                                       map(float, category_scores[top]))),
         parts=parts)
+
+
+def score_reads(guard: Any, reads: Sequence[str | Conversation]) -> GuardReport:
+    """``guard.report(reads)``, with instructions and conversations scored in separate passes.
+
+    A scoring pass runs the template prefix its prompts share once
+    (:class:`~pyvene_harm.collect.SharedPrefix`). Instructions share the guard's whole template
+    prefix (its system prompt included); a conversation brings its own system message, and
+    mixed into one pass it would shrink the shared prefix to a few tokens for everyone. Scored
+    apart, each kind keeps its own.
+    """
+    from .latent import GuardReport
+
+    kinds = [isinstance(r, Conversation) for r in reads]
+    if all(kinds) or not any(kinds):
+        return guard.report(list(reads))
+    idx = {k: [i for i, c in enumerate(kinds) if c is k] for k in (False, True)}
+    parts = {k: guard.report([reads[i] for i in idx[k]]) for k in (False, True)}
+    n = len(reads)
+
+    def merge(name: str) -> Any:
+        first = getattr(parts[False], name)
+        if first is None:
+            return None
+        if isinstance(first, list):
+            out: list[Any] = [None] * n
+            for k in (False, True):
+                for j, i in enumerate(idx[k]):
+                    out[i] = getattr(parts[k], name)[j]
+            return out
+        out_arr = np.empty((n, *np.asarray(first).shape[1:]), dtype=np.asarray(first).dtype)
+        for k in (False, True):
+            out_arr[idx[k]] = getattr(parts[k], name)
+        return out_arr
+
+    return GuardReport(delta_harmful=merge("delta_harmful"), per_layer=merge("per_layer"),
+                       layers=parts[False].layers, harmful=merge("harmful"), probability=merge("probability"),
+                       category=merge("category"), score=merge("score"), category_scores=merge("category_scores"))

@@ -33,7 +33,7 @@ from ..directions import model_provenance
 from ..literal_text import control_token_pattern
 from ..positions import ChatFormatter
 from . import artifact
-from .conversations import ConversationVerdict, combine_parts, conversation_parts
+from .conversations import ConversationVerdict, combine_parts, conversation_parts, score_reads
 from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
 from .readout import DEFAULT_CS, DEFAULT_RANK, METHODS, LinearReadout, centroid_gap
 from .selection import TARGETS, choose_threshold, layer_windows, select_layers
@@ -443,7 +443,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
                 raise type(err)(f"conversation {i}: {err}") from None
         split_at = control_token_pattern(self.chat_formatter().tokenizer)
         parts = [conversation_parts(c, split_at) for c in convs]
-        rep = self.report([p for ps in parts for _, p in ps])
+        rep = score_reads(self, [p for ps in parts for _, p in ps])
         out, at = [], 0
         for ps in parts:
             sl = slice(at, at + len(ps))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..guard.conversations import combine_parts
+from ..guard.conversations import combine_parts, score_reads
 from ..guard.guarded import DEFAULT_REFUSAL
 from .decoding import Reply, generate_reply
 from .errors import ApiError, internal_error
@@ -243,7 +243,7 @@ class GuardWorker:
     def _verdicts(self, jobs: list[Job]) -> list[list[Verdict]]:
         """One scoring pass (categories included) over every read of ``jobs``; a verdict per
         group (per moderation input, per conversation), combined from its reads."""
-        rep = self.guard.report([p for job in jobs for p in job.prompts])
+        rep = score_reads(self.guard, [p for job in jobs for p in job.prompts])
         self.stats.nonfinite_scores += int((~np.isfinite(rep.score)).sum())
         out, at = [], 0
         for job in jobs:
