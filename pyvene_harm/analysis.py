@@ -40,7 +40,7 @@ class LabelledReplies:
 
 
 def label_replies(model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str], *, judge=None,
-                  max_new_tokens: int = 48, batch_size: int = 8, post_instruction: bool = True,
+                  max_new_tokens: int = 128, batch_size: int = 8, post_instruction: bool = True,
                   steer=None, progress: bool | str = False) -> LabelledReplies:
     """Generate greedy replies and judge each as refusal or not."""
     judge = judge or KeywordRefusalJudge()
@@ -51,7 +51,7 @@ def label_replies(model: nn.Module, formatter: ChatFormatter, prompts: Sequence[
 
 
 def post_instruction_ablation(model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str], *,
-                              judge=None, max_new_tokens: int = 48, batch_size: int = 8,
+                              judge=None, max_new_tokens: int = 128, batch_size: int = 8,
                               progress: bool = False) -> dict[str, LabelledReplies]:
     """Table 1: the same prompts with and without the template's post-instruction tokens.
 
@@ -107,7 +107,7 @@ def cluster_closeness(states: Mapping[str, torch.Tensor], *, harmful: str, harml
 
 def steered_replies(model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str], directions, *,
                     direction: str, layer: int, coeff: float, positions: str = "all_prompt",
-                    generated: bool = False, wrapper: str | None = None, max_new_tokens: int = 48,
+                    generated: bool = False, wrapper: str | None = None, max_new_tokens: int = 100,
                     batch_size: int = 8, progress: bool | str = False) -> list[str]:
     """Greedy replies with ``coeff *`` a direction added at one layer (Figs. 4 and 5).
 

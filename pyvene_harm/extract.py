@@ -42,7 +42,7 @@ def extract_directions(
     formatter: ChatFormatter | None = None,
     split_by_refusal: bool = True,
     judge=None,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 128,
     batch_size: int = 16,
     keep_layers: Sequence[int] | None = None,
     pool_refusal_groups: bool = False,

@@ -157,8 +157,13 @@ def test_elicit_and_invert_sweeps(tiny_dir, tmp_path):
     res = json.loads(r.stdout)
     assert set(res["summary"]) == {"harmless+harmfulness", "harmless+refusal", "harmful-harmfulness",
                                    "harmful-refusal"}
-    for row in res["per_layer"]:
-        assert row["no_rate"] + row["certainly_rate"] + row["invalid_rate"] == pytest.approx(100)
+    for row in res["per_layer"]:  # rates over valid answers, as the release reports them
+        if row["n_valid"]:
+            assert row["no_rate"] + row["certainly_rate"] == pytest.approx(100)
+        else:
+            assert row["no_rate"] is None and row["invalid_rate"] == 100
+    assert res["positions"] == {"harmfulness": "context", "refusal": "all_prompt"}
+    assert res["judge_rule"] == "release" and res["max_new_tokens"] == 2
     assert (out / "invert.png").exists()
 
     r = CliRunner().invoke(main, ["elicit", *_common(tiny_dir, tmp_path / "bad"), "--directions", str(ext),

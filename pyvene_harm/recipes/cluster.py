@@ -23,7 +23,8 @@ GROUPS = ("refused_harmful", "accepted_harmless", "accepted_harmful", "refused_h
 @click.option("--harmless", type=click.Path(), required=True, multiple=True,
               help="Harmless prompt files (repeatable). Example: --harmless ../shared/data/chats_xstest-harmless.json")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Prompts per file.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens generated to judge refusal (the release judged 128 for Table 1; refusals that start late are missed with fewer).")
 def cluster(mopts, out, seed, as_json, harmful, harmless, limit, max_new_tokens):
     """Per layer, the share of each group closer to the refused-harmful centroid than to the
     accepted-harmless one, at t_inst and at t_post_inst (the paper's Fig. 2).

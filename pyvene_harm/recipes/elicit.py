@@ -35,7 +35,8 @@ def _refusal_score(prompts, replies):
               help="Where to steer: all_prompt, t_inst, t_post_inst, post_inst, context, or unions like t_inst+t_post_inst.")
 @click.option("--steer-generated", is_flag=True, help="Also steer every generated token (the paper steers the prompt only).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Prompts, sampled with --seed.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Tokens generated per steered reply before judging refusal (the release's steering runs used 100-400).")
 def elicit(mopts, out, seed, as_json, directions_path, harmless, field, layers, coeff, positions, steer_generated,
            limit, max_new_tokens):
     """Refusal rate of harmless prompts steered along the harmfulness and the refusal direction,

@@ -22,8 +22,8 @@ __all__ = ["extract", "plot_directions"]
 @click.option("--harmless-field", default=None, help="Field holding the prompt (auto-detected if omitted).")
 @click.option("--limit", type=click.IntRange(min=1), default=60, show_default=True,
               help="Prompts per set, sampled with --seed.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True,
-              help="Tokens generated to judge refusal.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens generated to judge refusal for the refusal split (the release judged 128).")
 @click.option("--no-split", is_flag=True, help="Do not split by refusal: use all harmful vs all harmless.")
 @click.option("--pool-refusal", is_flag=True,
               help="Refusal direction from every refused vs every accepted prompt, whatever their harm.")

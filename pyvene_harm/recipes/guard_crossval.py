@@ -58,8 +58,8 @@ DEFAULT_DESIGNS = ("paper", "paper-mean", "linear-tinst-aug", "linear-mean", "li
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also judge each held-out prompt by the model's own refusal (greedy reply + keyword judge).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Tokens generated per prompt for the refusal baseline.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens generated per prompt for the refusal baseline (the release judged 128).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, crossval.csv, crossval.png); re-running resumes.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")

@@ -50,8 +50,8 @@ UNDO_REFUSAL = ("ablate", "add", "none")
 @exclude_option
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Prompts per set.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True,
-              help="Tokens generated per reply (plain and guarded).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens generated per reply (plain and guarded) before judging refusal.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, generate.csv, replies.csv); re-running resumes.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")

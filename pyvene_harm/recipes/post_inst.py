@@ -20,7 +20,8 @@ PAPER = {"Llama2": (100.0, 85.3), "Llama3": (96.0, 58.9), "Qwen2": (98.0, 81.3)}
               help="Harmful prompts. Example: --harmful ../shared/data/chats_advbench.json")
 @click.option("--field", default=None, help="Field holding the prompt (auto-detected if omitted).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Prompts, sampled with --seed.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens generated to judge refusal (the release judged 128 for Table 1; refusals that start late are missed with fewer).")
 def post_inst(mopts, out, seed, as_json, harmful, field, limit, max_new_tokens):
     """Refusal rate on harmful prompts with and without the post-instruction tokens.
 

@@ -43,8 +43,10 @@ def plot_sweep(run, rows: list[dict], *, metric: str, ylabel: str, title: str, f
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for cond in dict.fromkeys(r["condition"] for r in rows if r["layer"] >= 0):
         pts = sorted((r["layer"], r[metric]) for r in rows if r["condition"] == cond and r["layer"] >= 0)
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=cond)
-        if baselines and cond in baselines:
+        # a rate over no valid answer is None: a gap in the line, not a zero
+        line, = ax.plot([p[0] for p in pts], [float("nan") if p[1] is None else p[1] for p in pts], marker="o",
+                        ms=3, label=cond)
+        if baselines and cond in baselines and baselines[cond] is not None:
             ax.axhline(baselines[cond], color=line.get_color(), ls="--", lw=0.8)
     ax.set_ylim(-2, 102)
     ax.set_xlabel("steered layer")
