@@ -106,8 +106,9 @@ def make_compliant_pairs(
 ) -> CompliantPairs:
     """Compliant answers to harmful prompts, written by the model steered against refusal.
 
-    The paper obtained its attack data this way; it keeps the answers in the model's own
-    style, so that fine-tuning teaches acceptance rather than a new voice. Answers that the
+    This is this project's own choice: the paper's materials do not say how its fine-tuning
+    attack data were made. Writing them with the model itself keeps the answers in the model's
+    own style, so that fine-tuning teaches acceptance rather than a new voice. Answers that the
     judge still calls refusals are dropped (kept in ``rejected`` for inspection).
 
     Args:

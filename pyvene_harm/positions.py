@@ -181,6 +181,11 @@ class ChatFormatter:
     # --- rendering ---------------------------------------------------------------------
 
     @property
+    def template_override(self) -> str | None:
+        """The template given in place of the tokenizer's own (None: the tokenizer's)."""
+        return self._format_string if self._format_string is not None else self._jinja
+
+    @property
     def template_source(self) -> str:
         """The template text in use (hashed into artifacts' provenance)."""
         if self._format_string is not None:

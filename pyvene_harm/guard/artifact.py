@@ -171,6 +171,7 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
                    "augment": guard.augment,
                    "threshold": float(guard.threshold), "batch_size": guard.batch_size,
                    "system_prompt": fmt.system_prompt if fmt is not None else guard.system_prompt,
+                   "template": fmt.template_override if fmt is not None else guard.template,
                    "n_states": guard.n_states},
         "versions": library_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -222,6 +223,7 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
                 augment=bool(params.get("augment", False)),
                 layers=params.get("layers"), threshold=float(params.get("threshold", 0.0)),
                 batch_size=int(params.get("batch_size", 16)), system_prompt=params.get("system_prompt"),
+                template=params.get("template"),
                 n_states=params.get("n_states"))
     guard.centroids_ = {k: tensors[f"centroid.{k}"].to(torch.float32).numpy() for k in ("harmful", "harmless")}
     states = meta["states"]

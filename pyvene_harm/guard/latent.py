@@ -144,6 +144,8 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         formatter: a :class:`~pyvene_harm.positions.ChatFormatter` (overrides tokenizer's own
             template and ``system_prompt``).
         system_prompt: system message used when rendering prompts.
+        template: a chat template (Jinja, or a string with ``{instruction}``) used instead of the
+            tokenizer's own; saved with the guard.
         progress: rich progress bars while collecting states.
         n_states: how many columns a flattened 2-D training array holds (precomputed mode).
 
@@ -164,7 +166,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
                  threshold: float = 0.0, C: float | None = None, rank: int | None = DEFAULT_RANK,
                  augment: bool = False,
                  batch_size: int = 16, formatter: ChatFormatter | None = None,
-                 system_prompt: str | None = None, progress: bool = False,
+                 system_prompt: str | None = None, template: str | None = None, progress: bool = False,
                  n_states: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -178,6 +180,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         self.batch_size = batch_size
         self.formatter = formatter
         self.system_prompt = system_prompt
+        self.template = template
         self.progress = progress
         self.n_states = n_states
 
@@ -290,7 +293,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
             return self.formatter
         if self.tokenizer is None:
             raise ValueError("LatentGuard has a model but no tokenizer: pass tokenizer= (or formatter=)")
-        return ChatFormatter(self.tokenizer, system_prompt=self.system_prompt)
+        return ChatFormatter(self.tokenizer, system_prompt=self.system_prompt, template=self.template)
 
     def _require_model(self) -> tuple[Any, ChatFormatter]:
         if self.model is None:

@@ -106,7 +106,7 @@ def resolve_model_options(model_args: dict[str, Any], guard_obj, guard_path: str
                                    f"downloaded guard does not choose what is loaded here: pass -m {spec} to confirm")
     check_fits_config(spec, guard_obj)
     return ModelOptions(spec, model_args["dtype"], model_args["device"], model_args["batch_size"],
-                        guard_obj.system_prompt)
+                        guard_obj.system_prompt, template=guard_obj.template)
 
 
 def bind_model(guard_obj, mopts: ModelOptions):

@@ -31,6 +31,9 @@ class ModelOptions:
     device: str | None
     batch_size: int
     system_prompt: str | None
+    template: str | None = None
+    prompt_format: str | None = None
+    no_system_prompt: bool = False
 
     def __post_init__(self) -> None:
         from ..distributed import device_for
@@ -39,10 +42,20 @@ class ModelOptions:
             device_for(self.device)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--device") from None
+        if self.prompt_format == "release" and (self.template is not None or self.system_prompt is not None):
+            raise click.UsageError("--prompt-format release is the release's fixed strings without a system prompt: "
+                                   "drop --template and --system-prompt")
+        if self.no_system_prompt and self.system_prompt is not None:
+            raise click.UsageError("--no-system-prompt and --system-prompt contradict each other: keep one")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "dtype": self.dtype, "device": self.device,
-                "batch_size": self.batch_size, "system_prompt": self.system_prompt}
+        out = {"model": self.model, "dtype": self.dtype, "device": self.device,
+               "batch_size": self.batch_size, "system_prompt": self.system_prompt}
+        # recorded only when set, so that runs made before these options resume as they were
+        for key, default in (("template", None), ("prompt_format", None), ("no_system_prompt", False)):
+            if getattr(self, key) != default:
+                out[key] = getattr(self, key)
+        return out
 
 
 def model_options(fn: Callable) -> Callable:
@@ -58,9 +71,21 @@ def model_options(fn: Callable) -> Callable:
                   help="Prompts per forward pass. Example: --batch-size 64 on a GPU.")
     @click.option("--system-prompt", default=None,
                   help="System message for every prompt (default: the chat template's own).")
+    @click.option("--no-system-prompt", is_flag=True,
+                  help="No system turn at all, where the chat template would write a default one (Qwen's).")
+    @click.option("--template", default=None,
+                  help="Render prompts with this instead of the tokenizer's chat template: a Jinja chat template, "
+                       "or a string with {instruction}. Example: --template 'User: {instruction}\nAssistant:'")
+    @click.option("--prompt-format", type=click.Choice(["template", "release"]), default="template",
+                  show_default=True,
+                  help="template: the tokenizer's chat template (or --template); release: the paper's release "
+                       "strings for Llama-2, Llama-3 and Qwen (no system prompt; see pyvene_harm.prompt_formats).")
     @functools.wraps(fn)
-    def wrapper(*args, model, dtype, device, batch_size, system_prompt, **kwargs):
-        kwargs["mopts"] = ModelOptions(model, dtype, device, batch_size, system_prompt)
+    def wrapper(*args, model, dtype, device, batch_size, system_prompt, no_system_prompt, template, prompt_format,
+                **kwargs):
+        kwargs["mopts"] = ModelOptions(model, dtype, device, batch_size, system_prompt, template=template,
+                                       prompt_format=None if prompt_format == "template" else prompt_format,
+                                       no_system_prompt=no_system_prompt)
         return fn(*args, **kwargs)
 
     return wrapper
@@ -179,12 +204,17 @@ def load_for_recipe(mopts: ModelOptions):
     """Load the model and its chat formatter (the slow step, after every check has passed)."""
     from ..distributed import device_for
     from ..models import load_model
-    from ..positions import ChatFormatter
+    from ..prompt_formats import make_formatter
 
     # under torchrun each rank loads its own copy on cuda:LOCAL_RANK (or the CPU)
     device, device_map = (None, "auto") if mopts.device == "auto" else (device_for(mopts.device), None)
     loaded = load_model(mopts.model, dtype=mopts.dtype, device=device, device_map=device_map)
-    return loaded, ChatFormatter(loaded.tokenizer, system_prompt=mopts.system_prompt)
+    try:
+        fmt = make_formatter(loaded.tokenizer, system_prompt=mopts.system_prompt, template=mopts.template,
+                             prompt_format=mopts.prompt_format, no_system_prompt=mopts.no_system_prompt)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    return loaded, fmt
 
 
 def emit(results: dict[str, Any], as_json: bool) -> None:
