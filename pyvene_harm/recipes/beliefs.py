@@ -20,11 +20,17 @@ def resolve_directions(path: str | None):
 
     if path is None:
         return None
+    from ..directions import CONFIG_FILE, TENSORS_FILE
+    from ..hub import describe_location, locate_artifact
+
     p = Path(path)
     try:
         if (p / "directions" / "directions.json").exists():
             return DirectionSet.load(p / "directions")
-        return DirectionSet.from_pretrained(path)
+        folder = locate_artifact(path, [CONFIG_FILE, TENSORS_FILE], what="DirectionSet")
+        if not p.is_dir():  # say which commit a Hub id resolved to
+            click.echo(f"directions: {describe_location(path, folder)}", err=True)
+        return DirectionSet.load(folder)
     except (ValueError, OSError) as err:
         raise click.BadParameter(str(err), param_hint="--directions") from None
 
