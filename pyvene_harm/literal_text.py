@@ -68,7 +68,7 @@ def literal_client_text(tokenizer, text: str, ids: list[int], offsets: Sequence[
     fake = [int(i) for i in candidates if forged(int(i))]
     if not fake:
         return list(ids), [tuple(o) for o in offsets]
-    real = [int(i) for i in candidates if int(i) not in set(fake)]
+    real = sorted(set(map(int, candidates)) - set(fake))
     # the stretches to read again: from the template's special token before a forged one to the next
     stretches: list[tuple[int, int]] = []  # token index ranges [lo, hi)
     for f in fake:

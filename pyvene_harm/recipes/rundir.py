@@ -212,7 +212,7 @@ def input_fingerprints(options: dict[str, Any]) -> dict[str, str]:
         elif isinstance(v, (list, tuple)):
             for x in v:
                 visit(x)
-        elif isinstance(v, str) and v and len(v) < 4096:
+        elif isinstance(v, str) and v and len(v) < 4096 and "\n" not in v:  # a path, not a wrapper text
             tail = v.split("=", 1)[1] if "=" in v else v
             for text in {v, tail, tail.rsplit(":", 1)[0], *tail.split("+")}:
                 for f in files_of(text):
