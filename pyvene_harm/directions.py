@@ -26,9 +26,9 @@ from .io_utils import (
     atomic_write_json,
     check_finite,
     check_tensors_digest,
+    file_sha256,
     load_tensors,
     read_json,
-    tensors_digest,
 )
 
 __all__ = [
@@ -244,7 +244,7 @@ class DirectionSet:
         # the JSON goes last: its presence means the folder is complete, its digest that the
         # tensors beside it are the ones it was written with
         atomic_write_json(directory / CONFIG_FILE, {**self.metadata, "format_version": FORMAT_VERSION,
-                                                    "tensors_sha256": tensors_digest(directory / TENSORS_FILE)})
+                                                    "tensors_sha256": file_sha256(directory / TENSORS_FILE)})
         return directory
 
     @classmethod

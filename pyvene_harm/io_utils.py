@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "check_finite", "check_tensors_digest",
-           "load_tensors", "read_json", "tensors_digest"]
+           "file_sha256", "load_tensors", "read_json"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -96,9 +96,10 @@ def read_json(path: str | os.PathLike) -> dict:
     return value
 
 
-def tensors_digest(path: str | os.PathLike) -> str:
-    """sha256 of a tensors file: recorded in the JSON written after it, so that a folder whose
-    tensors were replaced without its JSON (an interrupted save) is caught on loading."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in chunks. Artifact JSON records that of its tensors file (written
+    before it), so that a folder whose tensors were replaced without its JSON (an interrupted
+    save) is caught on loading; run directories record that of their prompt files."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -110,7 +111,7 @@ def check_tensors_digest(folder: Path, tensors_file: str, config_file: str, reco
     """Raise when the tensors file is not the one ``config_file`` was written with."""
     if recorded is None:  # written before digests were recorded
         return
-    if not isinstance(recorded, str) or tensors_digest(folder / tensors_file) != recorded:
+    if not isinstance(recorded, str) or file_sha256(folder / tensors_file) != recorded:
         raise ValueError(f"{folder / tensors_file} is not the file {config_file} was saved with (its sha256 differs: "
                          "an interrupted save or a partial copy): save or download the artifact again")
 

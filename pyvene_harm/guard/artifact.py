@@ -27,9 +27,9 @@ from ..io_utils import (
     atomic_write_json,
     check_finite,
     check_tensors_digest,
+    file_sha256,
     load_tensors,
     read_json,
-    tensors_digest,
 )
 from .features import PROVENANCE_KEYS, check_fits_model, resolve_states
 
@@ -178,7 +178,7 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
     }
     if extra:
         config["extra"] = {**meta.get("extra", {}), **extra}
-    config["tensors_sha256"] = tensors_digest(directory / TENSORS_FILE)
+    config["tensors_sha256"] = file_sha256(directory / TENSORS_FILE)
     atomic_write_json(directory / CONFIG_FILE, config)
     return directory
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,7 @@ from ..io_utils import (
     atomic_save_tensors,
     atomic_write_bytes,
     atomic_write_json,
+    file_sha256,
     load_tensors,
     read_json,
 )
@@ -217,18 +217,10 @@ def input_fingerprints(options: dict[str, Any]) -> dict[str, str]:
             for text in {v, tail, tail.rsplit(":", 1)[0], *tail.split("+")}:
                 for f in files_of(text):
                     if f not in found:
-                        found[f] = _digest(f)
+                        found[f] = file_sha256(f)[:16]
 
     visit(options)
     return dict(sorted(found.items()))
-
-
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _plain(obj: Any) -> Any:
