@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 from ..conversation import Conversation
 
-__all__ = ["CONTEXT", "ConversationVerdict", "combine_parts", "conversation_parts", "score_reads", "text_parts"]
+__all__ = ["CONTEXT", "ConversationVerdict", "combine_parts", "conversation_parts", "judge_groups", "score_reads",
+           "text_parts"]
 
 CONTEXT = "conversation"
 """The label of the read of the last user message after the whole conversation."""
@@ -130,3 +131,19 @@ def score_reads(guard: Any, reads: Sequence[str | Conversation]) -> GuardReport:
     return GuardReport(delta_harmful=merge("delta_harmful"), per_layer=merge("per_layer"),
                        layers=parts[False].layers, harmful=merge("harmful"), probability=merge("probability"),
                        category=merge("category"), score=merge("score"), category_scores=merge("category_scores"))
+
+
+def judge_groups(guard: Any, groups: Sequence[Sequence[tuple[str, str | Conversation]]]) -> list[ConversationVerdict]:
+    """One verdict per group of ``(label, read)`` pairs, every read of every group scored in
+    one call of :func:`score_reads` (what the library and the server's batches both use)."""
+    rep = score_reads(guard, [read for group in groups for _, read in group])
+    names = [str(c) for c in getattr(guard, "categories_", [])]
+    out, at = [], 0
+    for group in groups:
+        sl = slice(at, at + len(group))
+        at += len(group)
+        out.append(combine_parts([label for label, _ in group], rep.harmful[sl], rep.score[sl],
+                                 rep.delta_harmful[sl], rep.probability[sl], guard.threshold_,
+                                 None if rep.category is None else rep.category[sl],
+                                 None if rep.category_scores is None else rep.category_scores[sl], names))
+    return out

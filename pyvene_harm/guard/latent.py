@@ -33,7 +33,7 @@ from ..directions import model_provenance
 from ..literal_text import control_token_pattern
 from ..positions import ChatFormatter
 from . import artifact
-from .conversations import ConversationVerdict, combine_parts, conversation_parts, score_reads
+from .conversations import ConversationVerdict, conversation_parts, judge_groups
 from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
 from .readout import DEFAULT_CS, DEFAULT_RANK, METHODS, LinearReadout, centroid_gap
 from .selection import TARGETS, choose_threshold, layer_windows, select_layers
@@ -445,17 +445,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
             except (TypeError, ValueError) as err:
                 raise type(err)(f"conversation {i}: {err}") from None
         split_at = control_token_pattern(self.chat_formatter().tokenizer)
-        parts = [conversation_parts(c, split_at) for c in convs]
-        rep = score_reads(self, [p for ps in parts for _, p in ps])
-        out, at = [], 0
-        for ps in parts:
-            sl = slice(at, at + len(ps))
-            at += len(ps)
-            out.append(combine_parts(
-                [label for label, _ in ps], rep.harmful[sl], rep.score[sl], rep.delta_harmful[sl],
-                rep.probability[sl], self.threshold_, None if rep.category is None else rep.category[sl],
-                None if rep.category_scores is None else rep.category_scores[sl], [str(c) for c in self.categories_]))
-        return out
+        return judge_groups(self, [conversation_parts(c, split_at) for c in convs])
 
     # --- categories ----------------------------------------------------------------------
 

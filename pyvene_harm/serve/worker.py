@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..guard.conversations import combine_parts, score_reads
+from ..guard.conversations import judge_groups
 from ..guard.guarded import DEFAULT_REFUSAL
 from .decoding import Reply, generate_reply
 from .errors import ApiError, internal_error
@@ -243,23 +243,12 @@ class GuardWorker:
     def _verdicts(self, jobs: list[Job]) -> list[list[Verdict]]:
         """One scoring pass (categories included) over every read of ``jobs``; a verdict per
         group (per moderation input, per conversation), combined from its reads."""
-        rep = score_reads(self.guard, [p for job in jobs for p in job.prompts])
-        self.stats.nonfinite_scores += int((~np.isfinite(rep.score)).sum())
-        out, at = [], 0
-        for job in jobs:
-            mine = []
-            for group in job.groups:
-                sl = slice(at, at + len(group))
-                at += len(group)
-                v = combine_parts([label for label, _ in group], rep.harmful[sl], rep.score[sl],
-                                  rep.delta_harmful[sl], rep.probability[sl], self.guard.threshold_,
-                                  None if rep.category is None else rep.category[sl],
-                                  None if rep.category_scores is None else rep.category_scores[sl], self.categories)
-                mine.append(Verdict(harmful=v.harmful, delta_harmful=v.delta_harmful, score=v.score,
-                                    probability=v.probability, category=v.category,
-                                    category_scores=v.category_scores, flagged_by=v.flagged_by))
-            out.append(mine)
-        return out
+        verdicts = judge_groups(self.guard, [group for job in jobs for group in job.groups])
+        self.stats.nonfinite_scores += sum(not np.isfinite(p["score"]) for v in verdicts for p in v.parts)
+        it = iter(verdicts)
+        return [[Verdict(harmful=v.harmful, delta_harmful=v.delta_harmful, score=v.score, probability=v.probability,
+                         category=v.category, category_scores=v.category_scores, flagged_by=v.flagged_by)
+                 for v in (next(it) for _ in job.groups)] for job in jobs]
 
     def _score(self, jobs: list[Job]) -> None:
         live = []
