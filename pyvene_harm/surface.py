@@ -5,10 +5,20 @@ first letter in the other case. A guard whose verdict moves under such edits has
 surface of its training sets (AdvBench requests end in a word, Alpaca instructions in a period),
 not harmfulness. :func:`surface_variants` makes the edits; :func:`surface_change_rate` measures
 the share of verdicts they flip, the guard's surface-invariance figure.
+
+The *shifts* (:data:`SHIFT_EDITS`) go further: typing errors, leetspeak, extra whitespace and
+Unicode look-alike letters. They keep the meaning for a reader but break the words a
+bag-of-words classifier keys on, so they show whether a guard reads meaning or spelling. They
+are for scoring only: no guard here is fitted on them. Every edit is a deterministic function of
+the text (the typo positions are seeded by the text's CRC32), so a variant can be rebuilt from
+its prompt.
 """
 
 from __future__ import annotations
 
+import random
+import re
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +26,9 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ALL_EDITS",
     "END_PUNCTUATION",
+    "SHIFT_EDITS",
     "SURFACE_EDITS",
     "SurfaceInvariance",
     "measure_surface_invariance",
@@ -29,6 +41,46 @@ END_PUNCTUATION = ".?!"
 SURFACE_EDITS = ("strip", "dot", "question", "case")
 """``strip``: final punctuation removed; ``dot`` / ``question``: the prompt without it, then
 '.' / '?'; ``case``: the first letter's case flipped."""
+
+SHIFT_EDITS = ("typos", "leet", "spacing", "homoglyph")
+"""``typos``: three words in ten of four or more letters (at least one) get two inner letters
+swapped or one dropped; ``leet``: a->4, e->3, i->1, o->0, s->5, t->7; ``spacing``: every space doubled or
+turned into a tab, a newline before the last word; ``homoglyph``: Latin a, c, e, i, o, p, x, y
+replaced by their Cyrillic look-alikes (а, с, е, і, о, р, х, у)."""
+
+ALL_EDITS = SURFACE_EDITS + SHIFT_EDITS
+"""Every edit :func:`surface_variants` knows, in a fixed order (stored run units index it)."""
+
+_LEET = str.maketrans({"a": "4", "A": "4", "e": "3", "E": "3", "i": "1", "I": "1", "o": "0", "O": "0",
+                       "s": "5", "S": "5", "t": "7", "T": "7"})
+_HOMOGLYPHS = str.maketrans({"a": "\u0430", "c": "\u0441", "e": "\u0435", "i": "\u0456", "o": "\u043e",
+                             "p": "\u0440", "x": "\u0445", "y": "\u0443", "A": "\u0410", "C": "\u0421",
+                             "E": "\u0415", "O": "\u041e", "P": "\u0420", "X": "\u0425"})
+
+
+def _typos(prompt: str) -> str:
+    rng = random.Random(zlib.crc32(prompt.encode("utf-8")))
+    words = list(re.finditer(r"[^\W\d_]{4,}", prompt))
+    if not words:
+        return prompt
+    picked = sorted(rng.sample(words, max(1, round(0.3 * len(words)))), key=lambda m: m.start())
+    out, last = [], 0
+    for m in picked:
+        w = m.group(0)
+        i = rng.randrange(1, len(w) - 2)
+        w = w[:i] + w[i + 1] + w[i] + w[i + 2:] if rng.random() < 0.5 else w[:i] + w[i + 1:]
+        out += [prompt[last:m.start()], w]
+        last = m.end()
+    return "".join(out) + prompt[last:]
+
+
+def _spacing(prompt: str) -> str:
+    words = prompt.split(" ")
+    if len(words) < 2:
+        return " " + prompt + "  "
+    seps = ["  " if k % 2 == 0 else "\t" for k in range(len(words) - 1)]
+    seps[-1] = " \n"
+    return "".join(w + sep for w, sep in zip(words, [*seps, ""]))
 
 
 def _stem(prompt: str) -> str:
@@ -54,12 +106,15 @@ def surface_variants(prompt: str, edits: Sequence[str] = SURFACE_EDITS) -> dict[
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"surface edits need a non-empty prompt string, got {prompt!r}")
-    unknown = [e for e in edits if e not in SURFACE_EDITS]
+    unknown = [e for e in edits if e not in ALL_EDITS]
     if unknown:
-        raise ValueError(f"unknown surface edit(s) {unknown}: choose from {', '.join(SURFACE_EDITS)}")
+        raise ValueError(f"unknown surface edit(s) {unknown}: choose from {', '.join(ALL_EDITS)}")
     stem = _stem(prompt)
-    made = {"strip": stem, "dot": stem + ".", "question": stem + "?", "case": _flip_first(prompt)}
-    return {e: made[e] for e in edits}
+    made = {"strip": lambda: stem, "dot": lambda: stem + ".", "question": lambda: stem + "?",
+            "case": lambda: _flip_first(prompt), "typos": lambda: _typos(prompt),
+            "leet": lambda: prompt.translate(_LEET), "spacing": lambda: _spacing(prompt),
+            "homoglyph": lambda: prompt.translate(_HOMOGLYPHS)}
+    return {e: made[e]() for e in edits}
 
 
 @dataclass(frozen=True)

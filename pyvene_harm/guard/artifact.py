@@ -168,7 +168,7 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
         "hidden_size": guard.hidden_size_,
         "params": {"layers": list(guard.layers) if guard.layers is not None else None,
                    "method": guard.method, "reads": list(guard.reads), "C": guard.C, "rank": guard.rank,
-                   "augment": guard.augment,
+                   "augment": guard.augment, "Cs": None if guard.Cs is None else [float(c) for c in guard.Cs],
                    "threshold": float(guard.threshold), "batch_size": guard.batch_size,
                    "system_prompt": fmt.system_prompt if fmt is not None else guard.system_prompt,
                    "template": fmt.template_override if fmt is not None else guard.template,
@@ -220,7 +220,7 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
     reads = tuple(meta.get("reads") or ("t_inst",))
     guard = cls(model, tokenizer, formatter=formatter, progress=progress, method=method,
                 reads=tuple(params.get("reads") or reads), C=params.get("C"), rank=params.get("rank", 256),
-                augment=bool(params.get("augment", False)),
+                augment=bool(params.get("augment", False)), Cs=params.get("Cs"),
                 layers=params.get("layers"), threshold=float(params.get("threshold", 0.0)),
                 batch_size=int(params.get("batch_size", 16)), system_prompt=params.get("system_prompt"),
                 template=params.get("template"),

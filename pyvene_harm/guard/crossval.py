@@ -24,8 +24,17 @@ import numpy as np
 import torch
 
 from ..collect import check_reads
-from ..surface import SURFACE_EDITS, SurfaceInvariance, surface_change_rate, surface_variants
+from ..surface import (
+    ALL_EDITS,
+    SHIFT_EDITS,
+    SURFACE_EDITS,
+    SurfaceInvariance,
+    surface_change_rate,
+    surface_variants,
+)
+from .controls import CONTROLS, TextControl
 from .features import iter_prompt_states
+from .metrics import binary_metrics, bootstrap_intervals
 
 __all__ = [
     "DESIGNS",
@@ -55,6 +64,9 @@ class PromptSource:
             negatives from): it is never held out or scored.
         group: the source this one is part of (e.g. the training split of a held-out set): it is
             left out of fitting whenever a source of the same group is held out. None: its name.
+        train: False for a *shift* source (e.g. requests in other languages): scored by every
+            design fitted on all the trainable sources, never fitted on, so it measures a shift
+            no training set covers.
     """
 
     name: str
@@ -62,12 +74,15 @@ class PromptSource:
     label: int
     evaluate: bool = True
     group: str | None = None
+    train: bool = True
 
     @property
     def origin(self) -> str:
         return self.group or self.name
 
     def __post_init__(self) -> None:
+        if not self.train and not self.evaluate:
+            raise ValueError(f"source {self.name!r}: a source that is neither fitted on nor scored is of no use")
         if self.label not in (0, 1):
             raise ValueError(f"source {self.name!r}: label must be 1 (harmful) or 0 (harmless), got {self.label!r}")
         if not self.prompts:
@@ -81,7 +96,8 @@ class GuardDesign:
 
     Args:
         name: the design's name in tables.
-        method: ``"paper"`` or ``"linear"`` (see :class:`LatentGuard`).
+        method: ``"paper"`` or ``"linear"`` (see :class:`LatentGuard`), or a control that reads
+            only the text: ``"ngram"`` or ``"length"`` (see :mod:`~pyvene_harm.guard.controls`).
         reads: where states are read (see :data:`~pyvene_harm.collect.READS`).
         layers: state indices; None = all.
         augment: fit on surface variants of every training prompt as well.
@@ -93,6 +109,7 @@ class GuardDesign:
         mine_negatives: after a first fit, add this many prompts of the training-only harmless
             pools that the guard scores most harmful (its own false positives) and refit.
         balance_sources: weight prompts so that every source has the same say within its class.
+        Cs: the grid ``C`` is chosen from: ``"default"`` (1e-3..10) or ``"wide"`` (1e-5..10).
     """
 
     name: str
@@ -105,21 +122,35 @@ class GuardDesign:
     train_on: tuple[str, ...] | None = None
     mine_negatives: int = 0
     balance_sources: bool = False
+    Cs: str = "default"
+
+    @property
+    def is_control(self) -> bool:
+        """True for the text-only controls, which read prompts rather than states."""
+        return self.method in CONTROLS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reads", tuple(check_reads(self.reads)))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
-        if self.method not in ("paper", "linear"):
-            raise ValueError(f"design {self.name!r}: unknown method {self.method!r}: use paper or linear")
+        if self.method not in ("paper", "linear", *CONTROLS):
+            raise ValueError(f"design {self.name!r}: unknown method {self.method!r}: use paper, linear, "
+                             f"{' or '.join(CONTROLS)}")
+        if self.Cs not in ("default", "wide"):
+            raise ValueError(f"design {self.name!r}: Cs must be default or wide, got {self.Cs!r}")
         if self.mine_negatives < 0:
             raise ValueError(f"design {self.name!r}: mine_negatives must be >= 0")
 
     def estimator(self, layers: Sequence[int]) -> Any:
-        """An unfitted :class:`LatentGuard` for precomputed states of ``layers``."""
+        """An unfitted :class:`LatentGuard` for precomputed states of ``layers`` (a
+        :class:`~pyvene_harm.guard.controls.TextControl` for a control)."""
         from .latent import LatentGuard
+        from .readout import WIDE_CS
 
-        return LatentGuard(method=self.method, reads=self.reads, layers=list(layers), C=self.C, rank=self.rank)
+        if self.is_control:
+            return TextControl(self.method, C=self.C)
+        return LatentGuard(method=self.method, reads=self.reads, layers=list(layers), C=self.C, rank=self.rank,
+                           Cs=WIDE_CS if self.Cs == "wide" else None)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -138,13 +169,16 @@ DESIGNS: dict[str, str] = {
     "linear-last16-aug": "method=linear,reads=last:16,layers=middle,augment=1",
     "linear-post1-aug": "method=linear,reads=post:1,layers=middle,augment=1",
     "linear-mean-tpost-aug": "method=linear,reads=mean_inst+t_post_inst,layers=middle,augment=1",
+    "ngram": "method=ngram,augment=1",
+    "length": "method=length,augment=1",
 }
 """Named designs (``--design NAME``), as the ``key=value`` specs :func:`parse_design` reads.
 
 ``paper`` is the paper's guard (centroid gap at t_inst, every state); the others vary one thing
 at a time: where the states are read (the mean over the instruction's tokens, its last 16
 tokens, the first post-instruction token, t_post_inst beside the mean), a logistic read-out over
-the middle states instead of centroids, and fitting on surface variants (``-aug``).
+the middle states instead of centroids, and fitting on surface variants (``-aug``). ``ngram``
+and ``length`` are the text-only controls, fitted on the same rows as the ``-aug`` designs.
 """
 
 
@@ -164,7 +198,8 @@ def middle_states(n_states: int) -> tuple[int, ...]:
 def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
     """A design from a preset name (:data:`DESIGNS`), or ``name:key=value,key=value`` (keys:
     method, reads (``+`` between reads), layers (``8-16``, ``8+12+16``, ``middle`` or ``all``),
-    augment, C, rank, train_on (``+`` between source names), mine_negatives, balance_sources).
+    augment, C, Cs (``default`` or ``wide``), rank, train_on (``+`` between source names),
+    mine_negatives, balance_sources).
 
     Example:
         >>> parse_design("mine:method=linear,reads=mean_inst+t_post_inst,layers=8-16,augment=1").reads
@@ -196,6 +231,8 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
             kwargs[key] = value.lower() in ("1", "true", "yes", "on")
         elif key == "C":
             kwargs[key] = None if value.lower() in ("auto", "cv", "none") else float(value)
+        elif key == "Cs":
+            kwargs[key] = value
         elif key in ("mine_negatives", "rank"):
             kwargs[key] = None if value.lower() in ("all", "none") else int(value)
         else:
@@ -249,11 +286,12 @@ class SourceStates:
 
 
 def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, reads: Sequence[str],
-                          states: Sequence[int], edits: Sequence[str] = SURFACE_EDITS,
+                          states: Sequence[int], edits: Sequence[str] = ALL_EDITS,
                           n_variants: int | None = None, batch_size: int = 16,
                           progress: bool | str = False) -> SourceStates:
-    """States of a source's prompts and of the surface variants of its first ``n_variants``
-    prompts (all by default), one early-exit prefill each, stored as float16.
+    """States of a source's prompts and of the surface variants (and shifts, see
+    :data:`~pyvene_harm.surface.ALL_EDITS`) of its first ``n_variants`` prompts (all by
+    default), one early-exit prefill each, stored as float16.
 
     Variants identical to their prompt are not run again.
     """
@@ -303,6 +341,12 @@ class CrossvalResult:
 
     rows: list[dict[str, Any]]
     designs: list[dict[str, Any]]
+    pooled: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per design: :func:`~pyvene_harm.guard.metrics.binary_metrics` of every held-out score
+    pooled (shift sources aside), with bootstrap intervals under ``ci``."""
+    shifts: list[dict[str, Any]] = field(default_factory=list)
+    """Per design and shift (typos, leetspeak, ...): accuracy, recall, FPR and AUROC of the
+    edited held-out prompts, each scored by the fold that left its source out."""
     pooled_auc: dict[str, float] = field(default_factory=dict)
     """Per design: ROC AUC of every held-out score, harmful against harmless sources, each score
     from the fold that left its source out. High AUC with low accuracy on some sources means
@@ -310,27 +354,43 @@ class CrossvalResult:
     states do not separate them."""
 
 
-def _training(blocks: dict[str, SourceStates], held: str, design: GuardDesign, layers: Sequence[int],
-              held_texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _training(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign, layers: Sequence[int],
+              held_texts: Sequence[str]) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The design's training rows without ``held``: states ``[n, F, d]`` (prompts for a control),
+    labels and source names. Surface variants enter only for augmenting designs, and only the
+    punctuation and case edits: the shifts are never trained on."""
     xs, ys, gs = [], [], []
     origin = blocks[held].source.origin if held is not None else None
     for name, b in blocks.items():
-        if (b.source.origin == origin or not b.source.evaluate
+        if (b.source.origin == origin or not b.source.evaluate or not b.source.train
                 or (design.train_on is not None and name not in design.train_on)):
             continue
-        rows = [i for i, (_, e) in enumerate(b.rows) if e is None or design.augment]
+        rows = [i for i, (_, e) in enumerate(b.rows) if e is None or (design.augment and e in SURFACE_EDITS)]
         prompt_of = np.asarray([b.rows[i][0] for i in rows])
         drop = overlapping(b.source.prompts, held_texts)
         rows = [r for r, p in zip(rows, prompt_of) if not drop[p]]
         if not rows:
             continue
-        xs.append(b.select(design.reads, layers, rows))
+        xs.append(_features(b, design, layers, rows))
         ys += [b.source.label] * len(rows)
         gs += [name] * len(rows)
     if not xs or len(set(ys)) < 2:
         raise ValueError(f"design {design.name!r} without {held!r} has no training prompts of both classes: "
                          "add sources (or widen train_on)")
-    return np.concatenate(xs), np.asarray(ys), np.asarray(gs)
+    return _concat(xs), np.asarray(ys), np.asarray(gs)
+
+
+def _features(b: SourceStates, design: GuardDesign, layers: Sequence[int], rows: Sequence[int]) -> Any:
+    """What the design reads for ``rows`` of a block: their texts for a control, else states."""
+    if design.is_control:
+        if len(b.texts) != len(b.rows):
+            raise ValueError(f"source {b.source.name!r} carries no texts of its rows: a control needs them")
+        return [b.texts[i] for i in rows]
+    return b.select(design.reads, layers, rows)
+
+
+def _concat(parts: Sequence[Any]) -> Any:
+    return [t for p in parts for t in p] if isinstance(parts[0], list) else np.concatenate(parts)
 
 
 def _weights(y: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -348,8 +408,8 @@ def _weights(y: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: str | None = None,
                held_texts: Sequence[str] = ()) -> Any:
-    """A guard of ``design`` fitted on every source but ``held`` (None: on all of them), with
-    its negatives mined from the training-only pools when the design asks for it."""
+    """A guard of ``design`` fitted on every trainable source but ``held`` (None: on all of
+    them), with its negatives mined from the training-only pools when the design asks for it."""
     layers = design.layers if design.layers is not None else next(iter(blocks.values())).states
     x, y, g = _training(blocks, held, design, layers, held_texts)
     w = _weights(y, g) if design.balance_sources else None
@@ -358,13 +418,13 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
     pools = [b for n, b in blocks.items() if not b.source.evaluate and b.source.label == 0
              and b.source.origin != origin and (design.train_on is None or n in design.train_on)]
     if design.mine_negatives and pools:
-        cand = np.concatenate([b.select(design.reads, layers, b.original_rows()) for b in pools])
-        names = [n for b in pools for n in [b.source.name] * len(b.original_rows())]
+        cand = _concat([_features(b, design, layers, b.original_rows()) for b in pools])
+        names = np.asarray([b.source.name for b in pools for _ in b.original_rows()])
         texts = [b.source.prompts[b.rows[i][0]] for b in pools for i in b.original_rows()]
-        keep = ~overlapping(texts, held_texts)
-        cand, names = cand[keep], np.asarray(names)[keep]
-        top = np.argsort(-guard.decision_function(cand), kind="stable")[:design.mine_negatives]
-        x = np.concatenate([x, cand[top]])
+        keep = np.flatnonzero(~overlapping(texts, held_texts))
+        scores = guard.decision_function(_take(cand, keep))
+        top = keep[np.argsort(-scores, kind="stable")[:design.mine_negatives]]
+        x = _concat([x, _take(cand, top)])
         y = np.concatenate([y, np.zeros(len(top), int)])
         g = np.concatenate([g, names[top]])
         w = _weights(y, g) if design.balance_sources else None
@@ -372,75 +432,153 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
     return guard
 
 
-def cross_validate(blocks: dict[str, SourceStates], designs: Sequence[GuardDesign], *,
-                   progress: Callable[[str], None] | None = None) -> CrossvalResult:
-    """Leave each evaluation source out in turn: fit every design on the others, score it.
+def _take(x: Any, idx: Sequence[int]) -> Any:
+    return [x[i] for i in idx] if isinstance(x, list) else x[np.asarray(idx, dtype=int)]
 
-    Returns one row per (held-out source, design): accuracy on the source's prompts, surface
-    flip rate over its variants, the fitted read-out's chosen ``C``, and ``auc_vs_other_class``:
-    how well its held-out scores rank against every held-out score of the other class; and per
-    design the AUC of all held-out scores pooled.
+
+@dataclass
+class _Scored:
+    """One design's held-out decisions on one source (every row: prompts and variants)."""
+
+    block: SourceStates
+    decision: np.ndarray
+    fit_C: float | None
+
+    @property
+    def label(self) -> int:
+        return self.block.source.label
+
+    def original(self) -> np.ndarray:
+        return self.decision[self.block.original_rows()]
+
+    def edited(self, edit: str) -> np.ndarray:
+        return self.decision[[i for i, (_, e) in enumerate(self.block.rows) if e == edit]]
+
+
+def _score_held_out(blocks: dict[str, SourceStates], design: GuardDesign, held: str) -> _Scored:
+    b = blocks[held]
+    fit_on = None if not b.source.train else held  # a shift source is never trained on: fit on all
+    guard = fit_design(blocks, design, held=fit_on, held_texts=b.source.prompts)
+    all_rows = range(len(b.rows))
+    if design.is_control:
+        decision = guard.decision_function(_features(b, design, (), all_rows))
+        fit_C = guard.C_
+    else:
+        decision = guard.decision_function(b.select(design.reads, guard.states_, all_rows))
+        fit_C = None if guard.readout_ is None else guard.readout_.C
+    return _Scored(block=b, decision=np.asarray(decision, dtype=np.float64), fit_C=fit_C)
+
+
+def cross_validate(blocks: dict[str, SourceStates], designs: Sequence[GuardDesign], *,
+                   progress: Callable[[str], None] | None = None, n_boot: int = 300) -> CrossvalResult:
+    """Leave each evaluation source out in turn: fit every design on the others, score it.
+    Shift sources (``train=False``) are scored by each design fitted on every trainable source.
+
+    Returns one row per (held-out source, design): accuracy at the design's threshold (with a
+    bootstrap interval), the surface flip rate over its punctuation and case variants, accuracy
+    on each shift (typos, leetspeak, ...) of its prompts, the fitted ``C``, and this source's
+    prompts against every held-out prompt of the other class (each scored by the fold that left
+    its own source out): precision, recall, F1, FPR, AUROC, AUPRC and recall at 1% / 5% FPR.
+    For a harmless source, recall at 1% FPR is the recall on all held-out harmful prompts at
+    the threshold that flags 1% of *this* source: what a deployment that calibrates on its own
+    traffic would get. Per design, the same figures over every held-out prompt pooled, and per
+    shift the AUROC of edited harmful against edited harmless prompts.
     """
-    rows = []
-    scores: dict[tuple[str, str], np.ndarray] = {}
+    scored: dict[tuple[str, str], _Scored] = {}
     for held, b in blocks.items():
         if not b.source.evaluate:
             continue
         for design in designs:
             if progress is not None:
-                progress(f"{design.name} without {held}")
-            guard = fit_design(blocks, design, held=held, held_texts=b.source.prompts)
-            layers = guard.states_
-            x = b.select(design.reads, layers, range(len(b.rows)))
-            decision = guard.decision_function(x)
-            pred = decision > 0
-            orig = b.original_rows()
-            base = {b.rows[i][0]: pred[i] for i in orig}
-            edited: dict[str, list] = {}
-            before: dict[str, list] = {}
-            for i, (p, e) in enumerate(b.rows):
-                if e is not None:
-                    edited.setdefault(e, []).append(pred[i])
-                    before.setdefault(e, []).append(base[p])
-            inv = _flip_rate(before, edited) if edited else None
-            scores[(held, design.name)] = decision[orig]
-            rows.append({"source": held, "label": b.source.label, "design": design.name, "n": len(orig),
-                         "accuracy": float((pred[orig] == bool(b.source.label)).mean()),
-                         "surface_flip_rate": None if inv is None else inv.rate,
-                         "surface_flips": None if inv is None else inv.per_edit,
-                         "n_variants": 0 if inv is None else inv.n_pairs,
-                         "C": None if guard.readout_ is None else guard.readout_.C})
-    pooled = {}
+                progress(f"{design.name} {'without' if b.source.train else 'on'} {held}")
+            scored[(held, design.name)] = _score_held_out(blocks, design, held)
+    rows, pooled, shifts = [], {}, []
     for design in designs:
-        parts = {lab: [v for (src, d), v in scores.items() if d == design.name and blocks[src].source.label == lab]
-                 for lab in (0, 1)}
-        if parts[0] and parts[1]:
-            by_label = {lab: np.concatenate(v) for lab, v in parts.items()}
-            pooled[design.name] = _auc(by_label[1], by_label[0])
-            for r in rows:
-                if r["design"] == design.name:  # this source against every held-out source of the other class
-                    own, other = scores[(r["source"], design.name)], by_label[1 - r["label"]]
-                    r["auc_vs_other_class"] = _auc(own, other) if r["label"] else _auc(other, own)
-    return CrossvalResult(rows=rows, designs=[d.as_dict() for d in designs], pooled_auc=pooled)
+        mine = {src: sc for (src, d), sc in scored.items() if d == design.name}
+        loso = {src: sc for src, sc in mine.items() if sc.block.source.train}
+        by_label = {lab: np.concatenate([sc.original() for sc in loso.values() if sc.label == lab] or [np.empty(0)])
+                    for lab in (0, 1)}
+        y_all = np.r_[np.ones(len(by_label[1])), np.zeros(len(by_label[0]))]
+        s_all = np.r_[by_label[1], by_label[0]]
+        if len(by_label[0]) and len(by_label[1]):
+            pooled[design.name] = {**binary_metrics(y_all, s_all),
+                                   "ci": bootstrap_intervals(y_all, s_all, n_boot=n_boot)}
+        for src, sc in mine.items():
+            rows.append(_row(src, design, sc, mine, by_label, n_boot))
+        for edit in SHIFT_EDITS:
+            parts = {lab: [sc.edited(edit) for sc in loso.values() if sc.label == lab] for lab in (0, 1)}
+            ed = {lab: np.concatenate(v) if v else np.empty(0) for lab, v in parts.items()}
+            if len(ed[0]) + len(ed[1]):
+                m = binary_metrics(np.r_[np.ones(len(ed[1])), np.zeros(len(ed[0]))], np.r_[ed[1], ed[0]])
+                shifts.append({"design": design.name, "shift": edit, "n": m["n"], "accuracy": m["accuracy"],
+                               "recall": m["recall"], "fpr": m["fpr"], "auroc": m["auroc"]})
+    return CrossvalResult(rows=rows, designs=[d.as_dict() for d in designs],
+                          pooled_auc={d: m["auroc"] for d, m in pooled.items()}, pooled=pooled, shifts=shifts)
 
 
-def _auc(harmful: np.ndarray, harmless: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+def _row(src: str, design: GuardDesign, sc: _Scored, mine: dict[str, _Scored], by_label: dict[int, np.ndarray],
+         n_boot: int) -> dict[str, Any]:
+    b, own = sc.block, sc.original()
+    label = b.source.label
+    if b.source.train:
+        other = by_label[1 - label]
+    else:  # a shift source against the shift sources of the other class, if any
+        same_kind = [o.original() for o in mine.values() if not o.block.source.train and o.label != label]
+        other = np.concatenate(same_kind) if same_kind else by_label[1 - label]
+    pred = own > 0
+    base = {b.rows[i][0]: pred[j] for j, i in enumerate(b.original_rows())}
+    before: dict[str, list] = {}
+    after: dict[str, list] = {}
+    shift_acc: dict[str, float] = {}
+    for edit in SURFACE_EDITS:
+        idx = [i for i, (_, e) in enumerate(b.rows) if e == edit]
+        if idx:
+            before[edit] = [base[b.rows[i][0]] for i in idx]
+            after[edit] = list(sc.decision[idx] > 0)
+    for edit in SHIFT_EDITS:
+        d = sc.edited(edit)
+        if len(d):
+            shift_acc[edit] = float(((d > 0) == bool(label)).mean())
+    inv = _flip_rate(before, after) if after else None
+    y = np.r_[np.full(len(own), label), np.full(len(other), 1 - label)]
+    s = np.r_[own, other]
+    m = binary_metrics(y, s)
+    acc = float((pred == bool(label)).mean())
+    acc_ci = bootstrap_intervals(np.full(len(own), label), own, n_boot=n_boot)["accuracy"]
+    ci = bootstrap_intervals(y, s, n_boot=n_boot) if len(other) else {}
+    return {"source": src, "label": label, "design": design.name, "n": len(own), "shift_source": not b.source.train,
+            "control": design.is_control,
+            "accuracy": acc, "accuracy_ci": acc_ci,
+            "surface_flip_rate": None if inv is None else inv.rate,
+            "surface_flips": None if inv is None else inv.per_edit,
+            "n_variants": 0 if inv is None else inv.n_pairs,
+            "shift_accuracy": shift_acc,
+            "C": sc.fit_C,
+            "vs_other_class": {k: m[k] for k in ("precision", "recall", "f1", "fpr", "auroc", "auprc",
+                                                 "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "n")},
+            "vs_other_class_ci": {k: ci[k] for k in ("auroc", "tpr_at_1pct_fpr", "f1") if k in ci},
+            "auc_vs_other_class": m["auroc"]}
 
-    y = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
-    return float(roc_auc_score(y, np.r_[harmful, harmless]))
+
+def _flip_rate(before: dict[str, list], edited: dict[str, list]) -> SurfaceInvariance:
+    """Verdicts on the prompts (``before``) and on their edits, per edit -> the flip rate."""
+    rates = [surface_change_rate(before[e], {e: edited[e]}) for e in edited]
+    n = sum(r.n_pairs for r in rates)
+    flips = sum(r.rate * r.n_pairs for r in rates)
+    return SurfaceInvariance(rate=flips / n, per_edit={e: r.rate for e, r in zip(edited, rates)}, n_pairs=n)
 
 
 def best_design(rows: Sequence[dict], *, without: str | None = None) -> str:
-    """The design whose worst held-out accuracy over the sources (all, or all but ``without``)
-    is highest; ties go to the higher mean. The targets ask for accuracy on *every* source, so
-    the worst one decides."""
+    """The guard design whose worst held-out accuracy over the sources (all, or all but
+    ``without``) is highest; ties go to the higher mean. The targets ask for accuracy on *every*
+    source, so the worst one decides. Controls and shift sources take no part: a control is a
+    yardstick, not a candidate, and a shift is judged apart."""
     by: dict[str, list[float]] = {}
     for r in rows:
-        if r["source"] != without:
+        if r["source"] != without and not r.get("control") and not r.get("shift_source"):
             by.setdefault(r["design"], []).append(r["accuracy"])
     if not by:
-        raise ValueError("no rows to choose a design from")
+        raise ValueError("no rows of guard designs to choose from")
     return max(by, key=lambda d: (min(by[d]), sum(by[d]) / len(by[d])))
 
 
@@ -459,11 +597,3 @@ def selected_rows(rows: Sequence[dict], name: str = "selected") -> list[dict]:
         pick = best_design(rows, without=source)
         out.append({**by[(source, pick)], "design": name, "selected_design": pick})
     return out
-
-
-def _flip_rate(before: dict[str, list], edited: dict[str, list]) -> SurfaceInvariance:
-    """Verdicts on the prompts (``before``) and on their edits, per edit -> the flip rate."""
-    rates = [surface_change_rate(before[e], {e: edited[e]}) for e in edited]
-    n = sum(r.n_pairs for r in rates)
-    flips = sum(r.rate * r.n_pairs for r in rates)
-    return SurfaceInvariance(rate=flips / n, per_edit={e: r.rate for e, r in zip(edited, rates)}, n_pairs=n)

@@ -140,6 +140,8 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         augment: fit on every training prompt and its surface variants (final punctuation
             removed, '.' or '?' added, first letter's case flipped; prompt mode only), so that the
             read-out cannot tell the classes apart by surface form.
+        Cs: the strengths cross-validation chooses ``C`` from (None: ``DEFAULT_CS``, 1e-3..10;
+            :data:`~pyvene_harm.guard.readout.WIDE_CS` goes two decades lower).
         batch_size: prompts per forward pass.
         formatter: a :class:`~pyvene_harm.positions.ChatFormatter` (overrides tokenizer's own
             template and ``system_prompt``).
@@ -164,7 +166,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
     def __init__(self, model: Any = None, tokenizer: Any = None, *, method: str = "paper",
                  reads: Sequence[str] = ("t_inst",), layers: Sequence[int] | None = None,
                  threshold: float = 0.0, C: float | None = None, rank: int | None = DEFAULT_RANK,
-                 augment: bool = False,
+                 augment: bool = False, Cs: Sequence[float] | None = None,
                  batch_size: int = 16, formatter: ChatFormatter | None = None,
                  system_prompt: str | None = None, template: str | None = None, progress: bool = False,
                  n_states: int | None = None) -> None:
@@ -177,6 +179,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         self.C = C
         self.rank = rank
         self.augment = augment
+        self.Cs = Cs
         self.batch_size = batch_size
         self.formatter = formatter
         self.system_prompt = system_prompt
@@ -187,7 +190,8 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
     # --- fitting -----------------------------------------------------------------------
 
     def fit(self, X: Any, y: Any, *, categories: Sequence[str | None] | None = None,
-            groups: Sequence[Any] | None = None, sample_weight: Sequence[float] | None = None) -> LatentGuard:
+            groups: Sequence[Any] | None = None, sample_weight: Sequence[float] | None = None,
+            states_cache: Any = None) -> LatentGuard:
         """Centroids of the harmful and harmless training prompts per read and state, and for
         ``method="linear"`` the read-out.
 
@@ -201,6 +205,8 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
                 read-out's strength is then chosen on held-out groups, i.e. for unseen sets.
             sample_weight: optional weight per prompt for the linear read-out (e.g. so that
                 every prompt set has the same say whatever its size).
+            states_cache: a :class:`~pyvene_harm.guard.states_cache.StatesCache`: prompts whose
+                states it holds are not run again (a refit, e.g. after mining hard negatives).
         """
         reads = self._check_params()
         prompts = as_prompts(X)
@@ -234,8 +240,8 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
             states = resolve_states(self.layers, model_provenance(model)["num_layers"] + 1)
             metadata, fitted_on = fit_provenance(model, fmt, prompts, positive), "prompts"
             x = None
-            if self.method == "linear" or categories is not None:
-                x = self._collect(model, fmt, prompts, states, reads, "fitting guard")
+            if self.method == "linear" or categories is not None or states_cache is not None:
+                x = self._collect(model, fmt, prompts, states, reads, "fitting guard", states_cache)
         weights = None
         if sample_weight is not None:
             weights = _check_sample_weight(np.asarray(sample_weight, dtype=np.float64), np.empty((len(positive), 0)),
@@ -250,7 +256,7 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
         self.centroids_ = {k: mean[k] for k in ("harmful", "harmless")}
         readout = None
         if self.method == "linear":
-            readout = LinearReadout.fit(x.numpy(), positive, C=self.C, Cs=DEFAULT_CS, sample_weight=weights,
+            readout = LinearReadout.fit(x.numpy(), positive, C=self.C, Cs=tuple(self.Cs or DEFAULT_CS), sample_weight=weights,
                                         rank=self.rank,
                                         groups=None if groups is None else np.asarray(groups, dtype=object).astype(str))
         names = sorted(k for k in mean if k.startswith("category:"))
@@ -270,13 +276,19 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
             raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.rank is not None and not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"rank must be a positive int or None (all directions), got {self.rank!r}")
+        if self.Cs is not None and (not len(self.Cs) or not all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) and c > 0 for c in self.Cs)):
+            raise ValueError(f"Cs must be positive, finite strengths to choose C from, got {self.Cs!r}")
         if self.C is not None and not (isinstance(self.C, (int, float)) and float(self.C) > 0):
             raise ValueError(f"C must be a positive number or None (chosen by cross-validation), got {self.C!r}")
         return check_reads(self.reads)
 
     def _collect(self, model: Any, fmt: ChatFormatter, prompts: Sequence[str], states: Sequence[int],
-                 reads: Sequence[str], what: str) -> torch.Tensor:
+                 reads: Sequence[str], what: str, states_cache: Any = None) -> torch.Tensor:
         """``[n, len(reads) * len(states), d]`` float64 states of every prompt, in prompt order."""
+        if states_cache is not None:
+            return states_cache.collect(model, fmt, prompts, states, reads, batch_size=self.batch_size,
+                                        progress=self.progress and what)
         out = None
         for idx, x in iter_prompt_states(model, fmt, prompts, states, batch_size=self.batch_size,
                                          progress=self.progress and what, reads=reads):
@@ -506,6 +518,57 @@ class LatentGuard(ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
             self.selection_ = sel.as_dict()
         self.calibration_ = None
         return self
+
+    def set_threshold_by_flag_rate(self, X: Any, rate: float, *, how: str = "traffic",
+                                   source: dict[str, Any] | None = None) -> LatentGuard:
+        """Move the threshold so that at most ``rate`` of the prompts ``X`` are flagged.
+
+        A threshold learnt on training sources does not transfer to a deployment's own traffic
+        (unseen harmless sources rank well but score above it); setting it on that traffic does.
+        ``how="traffic"``: ``X`` is a deployment's own unlabelled, mostly harmless prompts and
+        ``rate`` the share it can afford to flag; ``how="max_fpr"``: ``X`` is a harmless set and
+        ``rate`` the false-positive rate allowed on it. The guard records how its threshold was
+        set in ``selection_`` (saved in guard.json; serve and demo print it). A Platt
+        calibration is kept consistent: probabilities do not move, only the verdict's cut.
+        Prompts whose score cannot be computed count as flagged.
+        """
+        from .metrics import threshold_at_flag_rate
+
+        check_is_fitted(self, msg=_NOT_FITTED)
+        if how not in ("traffic", "max_fpr"):
+            raise ValueError(f"how must be traffic or max_fpr, got {how!r}")
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"the flag rate must be in [0, 1), got {rate}: e.g. 0.01 flags 1% of the traffic")
+        raw = self._decision_scores(X)[2]
+        raw = np.where(np.isfinite(raw), raw, np.inf)
+        old, new = float(self.threshold_), threshold_at_flag_rate(raw, rate)
+        if not np.isfinite(new):
+            raise ValueError(f"more than {rate:.1%} of these prompts have no finite score: a threshold cannot be set "
+                             "on them; check the model and the guard match")
+        if self.calibration_ is not None:  # P(harmful) = sigmoid(a * (raw - t) + b) stays the same
+            self.calibration_ = {**self.calibration_,
+                                 "intercept": float(self.calibration_["intercept"] + self.calibration_["slope"]
+                                                    * (new - old))}
+        self.threshold_ = new
+        self.selection_ = {"target": "flag_rate" if how == "traffic" else "max_fpr", "rate": float(rate),
+                           "threshold": new, "previous_threshold": old, "n": int(len(raw)),
+                           "flagged": float((raw > new).mean()), **(source or {})}
+        return self
+
+    def describe_threshold(self) -> str:
+        """One line on how the threshold was set (startup logs of serve and demo print it)."""
+        check_is_fitted(self, msg=_NOT_FITTED)
+        sel = self.selection_ or {}
+        t = f"threshold {self.threshold_:+.4f}"
+        if sel.get("target") == "flag_rate":
+            where = f" of {sel['file']}" if sel.get("file") else ""
+            return f"{t}, set to flag {sel['rate']:.1%} of {sel['n']} traffic prompts{where}"
+        if sel.get("target") == "max_fpr" and "rate" in sel:
+            where = f" of {sel['file']}" if sel.get("file") else ""
+            return f"{t}, set for a false-positive rate of at most {sel['rate']:.1%} on {sel['n']} harmless prompts{where}"
+        if sel.get("target") in ("accuracy", "fpr"):
+            return f"{t}, chosen on validation prompts ({sel['target']})"
+        return f"{t}, as fitted" + (" (the read-out's P(harmful) = 0.5)" if self.readout_ is not None else "")
 
     def calibrate(self, X_val: Any, y_val: Any) -> LatentGuard:
         """Fit ``P(harmful) = sigmoid(a * decision + b)`` on validation data (Platt scaling)."""

@@ -23,12 +23,16 @@ import torch
 
 from ..beliefs import belief_per_layer
 
-__all__ = ["DEFAULT_CS", "DEFAULT_RANK", "LinearReadout", "METHODS", "centroid_gap"]
+__all__ = ["DEFAULT_CS", "DEFAULT_RANK", "LinearReadout", "METHODS", "WIDE_CS", "centroid_gap"]
 
 METHODS = ("paper", "linear")
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 1, 5))
 """Inverse regularisation strengths tried by cross-validation (scikit-learn's ``C``)."""
+
+WIDE_CS = tuple(float(c) for c in np.logspace(-5, 1, 7))
+"""A grid two decades lower (``Cs="wide"``): the demo guards' choice sat on DEFAULT_CS's low
+edge, so the best strength may lie below it."""
 
 DEFAULT_RANK = 256
 """Principal directions of the standardised states a linear read-out keeps (see

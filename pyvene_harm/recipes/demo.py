@@ -59,7 +59,7 @@ def run_demo(loaded, fmt, artifacts: Path, prompts: list[tuple[str, str]], *, ma
         {"kind": kind, "prompt": text, "delta_harmful": float(beliefs.delta_harmful[i]),
          "delta_refuse": float(beliefs.delta_refuse[i]), "guard_harmful": bool(report.harmful[i]),
          "guard_probability": float(report.probability[i]), "guard_score": float(report.score[i]),
-         "model_refuses": is_refusal(replies[i]), "reply": replies[i]}
+         "model_refuses": is_refusal(replies[i]), "reply": replies[i], "guard_threshold": guard.describe_threshold()}
         for i, (kind, text) in enumerate(prompts)
     ]
 
@@ -132,4 +132,6 @@ def _print(rows: list[dict], model_id: str, elapsed: float) -> None:
         )
     console = Console()
     console.print(table)
+    if rows:
+        console.print(f"[dim]guard {rows[0]['guard_threshold']}[/dim]")
     console.print(f"[dim]{len(rows)} prompts in {elapsed:.1f} s (model load included)[/dim]")

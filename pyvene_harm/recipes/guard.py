@@ -92,6 +92,17 @@ def guard() -> None:
                    "prompts also calibrate the probabilities.")
 @click.option("--max-fpr", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
               help="False-positive bound for --target fpr.")
+@click.option("--mine-negatives", type=click.IntRange(min=0), default=None,
+              help="After a first fit, add the N prompts of the --pool files the guard scores most harmful (its own "
+                   "false positives) as harmless and fit again. Default: the design's mine_negatives (0).")
+@click.option("--pool", "pools", type=click.Path(), multiple=True,
+              help="Harmless prompts to mine hard negatives from, repeatable (coding questions, conversation, other "
+                   "languages...). Example: --pool pyvene_harm/prompts/coding_questions.jsonl")
+@click.option("--pool-limit", type=click.IntRange(min=1), default=1500, show_default=True,
+              help="Prompts per --pool file (a seeded sample).")
+@click.option("--states-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder keeping every prompt's states, so that a refit (mining, another design on the same reads "
+                   "and layers) runs no prompt twice. Default: kept in memory for this run only.")
 @click.option("--balance-punctuation", is_flag=True,
               help="Fit (and validate) on every prompt without final punctuation, with '.' and with '?', so "
                    "the centroids cannot tell the classes apart by their last token (AdvBench ends in a word, "
@@ -100,7 +111,8 @@ def guard() -> None:
               help="Guard folder to write (guard.json + guard.safetensors). Example: -o guards/demo")
 @click.option("--json", "as_json", is_flag=True, help="Print the guard's summary as JSON to stdout.")
 def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, design, layers, category_field,
-        val_harmful, val_harmless, val_limit, target, max_fpr, balance_punctuation, out, as_json):
+        val_harmful, val_harmless, val_limit, target, max_fpr, mine_negatives, pools, pool_limit, states_cache,
+        balance_punctuation, out, as_json):
     """Fit a Latent Guard from harmful and harmless prompts (by default the paper's: centroids at
     t_inst, per layer).
 
@@ -133,6 +145,12 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
         raise click.UsageError(f"--target {target} chooses on validation prompts: give --val-harmful and --val-harmless")
     vh = prompt_set("val-harmful", val_harmful, limit=val_limit, seed=seed)
     vl = prompt_set("val-harmless", val_harmless, limit=val_limit, seed=seed)
+    n_mine = chosen.mine_negatives if mine_negatives is None else mine_negatives
+    if n_mine and not pools:
+        raise click.UsageError(f"mining {n_mine} hard negatives needs harmless prompts to mine: give --pool FILE")
+    if pools and not n_mine:
+        raise click.UsageError("--pool is mined only with --mine-negatives N (N > 0)")
+    pool_sets = [prompt_set("pool", f, limit=pool_limit, seed=seed) for f in pools]
     if out.exists() and any(out.iterdir()) and not (out / "guard.json").exists():
         raise click.UsageError(f"{out} exists and holds something other than a guard: choose another --out")
 
@@ -154,8 +172,25 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
                     system_prompt=fmt.system_prompt, template=fmt.template_override, progress=True)
     # folds by source need two sources of each class; otherwise folds by prompt (variants kept together)
     by_source = len(hfs) >= 2 and len(hls) >= 2
-    g.fit(prompts, labels, groups=groups if by_source else None,
-          categories=(categories + [None] * (len(labels) - len(categories))) if categories else None)
+    from ..guard.states_cache import StatesCache
+
+    cache = StatesCache(states_cache)
+    cats = (categories + [None] * (len(labels) - len(categories))) if categories else None
+    g.fit(prompts, labels, groups=groups if by_source else None, categories=cats, states_cache=cache)
+    mined: dict[str, Any] = {}
+    if n_mine:
+        from ..guard.mining import mine_hard_negatives
+
+        picked = mine_hard_negatives(g, pool_sets, n_mine, exclude=prompts, states_cache=cache)
+        prompts += [p for p, _ in picked]
+        labels += [0] * len(picked)
+        groups += [f"mined:{name}" for _, name in picked]
+        g.fit(prompts, labels, groups=groups if by_source else None,
+              categories=(cats + [None] * len(picked)) if cats else None, states_cache=cache)
+        mined = {"mine_negatives": n_mine, "pools": list(pools), "pool_limit": pool_limit,
+                 "mined": {name: sum(n == name for _, n in picked) for name in dict.fromkeys(n for _, n in picked)}}
+        click.echo(f"mined {len(picked)} hard negatives ({mined['mined']}); states reused for "
+                   f"{cache.hits} prompts, computed for {cache.misses}", err=True)
     val: dict[str, Any] = {}
     if vh is not None:
         vx, vy = vh.prompts + vl.prompts, [1] * len(vh.prompts) + [0] * len(vl.prompts)
@@ -170,7 +205,7 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
                                   "category_field": category_field, "val_harmful": val_harmful,
                                   "val_harmless": val_harmless, "val_limit": val_limit, "target": target,
                                   "max_fpr": max_fpr if target == "fpr" else None,
-                                  "balance_punctuation": balance_punctuation}
+                                  "balance_punctuation": balance_punctuation, **mined}
     if val:  # the guard carries its own validation result (model cards quote it)
         g.metadata_["validation"] = val
     if not is_main():  # every rank fitted the same guard; rank 0 writes and reports it
@@ -474,9 +509,11 @@ def _prediction_rows(ps: PromptSet, label: int, units: dict) -> list[dict]:
 
 def _register_subcommands() -> None:
     # their own modules (guard.py is long); imported here so `pyvene-harm guard --help` lists them
+    from .guard_calibrate import calibrate
     from .guard_crossval import crossval
     from .guard_generate import generate
 
+    guard.add_command(calibrate)
     guard.add_command(generate)
     guard.add_command(crossval)
 

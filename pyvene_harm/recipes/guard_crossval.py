@@ -21,16 +21,20 @@ from .options import emit, load_for_recipe, model_num_states, model_options, pro
 from .rundir import RunDir
 from .tables import print_table
 
-__all__ = ["crossval", "DEFAULT_DESIGNS", "SELECTED"]
+__all__ = ["crossval", "crossval_tables", "DEFAULT_DESIGNS", "SELECTED"]
 
 SELECTED = "selected"
 """The table column of design selection itself: each source scored by the design that was best
 (highest worst accuracy) on the other sources."""
 
 DEFAULT_DESIGNS = ("paper", "paper-mean", "linear-tinst-aug", "linear-mean", "linear-mean-aug", "linear-last16-aug",
-                   "linear-post1-aug", "linear-mean-tpost-aug")
+                   "linear-post1-aug", "linear-mean-tpost-aug", "ngram", "length")
 """The designs compared when no --design is given: every preset of
-:data:`pyvene_harm.guard.crossval.DESIGNS`."""
+:data:`pyvene_harm.guard.crossval.DESIGNS`, the two text-only controls included."""
+
+CONTROL_DESIGNS = ("ngram", "length")
+"""Run beside whatever --design asks for, unless --no-controls: a latent guard is judged against
+what the words alone give."""
 
 
 @click.command("crossval")
@@ -45,6 +49,10 @@ DEFAULT_DESIGNS = ("paper", "paper-mean", "linear-tinst-aug", "linear-mean", "li
                    "mine_negatives draw hard negatives from harmless pools). A NAME of SOURCE/POOL makes it part of "
                    "the source SOURCE, left out whenever SOURCE is held out. Example: "
                    "--pool alpaca/train=../shared/data/rd_splits_harmless_train.json:harmless")
+@click.option("--shift", "shifts", multiple=True,
+              help="NAME=FILE[:LABEL], repeatable: a shift source, never fitted on, scored by every design fitted on "
+                   "all the --set and --wrap sources (e.g. requests in other languages). Example: "
+                   "--shift other-languages=pyvene_harm/prompts/multilingual_harmful.jsonl:harmful")
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
               help="Prompts per source (a seeded sample).")
 @click.option("--pool-limit", type=click.IntRange(min=1), default=1500, show_default=True, help="Prompts per pool.")
@@ -55,6 +63,8 @@ DEFAULT_DESIGNS = ("paper", "paper-mean", "linear-tinst-aug", "linear-mean", "li
               help="A design to compare, repeatable: a preset name or NAME:key=value,... (keys method, reads, layers, "
                    "augment, C, train_on, mine_negatives, balance_sources). Default: the presets of the README's "
                    "table. Example: --design paper --design 'mean:method=linear,reads=mean_inst,layers=8-16'")
+@click.option("--controls/--no-controls", default=True, show_default=True,
+              help="Run the text-only controls (ngram: TF-IDF word and character n-grams; length) beside the designs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also judge each held-out prompt by the model's own refusal (greedy reply + keyword judge).")
@@ -63,7 +73,7 @@ DEFAULT_DESIGNS = ("paper", "paper-mean", "linear-tinst-aug", "linear-mean", "li
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, crossval.csv, crossval.png); re-running resumes.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-def crossval(mopts, sets, wraps, pools, limit, pool_limit, variants, designs, seed, baseline, max_new_tokens,
+def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, designs, controls, seed, baseline, max_new_tokens,
              out, as_json):
     """Leave-one-source-out accuracy of guard designs, with the refusal baseline and surface flips.
 
@@ -79,7 +89,9 @@ def crossval(mopts, sets, wraps, pools, limit, pool_limit, variants, designs, se
 
     n_states = model_num_states(mopts.model)
     try:
-        chosen = [parse_design(d, n_states) for d in (designs or DEFAULT_DESIGNS)]
+        asked = list(designs or DEFAULT_DESIGNS)
+        asked += [c for c in CONTROL_DESIGNS if controls and c not in asked]
+        chosen = [parse_design(d, n_states) for d in asked]
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--design") from None
     if len({d.name for d in chosen}) != len(chosen):
@@ -88,31 +100,33 @@ def crossval(mopts, sets, wraps, pools, limit, pool_limit, variants, designs, se
     sources += [PromptSource(name, prompts, label) for name, prompts, label in _load_wraps(wraps, limit, seed)]
     sources += [PromptSource(ps.name, ps.prompts, label, evaluate=False, group=ps.name.rpartition("/")[0] or None)
                 for ps, label in _load_sets(pools, pool_limit, seed)]
+    sources += [PromptSource(ps.name, ps.prompts, label, train=False) for ps, label in _load_sets(shifts, limit, seed)]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise click.BadParameter(f"source names must be unique across --set, --wrap and --pool, got {names}")
     evaluated = [s for s in sources if s.evaluate]
-    unknown = sorted({s.group for s in sources if s.group} - {s.name for s in evaluated})
+    unknown = sorted({s.group for s in sources if s.group} - {s.name for s in evaluated if s.train})
     if unknown:
         raise click.BadParameter(f"pools name sources that are not --set or --wrap sources: {unknown}",
                                  param_hint="--pool")
-    if len({s.label for s in sources}) < 2 or len(evaluated) < 2:
+    if len({s.label for s in sources}) < 2 or sum(s.train for s in evaluated) < 2:
         raise click.UsageError("leave-one-source-out needs at least two evaluation sources and both labels")
     for d in chosen:
         unknown = sorted(set(d.train_on or ()) - set(names))
         if unknown:
             raise click.BadParameter(f"design {d.name!r} trains on unknown sources {unknown}", param_hint="--design")
-    reads = sorted({r for d in chosen for r in d.reads})
-    layers = sorted({x for d in chosen for x in (d.layers or range(n_states or 0))}) or None
+    reads = sorted({r for d in chosen if not d.is_control for r in d.reads})
+    layers = sorted({x for d in chosen if not d.is_control for x in (d.layers or range(n_states or 0))}) or None
     if layers is None:
         raise click.UsageError(f"the layer count of {mopts.model} cannot be read from its config: give every "
                                "design explicit layers")
-    options = {**mopts.as_dict(), "sets": list(sets), "wraps": list(wraps), "pools": list(pools), "limit": limit,
+    options = {**mopts.as_dict(), "sets": list(sets), "wraps": list(wraps), "pools": list(pools), "shifts": list(shifts), "limit": limit,
                "pool_limit": pool_limit, "variants": variants, "seed": seed, "reads": reads, "states": layers,
                "designs": [d.as_dict() for d in chosen], "baseline": baseline, "max_new_tokens": max_new_tokens}
     run = RunDir(out, "guard-crossval", options, free=("designs",))
     lazy = Lazy(lambda: load_for_recipe(mopts))
-    blocks = {s.name: _states_unit(run, lazy, s, reads, layers, variants if s.evaluate else 0, mopts.batch_size)
+    blocks = {s.name: _states_unit(run, lazy, s, reads, layers, variants if s.evaluate and s.train else 0,
+                                   mopts.batch_size)
               for s in sources}
     refusals = {s.name: _refusal_unit(run, lazy, s, max_new_tokens, mopts.batch_size)
                 for s in evaluated} if baseline else {}
@@ -120,20 +134,26 @@ def crossval(mopts, sets, wraps, pools, limit, pool_limit, variants, designs, se
 
     result = cross_validate(blocks, chosen, progress=lambda msg: click.echo(f"fitting {msg}", err=True))
     rows = result.rows
-    if len(chosen) > 1:  # the choice among designs, judged on sources it did not look at
+    if sum(not d.is_control for d in chosen) > 1:  # the choice among designs, judged on sources it did not look at
         rows = rows + selected_rows(rows)
         chosen = [*chosen, GuardDesign(SELECTED)]
     rows = _with_baseline(rows, refusals, {s.name: s for s in evaluated})
-    run.write_csv("crossval", rows)
-    summary = _summary(rows, chosen, evaluated, refusals)
+    run.write_csv("crossval", [_flat(r) for r in rows])
+    summary = _summary(rows, chosen, refusals)
     results = {"model": mopts.model, "designs": result.designs, "sources": [
-        {"name": s.name, "label": s.label, "n": len(s.prompts), "evaluated": s.evaluate} for s in sources],
-        "rows": rows, "summary": summary, "pooled_auc": result.pooled_auc, "best_design": best_design(result.rows)}
+        {"name": s.name, "label": s.label, "n": len(s.prompts), "evaluated": s.evaluate, "shift": not s.train}
+        for s in sources], "rows": rows, "summary": summary, "pooled": result.pooled,
+        "pooled_auc": result.pooled_auc, "shifts": result.shifts, "best_design": best_design(result.rows)}
     run.write_results(results)
     _plot(run, rows, chosen, evaluated, refusals)
-    columns, table = _table(rows, chosen, evaluated, refusals, summary, result.pooled_auc)
-    run.write_csv("table", [dict(zip(columns, r)) for r in table])
-    _print(columns, table, rows)
+    tables = crossval_tables(rows, chosen, evaluated, refusals, summary, result)
+    for name, (title, columns, table) in tables.items():
+        run.write_csv(name, [dict(zip(columns, r)) for r in table])
+        print_table(title, columns, table)
+    picks = [f"{r['source']}: {r['selected_design']}" for r in rows if r["design"] == SELECTED]
+    if picks:
+        click.echo(f"{SELECTED}: the design with the best worst accuracy on the other sources; " + "; ".join(picks),
+                   err=True)
     emit(results, as_json)
 
 
@@ -170,7 +190,7 @@ def _states_unit(run: RunDir, lazy: Lazy, source, reads: list[str], layers: list
     import torch
 
     from ..guard.crossval import SourceStates, collect_source_states
-    from ..surface import SURFACE_EDITS
+    from ..surface import ALL_EDITS, surface_variants
 
     def compute() -> dict[str, torch.Tensor]:
         loaded, fmt = lazy()
@@ -178,12 +198,14 @@ def _states_unit(run: RunDir, lazy: Lazy, source, reads: list[str], layers: list
                                   batch_size=batch_size, progress=f"states of {source.name}")
         return {"x": torch.from_numpy(b.x),
                 "prompt": torch.tensor([p for p, _ in b.rows], dtype=torch.int64),
-                "edit": torch.tensor([-1 if e is None else SURFACE_EDITS.index(e) for _, e in b.rows],
+                "edit": torch.tensor([-1 if e is None else ALL_EDITS.index(e) for _, e in b.rows],
                                      dtype=torch.int64)}
 
     t = run.tensor_unit(f"states_{source.name}", compute)
-    rows = [(int(p), None if e < 0 else SURFACE_EDITS[e]) for p, e in zip(t["prompt"].tolist(), t["edit"].tolist())]
-    return SourceStates(source=source, x=t["x"].numpy(), rows=rows, reads=tuple(reads), states=tuple(layers))
+    rows = [(int(p), None if e < 0 else ALL_EDITS[e]) for p, e in zip(t["prompt"].tolist(), t["edit"].tolist())]
+    texts = [source.prompts[p] if e is None else surface_variants(source.prompts[p], [e])[e] for p, e in rows]
+    return SourceStates(source=source, x=t["x"].numpy(), rows=rows, reads=tuple(reads), states=tuple(layers),
+                        texts=texts)
 
 
 def _refusal_unit(run: RunDir, lazy: Lazy, source, max_new_tokens: int, batch_size: int) -> dict:
@@ -209,55 +231,108 @@ def _with_baseline(rows: list[dict], refusals: dict[str, dict], sources: dict) -
     return out
 
 
-def _summary(rows: list[dict], designs, sources, refusals) -> dict[str, dict]:
-    """Per design: the worst and mean held-out accuracy, the largest flip rate, and on how many
-    sources it beats the model's own refusal."""
+def _flat(row: dict) -> dict:
+    """A crossval row for the CSV: nested figures as ``group.key`` columns."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict) and k != "surface_flips":
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _summary(rows: list[dict], designs, refusals) -> dict[str, dict]:
+    """Per design, over the left-out sources (shift sources apart): the worst and mean accuracy,
+    the largest flip rate, the mean accuracy on the other-language (shift) sources, on how many
+    sources it beats the model's own refusal, and on how many its AUROC beats the ngram control's."""
+    by = {(r["source"], r["design"]): r for r in rows}
     out = {}
     for d in designs:
-        mine = [r for r in rows if r["design"] == d.name]
+        mine = [r for r in rows if r["design"] == d.name and not r.get("shift_source")]
+        shifted = [r for r in rows if r["design"] == d.name and r.get("shift_source")]
         flips = [r["surface_flip_rate"] for r in mine if r["surface_flip_rate"] is not None]
         entry = {"min_accuracy": min(r["accuracy"] for r in mine),
                  "mean_accuracy": sum(r["accuracy"] for r in mine) / len(mine),
                  "max_surface_flip_rate": max(flips) if flips else None,
-                 "mean_surface_flip_rate": sum(flips) / len(flips) if flips else None}
+                 "mean_surface_flip_rate": sum(flips) / len(flips) if flips else None,
+                 "shift_sources_mean_accuracy": (sum(r["accuracy"] for r in shifted) / len(shifted)
+                                                 if shifted else None)}
         if refusals:
             entry["beats_refusal_on"] = sum(r["accuracy"] > r["refusal_baseline_accuracy"] for r in mine)
+        if any(r["design"] == "ngram" for r in rows) and d.name != "ngram":
+            both = [(r, by[(r["source"], "ngram")]) for r in mine + shifted if (r["source"], "ngram") in by]
+            entry["auroc_beats_ngram_on"] = sum(r["auc_vs_other_class"] > c["auc_vs_other_class"] for r, c in both)
+            entry["sources_compared_with_ngram"] = len(both)
         out[d.name] = entry
     return out
 
 
-def _table(rows, designs, sources, refusals, summary, pooled) -> tuple[list[str], list[list[str]]]:
-    """One row per held-out source, one column per design: accuracy % (surface flips %)."""
+def crossval_tables(rows, designs, sources, refusals, summary, result) -> dict[str, tuple[str, list, list]]:
+    """The run's tables, name -> (title, columns, rows of cells): ``table`` (accuracy and
+    surface flips per source), ``auroc`` (each source against the other class, with recall at
+    1% FPR), ``metrics`` (every held-out prompt pooled) and ``shifts`` (accuracy / AUROC on
+    each shift)."""
     by = {(r["source"], r["design"]): r for r in rows}
+    names = [d.name for d in designs]
 
-    def cell(acc, flips):
-        return f"{100 * acc:.1f}" + ("" if flips is None else f" ({100 * flips:.1f})")
+    def pct(v) -> str:
+        return "" if v is None or v != v else f"{100 * v:.1f}"
 
-    columns = ["held-out source", "n"] + (["refusal"] if refusals else []) + [d.name for d in designs]
-    table = []
+    def ci(pair) -> str:
+        return "" if not pair else f" [{100 * pair[0]:.0f}-{100 * pair[1]:.0f}]"
+
+    def kind(s) -> str:
+        return f"{s.name} ({'harmful' if s.label else 'harmless'}{', shift' if not s.train else ''})"
+
+    columns = ["held-out source", "n"] + (["refusal"] if refusals else []) + names
+    acc = []
     for s in sources:
-        first = by[(s.name, designs[0].name)]
-        table.append([f"{s.name} ({'harmful' if s.label else 'harmless'})", str(first["n"]),
-                      *([f"{100 * first['refusal_baseline_accuracy']:.1f}"] if refusals else []),
-                      *[cell(by[(s.name, d.name)]["accuracy"], by[(s.name, d.name)]["surface_flip_rate"])
-                        for d in designs]])
-    table.append(["worst source", "", *([""] if refusals else []),
-                  *[cell(summary[d.name]["min_accuracy"], summary[d.name]["max_surface_flip_rate"]) for d in designs]])
+        first = by[(s.name, names[0])]
+        acc.append([kind(s), str(first["n"]),
+                    *([pct(first.get("refusal_baseline_accuracy"))] if refusals else []),
+                    *[pct(by[(s.name, n)]["accuracy"]) + ("" if by[(s.name, n)]["surface_flip_rate"] is None
+                                                          else f" ({pct(by[(s.name, n)]['surface_flip_rate'])})")
+                      for n in names]])
+    acc.append(["worst left-out source", "", *([""] if refusals else []),
+                *[pct(summary[n]["min_accuracy"]) for n in names]])
+    acc.append(["mean over left-out sources", "", *([""] if refusals else []),
+                *[pct(summary[n]["mean_accuracy"]) for n in names]])
     if refusals:
-        table.append(["sources above the refusal baseline", "", "",
-                      *[f"{summary[d.name]['beats_refusal_on']} of {len(sources)}" for d in designs]])
-    if pooled:
-        table.append(["AUC, all held-out scores pooled", "", *([""] if refusals else []),
-                      *[f"{pooled[d.name]:.3f}" if d.name in pooled else "" for d in designs]])
-    return columns, table
-
-
-def _print(columns: list[str], table: list[list[str]], rows: list[dict]) -> None:
-    print_table("accuracy % (surface flips %) on each source, by a guard fitted without it", columns, table)
-    picks = [f"{r['source']}: {r['selected_design']}" for r in rows if r["design"] == SELECTED]
-    if picks:
-        click.echo(f"{SELECTED}: the design with the best worst accuracy on the other sources; " + "; ".join(picks),
-                   err=True)
+        acc.append(["sources above the refusal baseline", "", "",
+                    *[f"{summary[n]['beats_refusal_on']} of {len(sources)}" for n in names]])
+    if any("auroc_beats_ngram_on" in summary[n] for n in names):
+        acc.append(["sources where its AUROC beats ngram's", "", *([""] if refusals else []),
+                    *[f"{summary[n]['auroc_beats_ngram_on']} of {summary[n]['sources_compared_with_ngram']}"
+                      if "auroc_beats_ngram_on" in summary[n] else "" for n in names]])
+    auroc = [[kind(s), str(by[(s.name, names[0])]["n"]),
+              *[f"{by[(s.name, n)]['vs_other_class']['auroc']:.3f} / "
+                f"{pct(by[(s.name, n)]['vs_other_class']['tpr_at_1pct_fpr'])}" for n in names]] for s in sources]
+    metric_cols = ["design", "accuracy", "precision", "recall", "F1", "FPR", "AUROC", "AUPRC", "TPR@1%FPR",
+                   "TPR@5%FPR"]
+    metrics = []
+    for n in names:
+        m = result.pooled.get(n)
+        if m is None:
+            continue
+        c = m.get("ci", {})
+        metrics.append([n, pct(m["accuracy"]) + ci(c.get("accuracy")), pct(m["precision"]), pct(m["recall"]),
+                        pct(m["f1"]) + ci(c.get("f1")), pct(m["fpr"]) + ci(c.get("fpr")),
+                        f"{m['auroc']:.3f}" + ("" if "auroc" not in c else f" [{c['auroc'][0]:.3f}-{c['auroc'][1]:.3f}]"),
+                        f"{m['auprc']:.3f}", pct(m["tpr_at_1pct_fpr"]) + ci(c.get("tpr_at_1pct_fpr")),
+                        pct(m["tpr_at_5pct_fpr"])])
+    shift_names = list(dict.fromkeys(r["shift"] for r in result.shifts))
+    sh = {(r["shift"], r["design"]): r for r in result.shifts}
+    shifts = [[e, str(sh[(e, names[0])]["n"]) if (e, names[0]) in sh else "",
+               *[f"{pct(sh[(e, n)]['accuracy'])} / {sh[(e, n)]['auroc']:.3f}" if (e, n) in sh else "" for n in names]]
+              for e in shift_names]
+    out = {"table": ("accuracy % (surface flips %) on each source, by a guard fitted without it", columns, acc),
+           "auroc": ("AUROC against every held-out prompt of the other class / recall % at 1% FPR",
+                     ["held-out source", "n", *names], auroc),
+           "metrics": ("every held-out prompt pooled (95% bootstrap intervals)", metric_cols, metrics)}
+    if shifts:
+        out["shifts"] = ("accuracy % / AUROC on shifted held-out prompts", ["shift", "n", *names], shifts)
+    return out
 
 
 def _plot(run: RunDir, rows, designs, sources, refusals) -> None:

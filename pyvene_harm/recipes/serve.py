@@ -125,6 +125,7 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
     auth = "API key required" if api_key else "no API key (set --api-key or " + API_KEY_ENV + ")"
     click.echo(f"serving {name!r} guarded by {guard_path} on http://{host}:{port} ({auth}; "
                f"replies {'with the refusal direction ablated' if steering else 'plain'})", err=True)
+    click.echo(f"guard {g.describe_threshold()}", err=True)
     logging.getLogger("pyvene_harm.serve").setLevel(log_level.upper())
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, date_header=False,
                 http=header_deadline_protocol(read_timeout), limit_concurrency=limit_concurrency,
