@@ -142,6 +142,12 @@ def test_eval_table_with_baselines_and_resume(fitted_guard, files, tmp_path, mon
     assert (bad["label"], good["label"], bad["n"], good["n"]) == ("harmful", "harmless", 4, 4)
     assert bad["refusal_baseline_accuracy"] == 50.0 and good["refusal_baseline_accuracy"] == 100.0
     assert 0 <= bad["latent_guard_accuracy"] <= 100 and "generative_guard_accuracy" not in good
+    # what guard users compare: each set against the other class, and every prompt pooled
+    assert bad["accuracy_ci_low"] <= bad["latent_guard_accuracy"] <= bad["accuracy_ci_high"]
+    assert bad["recall_vs_other_class"] == pytest.approx(bad["latent_guard_accuracy"] / 100)
+    assert good["fpr_vs_other_class"] == pytest.approx(1 - good["latent_guard_accuracy"] / 100)
+    assert bad["auroc_vs_other_class"] == pytest.approx(res["pooled"]["auroc"])  # two sets: the same pairs
+    assert {"f1", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "ci"} <= set(res["pooled"])
     for name in ("results.json", "eval.csv", "predictions.csv", "config.json"):
         assert (tmp_path / "run" / name).exists(), name
     assert "Table 3" in r.output and "baseline" in r.output

@@ -24,6 +24,7 @@ __all__ = [
     "average_precision",
     "binary_metrics",
     "bootstrap_intervals",
+    "per_set_metrics",
     "threshold_at_flag_rate",
     "tpr_at_fpr",
 ]
@@ -153,3 +154,34 @@ def bootstrap_intervals(y: Any, scores: Any, *, threshold: float = 0.0, n_boot: 
         if len(a) * 2 >= n_boot:
             out[k] = [float(np.quantile(a, alpha)), float(np.quantile(a, 1 - alpha))]
     return out
+
+
+def per_set_metrics(sets: Sequence[tuple[str, int, Sequence[float]]], *, threshold: float = 0.0,
+                    n_boot: int = 500, seed: int = 0) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """Figures for labelled sets of scores, ``(name, label, scores)`` each.
+
+    Per set: its accuracy with a bootstrap interval, and every figure of :func:`binary_metrics`
+    for the set against all prompts of the other class pooled (for a harmless set, recall at 1%
+    FPR is the recall on every harmful prompt at the threshold that flags 1% of this set). Pooled:
+    every prompt of every set, with intervals under ``ci``; None without both classes.
+    """
+    pooled_by = {lab: np.concatenate([np.asarray(s, dtype=np.float64) for _, lb, s in sets if lb == lab] or
+                                     [np.empty(0)]) for lab in (0, 1)}
+    out = {}
+    for name, label, scores in sets:
+        own = np.asarray(scores, dtype=np.float64)
+        other = pooled_by[1 - label]
+        y = np.r_[np.full(len(own), label), np.full(len(other), 1 - label)]
+        m = binary_metrics(y, np.r_[own, other], threshold=threshold)
+        acc = float(((np.where(np.isnan(own), np.inf, own) > threshold) == bool(label)).mean())
+        ci = bootstrap_intervals(np.full(len(own), label), own, threshold=threshold, n_boot=n_boot, seed=seed)
+        out[name] = {"accuracy": acc, "accuracy_ci": ci.get("accuracy"),
+                     **{k: m[k] for k in ("precision", "recall", "f1", "fpr", "auroc", "auprc", "tpr_at_1pct_fpr",
+                                          "tpr_at_5pct_fpr")}}
+    pooled = None
+    if len(pooled_by[0]) and len(pooled_by[1]):
+        y = np.r_[np.ones(len(pooled_by[1])), np.zeros(len(pooled_by[0]))]
+        s = np.r_[pooled_by[1], pooled_by[0]]
+        pooled = {**binary_metrics(y, s, threshold=threshold),
+                  "ci": bootstrap_intervals(y, s, threshold=threshold, n_boot=n_boot, seed=seed)}
+    return out, pooled

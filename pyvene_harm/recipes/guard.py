@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from ..conversation import Conversation
 from ..distributed import is_main
+from ..guard.metrics import per_set_metrics
 from .guard_common import (
     Lazy,
     bind_model,
@@ -382,7 +384,7 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
     run = RunDir(out, "guard-eval", options)
     lazy = Lazy(lambda: bind_model(g, mopts))
     lazy_gen = Lazy(lambda: _generative(generative, mopts))
-    summary, predictions = [], []
+    summary, predictions, all_units = [], [], []
     for ps, label in loaded_sets:
         units = {"latent": run.unit(f"latent_{ps.name}", lambda ps=ps: _latent_unit(g, lazy, ps.prompts))}
         if baseline:
@@ -392,7 +394,14 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
             units["generative"] = run.unit(f"generative_{ps.name}", lambda ps=ps: _generative_unit(
                 lazy_gen, ps.prompts))
         summary.append(_set_summary(ps, label, units))
+        all_units.append(units)
         predictions.extend(_prediction_rows(ps, label, units))
+    scores = [(s["set"], int(s["label"] == "harmful"), _decisions(u, g)) for s, u in zip(summary, all_units)]
+    per_set, pooled = per_set_metrics(scores)
+    for s in summary:
+        m = per_set[s["set"]]
+        s.update({"accuracy_ci_low": 100 * m["accuracy_ci"][0], "accuracy_ci_high": 100 * m["accuracy_ci"][1],
+                  **{f"{k}_vs_other_class": m[k] for k in METRIC_KEYS}})
     run.write_csv("eval", summary)
     run.write_csv("predictions", predictions)
     results = {"guard": guard_path, "model": mopts.model, "model_id": g.metadata_.get("model_id"),
@@ -400,7 +409,7 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
                "headline": ("accuracy on the prompts where the model is wrong (harmful ones it accepts, harmless "
                             "ones it refuses), as Table 3 scores guards" if baseline else
                             "accuracy over the whole set (no refusal baseline: the model-wrong subset is unknown)"),
-               "not_run": TABLE3_NOT_RUN, "sets": summary}
+               "not_run": TABLE3_NOT_RUN, "sets": summary, "pooled": pooled}
     run.write_results(results)
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
@@ -424,7 +433,27 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
                 for s in summary]
         title = "guard accuracy over each whole set (no refusal baseline: Table 3's subset is unknown)"
     print_table(title, columns, rows)
+    print_table("Latent Guard: each set against every prompt of the other class (AUROC, recall at 1% FPR...)",
+                ["set", "accuracy % [95%]", *METRIC_KEYS],
+                [[s["set"], f"{pct(s['latent_guard_accuracy'])} [{s['accuracy_ci_low']:.0f}-{s['accuracy_ci_high']:.0f}]",
+                  *[_fig(s[f"{k}_vs_other_class"]) for k in METRIC_KEYS]] for s in summary]
+                + ([["all sets pooled", pct(100 * pooled["accuracy"]), *[_fig(pooled[k]) for k in METRIC_KEYS]]]
+                   if pooled else []))
     emit(results, as_json)
+
+
+METRIC_KEYS = ("precision", "recall", "f1", "fpr", "auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")
+
+
+def _fig(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}"
+
+
+def _decisions(units: dict, g) -> list[float]:
+    """The guard's decision per prompt (score - threshold); units stored before decisions were
+    kept fall back to Delta_harmful - threshold (the paper guard's decision)."""
+    lat = units["latent"]
+    return lat.get("decision") or [d - g.threshold_ for d in lat["delta_harmful"]]
 
 
 TABLE3_NOT_RUN = ["Adv-suffix (GCG suffixes): no such prompt set here",
@@ -437,7 +466,8 @@ def _latent_unit(g, lazy: Lazy, prompts: list[str]) -> dict:
     lazy()
     rep = g.report(prompts)
     return {"delta_harmful": rep.delta_harmful.tolist(), "harmful": rep.harmful.tolist(),
-            "probability": rep.probability.tolist(), "category": rep.category}
+            "probability": rep.probability.tolist(), "category": rep.category,
+            "decision": [float(x) for x in np.asarray(rep.score) - g.threshold_]}
 
 
 def _baseline_unit(g, lazy: Lazy, ps: PromptSet, max_new_tokens: int, batch_size: int) -> dict:
