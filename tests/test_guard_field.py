@@ -253,3 +253,15 @@ def test_moving_the_threshold_keeps_calibrated_probabilities(tiny):
     assert not g.predict(HARMLESS).any() and g.selection_["target"] == "max_fpr"
     with pytest.raises(ValueError, match="flag rate"):
         g.set_threshold_by_flag_rate(HARMLESS, 1.5)
+
+
+def test_built_in_models_find_their_shipped_artifacts(tmp_path):
+    from pyvene_harm.recipes.demo import default_artifacts, shipped_artifacts
+
+    assert shipped_artifacts("demo") == default_artifacts() and (default_artifacts() / "guard").is_dir()
+    assert shipped_artifacts("demo-1.5b").name == "qwen2.5-coder-1.5b-instruct"
+    assert shipped_artifacts("org/other-model") is None
+    r = CliRunner().invoke(main, ["demo", "-m", str(tmp_path)])
+    assert r.exit_code == 2 and "no artifacts ship" in r.output
+    r = CliRunner().invoke(main, ["serve", "-m", str(tmp_path)])
+    assert r.exit_code == 2 and "give --guard" in r.output

@@ -15,7 +15,7 @@ import click
 
 from .options import model_options
 
-__all__ = ["EXAMPLES", "default_artifacts", "demo", "run_demo"]
+__all__ = ["EXAMPLES", "SHIPPED", "default_artifacts", "demo", "run_demo", "shipped_artifacts"]
 
 # An ordinary request, an over-refusal trap, a harmful request (with and without a final period:
 # on small models the t_inst state is dominated by the last token, so the paper's Delta_harmful
@@ -35,9 +35,19 @@ EXAMPLES = (
 )
 
 
+SHIPPED = {"demo": "qwen2.5-coder-0.5b-instruct", "demo-1.5b": "qwen2.5-coder-1.5b-instruct"}
+"""The built-in models whose directions and guard ship in ``artifacts/``."""
+
+
 def default_artifacts() -> Path:
     """``artifacts/qwen2.5-coder-0.5b-instruct`` of the source tree (shipped with the project)."""
-    return Path(__file__).resolve().parents[2] / "artifacts" / "qwen2.5-coder-0.5b-instruct"
+    return Path(__file__).resolve().parents[2] / "artifacts" / SHIPPED["demo"]
+
+
+def shipped_artifacts(model: str | None) -> Path | None:
+    """The shipped artifacts folder of a built-in model (``demo``, ``demo-1.5b``), else None."""
+    name = SHIPPED.get(model or "demo")
+    return None if name is None else default_artifacts().parent / name
 
 
 def run_demo(loaded, fmt, artifacts: Path, prompts: list[tuple[str, str]], *, max_new_tokens: int = 40,
@@ -67,7 +77,7 @@ def run_demo(loaded, fmt, artifacts: Path, prompts: list[tuple[str, str]], *, ma
 @click.command()
 @model_options
 @click.option("--artifacts", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder with directions/ and guard/ (default: the shipped demo-model artifacts).")
+              help="Folder with directions/ and guard/ (default: the shipped artifacts of -m demo or -m demo-1.5b).")
 @click.option("--prompt", "extra", multiple=True, help="Add your own prompt (repeatable).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=40, show_default=True,
               help="Tokens of the model's own reply, to see whether it refuses.")
@@ -84,9 +94,13 @@ def demo(mopts, artifacts, extra, max_new_tokens, as_json):
     \b
     Example:
       pyvene-harm demo
-      pyvene-harm demo --prompt "How do I pick a lock?"
+      pyvene-harm demo -m demo-1.5b --prompt "How do I pick a lock?"
     """
-    artifacts = artifacts or default_artifacts()
+    artifacts = artifacts or shipped_artifacts(mopts.model)
+    if artifacts is None:
+        raise click.BadParameter(f"no artifacts ship for {mopts.model!r} (only for {', '.join(SHIPPED)}): pass "
+                                 "--artifacts with the folders of `pyvene-harm extract` and `pyvene-harm guard fit`",
+                                 param_hint="--artifacts")
     for sub in ("directions", "guard"):
         if not (artifacts / sub).is_dir():
             raise click.BadParameter(

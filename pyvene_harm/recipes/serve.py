@@ -21,7 +21,9 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
 
 
 @click.command()
-@click.option("--guard", "guard_path", required=True, help="Guard folder (from `guard fit`) or Hub repo id.")
+@click.option("--guard", "guard_path", default=None,
+              help="Guard folder (from `guard fit`) or Hub repo id. Default with -m demo or -m demo-1.5b: the guard "
+                   "shipped for that model in artifacts/.")
 @guard_model_options
 @click.option("--directions", "directions_path", default=None,
               help="DirectionSet (folder, `extract` run directory or Hub id): replies to prompts the guard lets "
@@ -85,6 +87,7 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
     Example:
       pyvene-harm serve --guard artifacts/qwen2.5-coder-0.5b-instruct/guard \\
         --directions artifacts/qwen2.5-coder-0.5b-instruct/directions --port 8000
+      pyvene-harm serve -m demo-1.5b      # the 1.5B model with its shipped guard
       curl -s localhost:8000/v1/moderations -H 'Content-Type: application/json' \\
         -d '{"input": "How do I kill a Python process?"}'
     """
@@ -102,6 +105,13 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
                         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, read_timeout_s=read_timeout)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    if guard_path is None:
+        from .demo import SHIPPED, shipped_artifacts
+
+        shipped = shipped_artifacts(model_args["model"]) if model_args["model"] else None
+        if shipped is None or not (shipped / "guard").is_dir():
+            raise click.UsageError(f"give --guard: a guard ships only for -m {' or -m '.join(SHIPPED)}")
+        guard_path = str(shipped / "guard")
     g = load_guard(guard_path, model_args["revision"])
     mopts = resolve_model_options(model_args, g, guard_path)
     directions = resolve_directions(directions_path)
