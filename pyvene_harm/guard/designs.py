@@ -97,6 +97,7 @@ DESIGNS: dict[str, str] = {
     "linear-mean": "method=linear,reads=mean_inst,layers=middle",
     "linear-mean-aug": "method=linear,reads=mean_inst,layers=middle,augment=1",
     "linear-last16-aug": "method=linear,reads=last:16,layers=middle,augment=1",
+    "linear-last16-mined": "method=linear,reads=last:16,layers=middle,augment=1,mine_negatives=150",
     "linear-post1-aug": "method=linear,reads=post:1,layers=middle,augment=1",
     "linear-mean-tpost-aug": "method=linear,reads=mean_inst+t_post_inst,layers=middle,augment=1",
     "ngram": "method=ngram,augment=1",
@@ -109,6 +110,8 @@ at a time: where the states are read (the mean over the instruction's tokens, it
 tokens, the first post-instruction token, t_post_inst beside the mean), a logistic read-out over
 the middle states instead of centroids, and fitting on surface variants (``-aug``). ``ngram``
 and ``length`` are the text-only controls, fitted on the same rows as the ``-aug`` designs.
+``linear-last16-mined`` (the shipped guard's design) adds 150 hard negatives mined from the
+harmless pools (``--pool``) and refits.
 """
 
 
