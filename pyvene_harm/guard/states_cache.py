@@ -72,6 +72,15 @@ class StatesCache:
         self._memory[key] = table
         return table
 
+    flush_every = 512
+    """New states are written to disk every this many prompts."""
+
+    def _flush(self, key: str, table: dict[str, torch.Tensor], pending: dict[str, torch.Tensor]) -> None:
+        if pending:
+            table.update(pending)
+            self._store(key, list(pending), torch.stack(list(pending.values())))
+            pending.clear()
+
     def _store(self, key: str, names: list[str], x: torch.Tensor) -> None:
         if self.directory is None or not names:
             return
@@ -97,17 +106,17 @@ class StatesCache:
         todo = [i for i, k in enumerate(ids) if k is None or k not in table]
         self.hits += len(prompts) - len(todo)
         self.misses += len(todo)
+        extra: dict[int, torch.Tensor] = {}
         if todo:
-            fresh = None
+            pending: dict[str, torch.Tensor] = {}
             for idx, x in iter_prompt_states(model, fmt, [prompts[i] for i in todo], states, batch_size=batch_size,
                                              progress=progress, reads=reads):
-                if fresh is None:
-                    fresh = torch.empty((len(todo), *x.shape[1:]), dtype=torch.float32)
-                fresh[idx] = x.to(torch.float32)
-            new = {ids[i]: fresh[j] for j, i in enumerate(todo) if ids[i] is not None}
-            table.update(new)
-            self._store(key, list(new), torch.stack(list(new.values())) if new else fresh[:0])
-            extra = {i: fresh[j] for j, i in enumerate(todo)}
-        else:
-            extra = {}
+                for j, row in zip(idx, x.to(torch.float32)):
+                    i = todo[j]
+                    extra[i] = row
+                    if ids[i] is not None:
+                        pending[ids[i]] = row
+                if len(pending) >= self.flush_every:  # an interrupted run keeps what it computed
+                    self._flush(key, table, pending)
+            self._flush(key, table, pending)
         return torch.stack([extra[i] if i in extra else table[ids[i]] for i in range(len(prompts))]).to(torch.float64)
