@@ -164,7 +164,7 @@ def test_states_cache_reuses_states_across_fits_and_runs(tiny, tmp_path):
     fmt = ChatFormatter(tok)
     cache = StatesCache(tmp_path / "cache")
     cache.flush_every = 5  # written as it goes: an interrupted fit keeps what it computed
-    kw = dict(method="linear", reads=("t_inst",), layers=[1, 2], C=1.0)
+    kw = dict(method="linear", reads=("t_inst",), layers=[1, 2], C=1.0, batch_size=4)
     plain = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 6 + [0] * 6)
     cached = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 6 + [0] * 6, states_cache=cache)
     assert cache.misses == 12 and cache.hits == 0
