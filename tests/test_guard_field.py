@@ -168,7 +168,7 @@ def test_states_cache_reuses_states_across_fits_and_runs(tiny, tmp_path):
     plain = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 6 + [0] * 6)
     cached = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 6 + [0] * 6, states_cache=cache)
     assert cache.misses == 12 and cache.hits == 0
-    assert len(list((tmp_path / "cache").rglob("shard-*.safetensors"))) >= 3
+    assert len(list((tmp_path / "cache").rglob("shard-*.safetensors"))) == 2  # 8 then 4
     np.testing.assert_allclose(cached.decision_function(HARMLESS), plain.decision_function(HARMLESS), atol=1e-5)
     again = StatesCache(tmp_path / "cache")  # a later run reads the folder
     x = again.collect(model, fmt, HARMFUL[:3] + ["A new prompt"], [1, 2], ["t_inst"])
