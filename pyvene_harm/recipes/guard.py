@@ -396,7 +396,8 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
         summary.append(_set_summary(ps, label, units))
         all_units.append(units)
         predictions.extend(_prediction_rows(ps, label, units))
-    scores = [(s["set"], int(s["label"] == "harmful"), _decisions(u, g)) for s, u in zip(summary, all_units)]
+    scores = [(s["set"], int(s["label"] == "harmful"), _decisions(u, g, lazy, ps.prompts))
+              for s, u, (ps, _) in zip(summary, all_units, loaded_sets)]
     per_set, pooled = per_set_metrics(scores)
     for s in summary:
         m = per_set[s["set"]]
@@ -449,11 +450,14 @@ def _fig(v: float | None) -> str:
     return "-" if v is None or v != v else f"{v:.3f}"
 
 
-def _decisions(units: dict, g) -> list[float]:
-    """The guard's decision per prompt (score - threshold); units stored before decisions were
-    kept fall back to Delta_harmful - threshold (the paper guard's decision)."""
+def _decisions(units: dict, g, lazy: Lazy, prompts: list[str]) -> list[float]:
+    """The guard's decision per prompt (score - threshold). Units stored before decisions were
+    kept hold only Delta_harmful, which is a linear guard's score no more: score them again."""
     lat = units["latent"]
-    return lat.get("decision") or [d - g.threshold_ for d in lat["delta_harmful"]]
+    if "decision" in lat:
+        return lat["decision"]
+    lazy()
+    return [float(x) for x in g.decision_function(prompts)]
 
 
 TABLE3_NOT_RUN = ["Adv-suffix (GCG suffixes): no such prompt set here",
