@@ -34,7 +34,7 @@ from ..surface import (
 )
 from .designs import DESIGNS, GuardDesign, middle_states, parse_design
 from .features import iter_prompt_states
-from .metrics import binary_metrics, bootstrap_intervals
+from .metrics import AGAINST_KEYS, against_other_class, binary_metrics, pooled_metrics
 
 __all__ = [
     "DESIGNS",
@@ -331,11 +331,9 @@ def cross_validate(blocks: dict[str, SourceStates], designs: Sequence[GuardDesig
         loso = {src: sc for src, sc in mine.items() if sc.block.source.train}
         by_label = {lab: np.concatenate([sc.original() for sc in loso.values() if sc.label == lab] or [np.empty(0)])
                     for lab in (0, 1)}
-        y_all = np.r_[np.ones(len(by_label[1])), np.zeros(len(by_label[0]))]
-        s_all = np.r_[by_label[1], by_label[0]]
-        if len(by_label[0]) and len(by_label[1]):
-            pooled[design.name] = {**binary_metrics(y_all, s_all),
-                                   "ci": bootstrap_intervals(y_all, s_all, n_boot=n_boot)}
+        m = pooled_metrics(by_label[1], by_label[0], n_boot=n_boot)
+        if m is not None:
+            pooled[design.name] = m
         for src, sc in mine.items():
             rows.append(_row(src, design, sc, mine, by_label, n_boot))
         for edit in SHIFT_EDITS:
@@ -373,23 +371,17 @@ def _row(src: str, design: GuardDesign, sc: _Scored, mine: dict[str, _Scored], b
         if len(d):
             shift_acc[edit] = float(((d > 0) == bool(label)).mean())
     inv = _flip_rate(before, after) if after else None
-    y = np.r_[np.full(len(own), label), np.full(len(other), 1 - label)]
-    s = np.r_[own, other]
-    m = binary_metrics(y, s)
-    acc = float((pred == bool(label)).mean())
-    acc_ci = bootstrap_intervals(np.full(len(own), label), own, n_boot=n_boot)["accuracy"]
-    ci = bootstrap_intervals(y, s, n_boot=n_boot) if len(other) else {}
+    m = against_other_class(label, own, other, n_boot=n_boot, interval_keys=("auroc", "tpr_at_1pct_fpr", "f1"))
     return {"source": src, "label": label, "design": design.name, "n": len(own), "shift_source": not b.source.train,
             "control": design.is_control,
-            "accuracy": acc, "accuracy_ci": acc_ci,
+            "accuracy": m["accuracy"], "accuracy_ci": m["accuracy_ci"],
             "surface_flip_rate": None if inv is None else inv.rate,
             "surface_flips": None if inv is None else inv.per_edit,
             "n_variants": 0 if inv is None else inv.n_pairs,
             "shift_accuracy": shift_acc,
             "C": sc.fit_C,
-            "vs_other_class": {k: m[k] for k in ("precision", "recall", "f1", "fpr", "auroc", "auprc",
-                                                 "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "n")},
-            "vs_other_class_ci": {k: ci[k] for k in ("auroc", "tpr_at_1pct_fpr", "f1") if k in ci},
+            "vs_other_class": {k: m[k] for k in (*AGAINST_KEYS, "n")},
+            "vs_other_class_ci": m["ci"],
             "auc_vs_other_class": m["auroc"]}
 
 

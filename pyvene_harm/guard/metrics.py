@@ -19,12 +19,15 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "AGAINST_KEYS",
     "LOW_FPRS",
+    "against_other_class",
     "auroc",
     "average_precision",
     "binary_metrics",
     "bootstrap_intervals",
     "per_set_metrics",
+    "pooled_metrics",
     "threshold_at_flag_rate",
     "tpr_at_fpr",
 ]
@@ -156,32 +159,54 @@ def bootstrap_intervals(y: Any, scores: Any, *, threshold: float = 0.0, n_boot: 
     return out
 
 
+AGAINST_KEYS = ("precision", "recall", "f1", "fpr", "auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")
+"""The figures of one set taken against the prompts of the other class."""
+
+
+def against_other_class(label: int, own: Any, other: Any, *, threshold: float = 0.0, n_boot: int = 500,
+                        seed: int = 0, interval_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """One set's scores (all of class ``label``) against ``other`` (scores of the other class).
+
+    Returns its accuracy with a bootstrap interval (``accuracy``, ``accuracy_ci``), the
+    :data:`AGAINST_KEYS` figures of the two together and ``n`` (for a harmless set, recall at 1%
+    FPR is the recall on ``other`` at the threshold that flags 1% of this set), and under ``ci``
+    the intervals of ``interval_keys`` (none without ``other``).
+    """
+    own = np.asarray(own, dtype=np.float64)
+    other = np.asarray(other, dtype=np.float64)
+    y = np.r_[np.full(len(own), label), np.full(len(other), 1 - label)]
+    s = np.r_[own, other]
+    m = binary_metrics(y, s, threshold=threshold)
+    acc = float(((np.where(np.isnan(own), np.inf, own) > threshold) == bool(label)).mean())
+    acc_ci = bootstrap_intervals(np.full(len(own), label), own, threshold=threshold, n_boot=n_boot, seed=seed)
+    ci = bootstrap_intervals(y, s, threshold=threshold, n_boot=n_boot, seed=seed) if interval_keys and len(other) else {}
+    return {"accuracy": acc, "accuracy_ci": acc_ci.get("accuracy"), **{k: m[k] for k in AGAINST_KEYS}, "n": m["n"],
+            "ci": {k: ci[k] for k in interval_keys if k in ci}}
+
+
+def pooled_metrics(harmful: Any, harmless: Any, *, threshold: float = 0.0, n_boot: int = 500,
+                   seed: int = 0) -> dict[str, Any] | None:
+    """:func:`binary_metrics` of every harmful and harmless score together, with intervals under
+    ``ci``; None without both classes."""
+    harmful, harmless = np.asarray(harmful, dtype=np.float64), np.asarray(harmless, dtype=np.float64)
+    if not (len(harmful) and len(harmless)):
+        return None
+    y = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
+    s = np.r_[harmful, harmless]
+    return {**binary_metrics(y, s, threshold=threshold),
+            "ci": bootstrap_intervals(y, s, threshold=threshold, n_boot=n_boot, seed=seed)}
+
+
 def per_set_metrics(sets: Sequence[tuple[str, int, Sequence[float]]], *, threshold: float = 0.0,
                     n_boot: int = 500, seed: int = 0) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """Figures for labelled sets of scores, ``(name, label, scores)`` each.
 
-    Per set: its accuracy with a bootstrap interval, and every figure of :func:`binary_metrics`
-    for the set against all prompts of the other class pooled (for a harmless set, recall at 1%
-    FPR is the recall on every harmful prompt at the threshold that flags 1% of this set). Pooled:
-    every prompt of every set, with intervals under ``ci``; None without both classes.
+    Per set: :func:`against_other_class` against all prompts of the other class pooled. Pooled:
+    :func:`pooled_metrics` of every prompt of every set.
     """
     pooled_by = {lab: np.concatenate([np.asarray(s, dtype=np.float64) for _, lb, s in sets if lb == lab] or
                                      [np.empty(0)]) for lab in (0, 1)}
-    out = {}
-    for name, label, scores in sets:
-        own = np.asarray(scores, dtype=np.float64)
-        other = pooled_by[1 - label]
-        y = np.r_[np.full(len(own), label), np.full(len(other), 1 - label)]
-        m = binary_metrics(y, np.r_[own, other], threshold=threshold)
-        acc = float(((np.where(np.isnan(own), np.inf, own) > threshold) == bool(label)).mean())
-        ci = bootstrap_intervals(np.full(len(own), label), own, threshold=threshold, n_boot=n_boot, seed=seed)
-        out[name] = {"accuracy": acc, "accuracy_ci": ci.get("accuracy"),
-                     **{k: m[k] for k in ("precision", "recall", "f1", "fpr", "auroc", "auprc", "tpr_at_1pct_fpr",
-                                          "tpr_at_5pct_fpr")}}
-    pooled = None
-    if len(pooled_by[0]) and len(pooled_by[1]):
-        y = np.r_[np.ones(len(pooled_by[1])), np.zeros(len(pooled_by[0]))]
-        s = np.r_[pooled_by[1], pooled_by[0]]
-        pooled = {**binary_metrics(y, s, threshold=threshold),
-                  "ci": bootstrap_intervals(y, s, threshold=threshold, n_boot=n_boot, seed=seed)}
-    return out, pooled
+    out = {name: against_other_class(label, scores, pooled_by[1 - label], threshold=threshold, n_boot=n_boot,
+                                     seed=seed)
+           for name, label, scores in sets}
+    return out, pooled_metrics(pooled_by[1], pooled_by[0], threshold=threshold, n_boot=n_boot, seed=seed)

@@ -6,6 +6,7 @@ Every file and option is checked, and the guard folder read, before any model is
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..conversation import Conversation
 from ..distributed import is_main
-from ..guard.metrics import per_set_metrics
+from ..guard.metrics import AGAINST_KEYS, per_set_metrics
 from .guard_common import (
     Lazy,
     bind_model,
@@ -190,7 +191,7 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
         g.fit(prompts, labels, groups=groups if by_source else None,
               categories=(cats + [None] * len(picked)) if cats else None, states_cache=cache)
         mined = {"mine_negatives": n_mine, "pools": list(pools), "pool_limit": pool_limit,
-                 "mined": {name: sum(n == name for _, n in picked) for name in dict.fromkeys(n for _, n in picked)}}
+                 "mined": dict(Counter(name for _, name in picked))}
         click.echo(f"mined {len(picked)} hard negatives ({mined['mined']}); states reused for "
                    f"{cache.hits} prompts, computed for {cache.misses}", err=True)
     val: dict[str, Any] = {}
@@ -402,7 +403,7 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
     for s in summary:
         m = per_set[s["set"]]
         s.update({"accuracy_ci_low": 100 * m["accuracy_ci"][0], "accuracy_ci_high": 100 * m["accuracy_ci"][1],
-                  **{f"{k}_vs_other_class": m[k] for k in METRIC_KEYS}})
+                  **{f"{k}_vs_other_class": m[k] for k in AGAINST_KEYS}})
     run.write_csv("eval", summary)
     run.write_csv("predictions", predictions)
     results = {"guard": guard_path, "model": mopts.model, "model_id": g.metadata_.get("model_id"),
@@ -435,15 +436,12 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
         title = "guard accuracy over each whole set (no refusal baseline: Table 3's subset is unknown)"
     print_table(title, columns, rows)
     print_table("Latent Guard: each set against every prompt of the other class (AUROC, recall at 1% FPR...)",
-                ["set", "accuracy % [95%]", *METRIC_KEYS],
+                ["set", "accuracy % [95%]", *AGAINST_KEYS],
                 [[s["set"], f"{pct(s['latent_guard_accuracy'])} [{s['accuracy_ci_low']:.0f}-{s['accuracy_ci_high']:.0f}]",
-                  *[_fig(s[f"{k}_vs_other_class"]) for k in METRIC_KEYS]] for s in summary]
-                + ([["all sets pooled", pct(100 * pooled["accuracy"]), *[_fig(pooled[k]) for k in METRIC_KEYS]]]
+                  *[_fig(s[f"{k}_vs_other_class"]) for k in AGAINST_KEYS]] for s in summary]
+                + ([["all sets pooled", pct(100 * pooled["accuracy"]), *[_fig(pooled[k]) for k in AGAINST_KEYS]]]
                    if pooled else []))
     emit(results, as_json)
-
-
-METRIC_KEYS = ("precision", "recall", "f1", "fpr", "auroc", "auprc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr")
 
 
 def _fig(v: float | None) -> str:
