@@ -115,6 +115,8 @@ def test_bad_options_stop_before_loading(files, tmp_path):
     assert r.exit_code == 2 and "at least two evaluation sources" in r.output
     r = CliRunner().invoke(main, base + ["--wrap", f"w={files / 'templates.txt'}"])
     assert r.exit_code == 2 and "TEMPLATES+REQUESTS" in r.output
+    r = CliRunner().invoke(main, base + ["--design", "paper"])  # bombs held out leaves only harmless sources
+    assert r.exit_code == 2 and "two sources of each label" in r.output
 
 
 def test_training_drops_requests_seen_in_the_held_out_source():
@@ -178,3 +180,30 @@ def test_selection_never_looks_at_the_source_it_is_scored_on():
     assert picked == {"s1": ("b", 0.6), "s2": ("b", 0.95), "s3": ("a", 0.5)}
     assert best_design(rows) == "b"  # worst source 0.6 against a's 0.5
     assert best_design(rows, without="s3") == "a"
+
+
+def test_crossval_states_cache_is_reused_by_guard_fit(files, tmp_path):
+    """A crossval of one design fills the states cache a guard fit of that design reads: the fit
+    runs only prompts crossval never saw, and the crossval states equal the uncached ones."""
+    design = "lin:method=linear,reads=last:4,layers=1-2,C=1"
+    base = ["guard", "crossval", "-m", str(files / "model"), "--batch-size", "3", "--variants", "0",
+            "--set", f"bombs={files / 'bombs.json'}", "--set", f"poison={files / 'poison.json'}:harmful",
+            "--set", f"bread={files / 'bread.json'}:harmless", "--set", f"sea={files / 'sea.json'}:harmless",
+            "--limit", "4", "--no-baseline", "--no-controls",
+            "--design", design]
+    r = _run(base + ["--states-cache", str(tmp_path / "cache"), "-o", str(tmp_path / "cv"), "--json"])
+    assert r.exit_code == 0, r.output
+    plain = _run(base + ["-o", str(tmp_path / "plain"), "--json"])
+    assert plain.exit_code == 0, plain.output
+    from safetensors.torch import load_file
+
+    for source in ("bombs", "poison", "bread", "sea"):
+        a = load_file(tmp_path / "cv" / "units" / f"states_{source}.safetensors")["x"]
+        b = load_file(tmp_path / "plain" / "units" / f"states_{source}.safetensors")["x"]
+        assert a.shape == b.shape and (a.float() - b.float()).abs().max() < 1e-2
+    r = _run(["guard", "fit", "-m", str(files / "model"), "--harmful", str(files / "bombs.json"),
+              "--harmful", str(files / "lang.txt"), "--harmless", str(files / "bread.json"),
+              "--design", design, "--limit", "4", "--states-cache", str(tmp_path / "cache"), "-o", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    # bombs and bread were run by crossval; only the 2 prompts of lang.txt are new
+    assert "states reused for 8 prompts, computed for 2" in " ".join(r.output.split())

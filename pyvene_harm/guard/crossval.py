@@ -121,12 +121,15 @@ class SourceStates:
 def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, reads: Sequence[str],
                           states: Sequence[int], edits: Sequence[str] = ALL_EDITS,
                           n_variants: int | None = None, batch_size: int = 16,
-                          progress: bool | str = False) -> SourceStates:
+                          progress: bool | str = False, states_cache: Any = None) -> SourceStates:
     """States of a source's prompts and of the surface variants (and shifts, see
     :data:`~pyvene_harm.surface.ALL_EDITS`) of its first ``n_variants`` prompts (all by
     default), one early-exit prefill each, stored as float16.
 
-    Variants identical to their prompt are not run again.
+    Variants identical to their prompt are not run again. With a
+    :class:`~pyvene_harm.guard.states_cache.StatesCache`, prompts it holds for the same model,
+    rendering, reads and states cost no forward pass, and the ones computed are kept there, so a
+    ``guard fit`` of a design with the same reads and states reuses them.
     """
     reads, states = tuple(check_reads(reads)), tuple(sorted(set(states)))
     rows: list[tuple[int, str | None]] = [(i, None) for i in range(len(source.prompts))]
@@ -137,6 +140,10 @@ def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, r
             if text != source.prompts[i]:
                 rows.append((i, edit))
                 texts.append(text)
+    if states_cache is not None:
+        got = states_cache.collect(model, formatter, texts, states, reads, batch_size=batch_size, progress=progress)
+        x = got.reshape(len(texts), len(reads), len(states), -1).to(torch.float16).numpy()
+        return SourceStates(source=source, x=x, rows=rows, reads=reads, states=states, texts=texts)
     x = None
     for idx, batch in iter_prompt_states(model, formatter, texts, states, batch_size=batch_size,
                                          progress=progress, reads=reads):

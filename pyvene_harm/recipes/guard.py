@@ -192,8 +192,9 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
               categories=(cats + [None] * len(picked)) if cats else None, states_cache=cache)
         mined = {"mine_negatives": n_mine, "pools": list(pools), "pool_limit": pool_limit,
                  "mined": dict(Counter(name for _, name in picked))}
-        click.echo(f"mined {len(picked)} hard negatives ({mined['mined']}); states reused for "
-                   f"{cache.hits} prompts, computed for {cache.misses}", err=True)
+        click.echo(f"mined {len(picked)} hard negatives ({mined['mined']})", err=True)
+    if states_cache is not None or n_mine:
+        click.echo(f"states reused for {cache.hits} prompts, computed for {cache.misses}", err=True)
     val: dict[str, Any] = {}
     if vh is not None:
         vx, vy = vh.prompts + vl.prompts, [1] * len(vh.prompts) + [0] * len(vl.prompts)

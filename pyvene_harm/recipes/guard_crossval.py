@@ -70,11 +70,14 @@ what the words alone give."""
               help="Also judge each held-out prompt by the model's own refusal (greedy reply + keyword judge).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Tokens generated per prompt for the refusal baseline (the release judged 128).")
+@click.option("--states-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of states shared with `guard fit --states-cache`: prompts already there cost no forward "
+                   "pass, and those computed here are added (reused by a fit whose design reads the same states).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, crossval.csv, crossval.png); re-running resumes.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
 def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, designs, controls, seed, baseline, max_new_tokens,
-             out, as_json):
+             states_cache, out, as_json):
     """Leave-one-source-out accuracy of guard designs, with the refusal baseline and surface flips.
 
     \b
@@ -111,6 +114,12 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
                                  param_hint="--pool")
     if len({s.label for s in sources}) < 2 or sum(s.train for s in evaluated) < 2:
         raise click.UsageError("leave-one-source-out needs at least two evaluation sources and both labels")
+    for held in (s for s in evaluated if s.train):
+        left = {s.label for s in sources if s.train and s.origin != held.origin}
+        if left != {0, 1}:
+            raise click.UsageError(f"with {held.name!r} left out, the other sources are all "
+                                   f"{'harmful' if left == {1} else 'harmless'}: give at least two sources of each "
+                                   "label (--set NAME=FILE:harmful / :harmless)")
     for d in chosen:
         unknown = sorted(set(d.train_on or ()) - set(names))
         if unknown:
@@ -122,11 +131,15 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
                                "design explicit layers")
     options = {**mopts.as_dict(), "sets": list(sets), "wraps": list(wraps), "pools": list(pools), "shifts": list(shifts), "limit": limit,
                "pool_limit": pool_limit, "variants": variants, "seed": seed, "reads": reads, "states": layers,
-               "designs": [d.as_dict() for d in chosen], "baseline": baseline, "max_new_tokens": max_new_tokens}
-    run = RunDir(out, "guard-crossval", options, free=("designs",))
+               "designs": [d.as_dict() for d in chosen], "baseline": baseline, "max_new_tokens": max_new_tokens,
+               "states_cache": None if states_cache is None else str(states_cache)}
+    run = RunDir(out, "guard-crossval", options, free=("designs", "states_cache"))
     lazy = Lazy(lambda: load_for_recipe(mopts))
+    from ..guard.states_cache import StatesCache
+
+    cache = None if states_cache is None else StatesCache(states_cache)
     blocks = {s.name: _states_unit(run, lazy, s, reads, layers, variants if s.evaluate and s.train else 0,
-                                   mopts.batch_size)
+                                   mopts.batch_size, cache)
               for s in sources}
     refusals = {s.name: _refusal_unit(run, lazy, s, max_new_tokens, mopts.batch_size)
                 for s in evaluated} if baseline else {}
@@ -185,7 +198,7 @@ def _load_wraps(values: tuple[str, ...], limit: int, seed: int) -> list[tuple[st
 
 
 def _states_unit(run: RunDir, lazy: Lazy, source, reads: list[str], layers: list[int], n_variants: int,
-                 batch_size: int):
+                 batch_size: int, cache: Any = None):
     """The source's states (and its variants'), computed once and stored as safetensors."""
     import torch
 
@@ -195,7 +208,7 @@ def _states_unit(run: RunDir, lazy: Lazy, source, reads: list[str], layers: list
     def compute() -> dict[str, torch.Tensor]:
         loaded, fmt = lazy()
         b = collect_source_states(loaded.model, fmt, source, reads=reads, states=layers, n_variants=n_variants,
-                                  batch_size=batch_size, progress=f"states of {source.name}")
+                                  batch_size=batch_size, progress=f"states of {source.name}", states_cache=cache)
         return {"x": torch.from_numpy(b.x),
                 "prompt": torch.tensor([p for p, _ in b.rows], dtype=torch.int64),
                 "edit": torch.tensor([-1 if e is None else ALL_EDITS.index(e) for _, e in b.rows],
