@@ -172,7 +172,7 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
                    "threshold": float(guard.threshold), "batch_size": guard.batch_size,
                    "system_prompt": fmt.system_prompt if fmt is not None else guard.system_prompt,
                    "template": fmt.template_override if fmt is not None else guard.template,
-                   "n_states": guard.n_states},
+                   "n_states": guard.n_states, "normalize_spelling": bool(guard.normalize_spelling)},
         "versions": library_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -216,6 +216,10 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
     if missing:
         raise ValueError(f"{directory / TENSORS_FILE} lacks {missing}: the artifact is incomplete, save it again")
     params = dict(meta.get("params") or {})
+    spelling = params.get("normalize_spelling", False)  # guards saved before it read text as sent
+    if not isinstance(spelling, bool):
+        raise ValueError(f"{directory / CONFIG_FILE}: params.normalize_spelling must be true or false, got "
+                         f"{spelling!r}: the artifact was edited by hand or is corrupt, save it again")
     method = meta.get("method", "paper")
     reads = tuple(meta.get("reads") or ("t_inst",))
     guard = cls(model, tokenizer, formatter=formatter, progress=progress, method=method,
@@ -224,7 +228,7 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
                 layers=params.get("layers"), threshold=float(params.get("threshold", 0.0)),
                 batch_size=int(params.get("batch_size", 16)), system_prompt=params.get("system_prompt"),
                 template=params.get("template"),
-                n_states=params.get("n_states"))
+                n_states=params.get("n_states"), normalize_spelling=spelling)
     guard.centroids_ = {k: tensors[f"centroid.{k}"].to(torch.float32).numpy() for k in ("harmful", "harmless")}
     states = meta["states"]
     if guard.centroids_["harmful"].shape[0] != len(states) * len(reads):

@@ -36,6 +36,7 @@ from . import artifact
 from .conversations import ConversationVerdict, conversation_parts, judge_groups
 from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
 from .readout import DEFAULT_CS, DEFAULT_RANK, METHODS, LinearReadout, centroid_gap
+from .spelling import normalize_prompts
 from .thresholds import ThresholdMixin
 from .training import (
     binary_labels,
@@ -150,6 +151,11 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             tokenizer's own; saved with the guard.
         progress: rich progress bars while collecting states.
         n_states: how many columns a flattened 2-D training array holds (precomputed mode).
+        normalize_spelling: read every prompt (and every message of a conversation) with its
+            spelling made plain first: invisible characters dropped, look-alike letters,
+            full-width letters and leetspeak written as letters
+            (:func:`~pyvene_harm.guard.spelling.normalize_spelling`). The model answering a
+            request still reads it as sent; the guard reads the words it spells.
 
     scikit-learn's ``clone`` (used by cross-validation and grid search) deep-copies every
     parameter, the model included: cross-validate on precomputed states rather than prompts.
@@ -169,7 +175,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                  augment: bool = False, Cs: Sequence[float] | None = None,
                  batch_size: int = 16, formatter: ChatFormatter | None = None,
                  system_prompt: str | None = None, template: str | None = None, progress: bool = False,
-                 n_states: int | None = None) -> None:
+                 n_states: int | None = None, normalize_spelling: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.method = method
@@ -186,6 +192,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         self.template = template
         self.progress = progress
         self.n_states = n_states
+        self.normalize_spelling = normalize_spelling
 
     # --- fitting -----------------------------------------------------------------------
 
@@ -209,7 +216,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                 states it holds are not run again (a refit, e.g. after mining hard negatives).
         """
         reads = self._check_params()
-        prompts = as_prompts(X)
+        prompts = self._as_read(as_prompts(X))
         n = len(prompts) if prompts is not None else None
         for name, v in (("groups", groups), ("sample_weight", sample_weight), ("categories", categories)):
             if v is not None and n is not None and len(v) != n:
@@ -297,6 +304,15 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             out[idx] = x
         return out
 
+    def prompt_states(self, prompts: Sequence[Any], states_cache: Any = None) -> np.ndarray:
+        """``[n, len(reads) * len(states), d]`` float64 states of ``prompts`` as this fitted
+        guard reads them (spelling normalised if it does), for ``decision_function``; with a
+        :class:`~pyvene_harm.guard.states_cache.StatesCache`, prompts it holds are not run again."""
+        check_is_fitted(self, msg=_NOT_FITTED)
+        model, fmt = self._require_model()
+        read = self._as_read(as_prompts(list(prompts)))
+        return self._collect(model, fmt, read, self.states_, self.reads_, "scoring prompts", states_cache).numpy()
+
     # --- inputs ------------------------------------------------------------------------
 
     def chat_formatter(self) -> ChatFormatter:
@@ -306,6 +322,12 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         if self.tokenizer is None:
             raise ValueError("LatentGuard has a model but no tokenizer: pass tokenizer= (or formatter=)")
         return ChatFormatter(self.tokenizer, system_prompt=self.system_prompt, template=self.template)
+
+    def _as_read(self, prompts: list[Any] | None) -> list[Any] | None:
+        """The prompts as the guard reads them (see ``normalize_spelling``)."""
+        if prompts is None or not self.normalize_spelling:
+            return prompts
+        return normalize_prompts(prompts)
 
     def _require_model(self) -> tuple[Any, ChatFormatter]:
         if self.model is None:
@@ -347,7 +369,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             gc = None if cats is None else np.stack([centroid_gap(cols_x, c, neg) for c in cats], axis=1)
             return g, gc, (self.readout_.score(x) if readout else None)
 
-        prompts = as_prompts(X)
+        prompts = self._as_read(as_prompts(X))
         if prompts is None:
             arr = states_array(self, X, reset=False)
             return score(torch.from_numpy(np.ascontiguousarray(arr)).double())
@@ -457,6 +479,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             except (TypeError, ValueError) as err:
                 raise type(err)(f"conversation {i}: {err}") from None
         split_at = control_token_pattern(self.chat_formatter().tokenizer)
+        convs = self._as_read(convs)  # before splitting: look-alike letters can spell a control token too
         return judge_groups(self, [conversation_parts(c, split_at) for c in convs])
 
     # --- categories ----------------------------------------------------------------------

@@ -40,13 +40,7 @@ def mine_hard_negatives(guard: Any, pools: Sequence[Any], n: int, *, exclude: Se
     if not cand:
         return []
     texts = [p for p, _ in cand]
-    if states_cache is not None:
-        model, fmt = guard._require_model()
-        x = states_cache.collect(model, fmt, texts, guard.states_, guard.reads_, batch_size=guard.batch_size,
-                                 progress=guard.progress and "scoring the pool")
-        scores = guard.decision_function(x.numpy())
-    else:
-        scores = guard.decision_function(texts)
+    scores = guard.decision_function(guard.prompt_states(texts, states_cache))
     scores = np.where(np.isfinite(scores), scores, np.inf)
     top = np.argsort(-scores, kind="stable")[:n]
     return [cand[i] for i in top]

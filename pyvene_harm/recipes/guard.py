@@ -17,6 +17,7 @@ import numpy as np
 from ..conversation import Conversation
 from ..distributed import is_main
 from ..guard.metrics import AGAINST_KEYS, per_set_metrics
+from ..surface import ALL_EDITS, surface_variants
 from .guard_common import (
     Lazy,
     bind_model,
@@ -110,12 +111,15 @@ def guard() -> None:
               help="Fit (and validate) on every prompt without final punctuation, with '.' and with '?', so "
                    "the centroids cannot tell the classes apart by their last token (AdvBench ends in a word, "
                    "Alpaca in a period). Beyond the paper; designs with augment=1 go further.")
+@click.option("--normalize-spelling", is_flag=True,
+              help="The guard reads every prompt with look-alike letters (Cyrillic/Greek), full-width letters, "
+                   "invisible characters and leetspeak written plainly; saved with it.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Guard folder to write (guard.json + guard.safetensors). Example: -o guards/demo")
 @click.option("--json", "as_json", is_flag=True, help="Print the guard's summary as JSON to stdout.")
 def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, design, layers, category_field,
         val_harmful, val_harmless, val_limit, target, max_fpr, mine_negatives, pools, pool_limit, states_cache,
-        balance_punctuation, out, as_json):
+        balance_punctuation, normalize_spelling, out, as_json):
     """Fit a Latent Guard from harmful and harmless prompts (by default the paper's: centroids at
     t_inst, per layer).
 
@@ -172,7 +176,8 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
     loaded, fmt = load_for_recipe(mopts)
     g = LatentGuard(loaded.model, loaded.tokenizer, method=chosen.method, reads=chosen.reads, layers=layer_list,
                     C=chosen.C, rank=chosen.rank, augment=chosen.augment, batch_size=mopts.batch_size,
-                    system_prompt=fmt.system_prompt, template=fmt.template_override, progress=True)
+                    system_prompt=fmt.system_prompt, template=fmt.template_override, progress=True,
+                    normalize_spelling=normalize_spelling)
     # folds by source need two sources of each class; otherwise folds by prompt (variants kept together)
     by_source = len(hfs) >= 2 and len(hls) >= 2
     from ..guard.states_cache import StatesCache
@@ -361,10 +366,17 @@ def _clip(text: str, n: int = 60) -> str:
 @click.option("--generative-guard", "generative", default=None,
               help="Also classify with a guard LM in Llama Guard 3's format (Hub id, folder or .gguf), "
                    "e.g. meta-llama/Llama-Guard-3-8B.")
+@click.option("--edit", "edits", multiple=True, type=click.Choice(ALL_EDITS),
+              help="Also score every set with this edit made to each prompt, as a set NAME+EDIT (repeatable): "
+                   "surface edits (strip, dot, question, case) or shifts (typos, leet, spacing, homoglyph).")
+@click.option("--normalize-spelling/--as-sent", "spelling", default=None,
+              help="Read prompts with look-alike letters, full-width letters, invisible characters and leetspeak "
+                   "written plainly (or exactly as sent), whatever the guard was saved with. Default: as saved.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, eval.csv, predictions.csv); re-running resumes.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_new_tokens, generative, out, as_json):
+def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_new_tokens, generative, edits,
+             spelling, out, as_json):
     """Accuracy of the guard per labelled prompt set, beside the refusal baseline (Table 3).
 
     \b
@@ -375,7 +387,11 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
         --set xstest=../shared/data/chats_xstest-harmless.json:harmless
     """
     loaded_sets = labelled_prompt_sets(sets, exclude, limit=limit, seed=seed)
+    loaded_sets += [(replace(ps, name=f"{ps.name}+{e}", prompts=[surface_variants(p, [e])[e] for p in ps.prompts]),
+                     label) for e in edits for ps, label in list(loaded_sets)]
     g = load_guard(guard_path, model_args["revision"])
+    if spelling is not None:
+        g.set_params(normalize_spelling=spelling)
     mopts = resolve_model_options(model_args, g, guard_path)
     if generative is not None:
         check_model_spec(generative)
@@ -383,6 +399,9 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
                "guard_fingerprint": guard_fingerprint(guard_path, model_args["revision"]),
                "sets": list(sets), "exclude": exclude[0], "limit": limit, "seed": seed, "baseline": baseline,
                "max_new_tokens": max_new_tokens, "generative_guard": generative}
+    # recorded when used, so runs made before these options existed resume as they were
+    options.update({"edits": list(edits)} if edits else {})
+    options.update({"normalize_spelling": True} if g.normalize_spelling else {})
     run = RunDir(out, "guard-eval", options)
     lazy = Lazy(lambda: bind_model(g, mopts))
     lazy_gen = Lazy(lambda: _generative(generative, mopts))
