@@ -40,7 +40,7 @@ def load_tokenizer(name: str):
     if name == "demo":
         from transformers import AutoTokenizer
 
-        from pyvene_harm.models import prepare_demo
+        from pyvene_harm.builtin_models import prepare_demo
 
         return AutoTokenizer.from_pretrained(prepare_demo())
     return C.bench_tokenizer(C.FULL_SIZE[name][1])

@@ -1,6 +1,7 @@
-"""Tests for pyvene_harm.models: the demo join/cache, local folders, GGUF files and Hub ids.
+"""Tests for pyvene_harm.models and builtin_models: the demo join/cache, local folders, GGUF
+files and Hub ids.
 
-The demo machinery runs on fake parts (a few KB) by swapping ``models.DEMO`` and the
+The demo machinery runs on fake parts (a few KB) by swapping ``builtin_models.DEMO`` and the
 part-location function; only the tests marked ``slow`` touch the real 490 MB model.
 """
 
@@ -20,19 +21,15 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tok_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pyvene_harm import models
+from pyvene_harm import builtin_models as models
+from pyvene_harm.builtin_models import DemoPart, DemoSpec, demo_cache_dir, join_demo_gguf, prepare_demo
 from pyvene_harm.models import (
-    DemoPart,
-    DemoSpec,
     LoadedModel,
     ModelLoadError,
-    demo_cache_dir,
     hidden_size,
-    join_demo_gguf,
     load_model,
     model_id_of,
     num_layers,
-    prepare_demo,
 )
 
 CHAT_TEMPLATE = (
@@ -491,7 +488,7 @@ def test_real_gguf_file() -> None:
 
 def test_builtin_specs_name_their_parts_and_extras() -> None:
     """'demo-1.5b' is a second built-in: 22 parts whose sizes add up to the joined file."""
-    from pyvene_harm.models import DEMO_1_5B, builtin_spec
+    from pyvene_harm.builtin_models import DEMO_1_5B, builtin_spec
 
     assert builtin_spec("demo") is models.DEMO and builtin_spec("demo-1.5b") is DEMO_1_5B
     assert builtin_spec("Qwen/Qwen2.5-Coder-1.5B-Instruct") is None
