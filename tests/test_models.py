@@ -22,7 +22,13 @@ from tokenizers import models as tok_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pyvene_harm import builtin_models as models
-from pyvene_harm.builtin_models import DemoPart, DemoSpec, demo_cache_dir, join_demo_gguf, prepare_demo
+from pyvene_harm.builtin_models import (
+    DemoPart,
+    DemoSpec,
+    demo_cache_dir,
+    join_demo_gguf,
+    prepare_demo,
+)
 from pyvene_harm.models import (
     LoadedModel,
     ModelLoadError,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .latent import GuardReport
 
 from ..conversation import Conversation
+from .spelling import normalize_spelling
 
 __all__ = ["CONTEXT", "ConversationVerdict", "combine_parts", "conversation_parts", "judge_groups", "score_reads",
            "text_parts"]
@@ -55,11 +56,16 @@ class ConversationVerdict:
 
 
 def text_parts(label: str, text: str, split_at: re.Pattern[str] | None = None) -> list[tuple[str, str]]:
-    """``[(label, text)]``, plus one read per piece when ``text`` holds control-token strings."""
+    """``[(label, text)]``, plus one read per piece when ``text`` holds control-token strings,
+    typed plainly or spelled with look-alike letters, invisible characters or leetspeak
+    (:func:`~pyvene_harm.guard.spelling.normalize_spelling`)."""
     parts = [(label, text)]
-    if split_at is not None and split_at.search(text):
-        pieces = [p for p in split_at.split(text) if p.strip()]
-        parts += [(f"{label} piece {k}", p) for k, p in enumerate(pieces)]
+    if split_at is not None:
+        plain = normalize_spelling(text)
+        hit = text if split_at.search(text) else plain if split_at.search(plain) else None
+        if hit is not None:
+            pieces = [p for p in split_at.split(hit) if p.strip()]
+            parts += [(f"{label} piece {k}", p) for k, p in enumerate(pieces)]
     return parts
 
 

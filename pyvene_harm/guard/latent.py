@@ -479,7 +479,6 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             except (TypeError, ValueError) as err:
                 raise type(err)(f"conversation {i}: {err}") from None
         split_at = control_token_pattern(self.chat_formatter().tokenizer)
-        convs = self._as_read(convs)  # before splitting: look-alike letters can spell a control token too
         return judge_groups(self, [conversation_parts(c, split_at) for c in convs])
 
     # --- categories ----------------------------------------------------------------------
