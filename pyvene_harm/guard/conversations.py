@@ -61,10 +61,9 @@ def text_parts(label: str, text: str, split_at: re.Pattern[str] | None = None) -
     (:func:`~pyvene_harm.guard.spelling.normalize_spelling`)."""
     parts = [(label, text)]
     if split_at is not None:
-        plain = normalize_spelling(text)
-        hit = text if split_at.search(text) else plain if split_at.search(plain) else None
-        if hit is not None:
-            pieces = [p for p in split_at.split(hit) if p.strip()]
+        plain = normalize_spelling(text)  # the same text when nothing is disguised
+        if split_at.search(plain):
+            pieces = [p for p in split_at.split(plain) if p.strip()]
             parts += [(f"{label} piece {k}", p) for k, p in enumerate(pieces)]
     return parts
 
