@@ -30,6 +30,16 @@ def arch(request) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    """A folder with ``model/``: a tiny random Qwen2 model and the Qwen2.5 tokenizer, as
+    ``load_model`` and the CLI read them (the tests only read it)."""
+    root = tmp_path_factory.mktemp("tiny-qwen")
+    make_model("qwen2").save_pretrained(root / "model")
+    make_tokenizer("qwen2.5").save_pretrained(root / "model")
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_llama():
     return make_model("llama")
 
