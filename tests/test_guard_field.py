@@ -252,6 +252,16 @@ def test_built_in_models_find_their_shipped_artifacts(tmp_path):
 
     assert shipped_artifacts("demo") == default_artifacts() and (default_artifacts() / "guard").is_dir()
     assert shipped_artifacts("demo-1.5b").name == "qwen2.5-coder-1.5b-instruct"
+    # both built-in models ship directions and a guard made on them, reading spelling plainly
+    from pyvene_harm.directions import DirectionSet
+
+    for model, n_layers, hidden in (("demo", 24, 896), ("demo-1.5b", 28, 1536)):
+        folder = shipped_artifacts(model)
+        guard = LatentGuard.load(folder / "guard")
+        assert (guard.metadata_["num_layers"], guard.hidden_size_) == (n_layers, hidden), model
+        assert guard.normalize_spelling and guard.method == "linear" and guard.reads_ == ("last:16",)
+        assert DirectionSet.load(folder / "directions").n_states == n_layers + 1
+        assert (folder / "README.md").is_file()
     assert shipped_artifacts("org/other-model") is None
     r = CliRunner().invoke(main, ["demo", "-m", str(tmp_path)])
     assert r.exit_code == 2 and "no artifacts ship" in r.output
