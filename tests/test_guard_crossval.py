@@ -116,7 +116,7 @@ def test_bad_options_stop_before_loading(files, tmp_path):
     r = CliRunner().invoke(main, base + ["--wrap", f"w={files / 'templates.txt'}"])
     assert r.exit_code == 2 and "TEMPLATES+REQUESTS" in r.output
     r = CliRunner().invoke(main, base + ["--design", "paper"])  # bombs held out leaves only harmless sources
-    assert r.exit_code == 2 and "two sources of each label" in r.output
+    assert r.exit_code == 2 and "no other source is harmful" in r.output and "two sources of each label" in r.output
 
 
 def test_training_drops_requests_seen_in_the_held_out_source():

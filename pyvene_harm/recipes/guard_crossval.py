@@ -117,9 +117,9 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
     for held in (s for s in evaluated if s.train):
         left = {s.label for s in sources if s.train and s.origin != held.origin}
         if left != {0, 1}:
-            raise click.UsageError(f"with {held.name!r} left out, the other sources are all "
-                                   f"{'harmful' if left == {1} else 'harmless'}: give at least two sources of each "
-                                   "label (--set NAME=FILE:harmful / :harmless)")
+            missing = " or ".join(("harmless", "harmful")[x] for x in sorted({0, 1} - left))
+            raise click.UsageError(f"with {held.name!r} left out, no other source is {missing}: give at least two "
+                                   "sources of each label (--set NAME=FILE:harmful / :harmless)")
     for d in chosen:
         unknown = sorted(set(d.train_on or ()) - set(names))
         if unknown:
