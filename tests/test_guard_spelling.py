@@ -133,6 +133,10 @@ def test_guard_eval_scores_edited_sets_as_sent_and_normalised(tiny_qwen_dir, tmp
     config = json.loads((tmp_path / "plain" / "config.json").read_text())["options"]
     assert config["normalize_spelling"] is True and config["edits"] == ["homoglyph"]
     assert "normalize_spelling" not in json.loads((tmp_path / "sent" / "config.json").read_text())["options"]
+    # a run --as-sent records it, so its config reproduces it whatever the guard was saved with
+    r = run.invoke(main, base + ["--as-sent", "-o", str(tmp_path / "as-sent")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "as-sent" / "config.json").read_text())["options"]["normalize_spelling"] is False
 
 
 def test_a_control_token_spelled_with_look_alikes_is_also_read_in_pieces():

@@ -401,7 +401,9 @@ def evaluate(guard_path, model_args, sets, exclude, limit, seed, baseline, max_n
                "max_new_tokens": max_new_tokens, "generative_guard": generative}
     # recorded when used, so runs made before these options existed resume as they were
     options.update({"edits": list(edits)} if edits else {})
-    options.update({"normalize_spelling": True} if g.normalize_spelling else {})
+    # whenever it is asked for or on: a run made --as-sent with a guard that reads plainly says so
+    options.update({"normalize_spelling": bool(g.normalize_spelling)} if spelling is not None or g.normalize_spelling
+                   else {})
     run = RunDir(out, "guard-eval", options)
     lazy = Lazy(lambda: bind_model(g, mopts))
     lazy_gen = Lazy(lambda: _generative(generative, mopts))
