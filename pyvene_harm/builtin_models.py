@@ -5,7 +5,7 @@
 across wheels, so that the project runs with no Hub connection. :func:`prepare_demo` finds the
 parts, joins and checks them (sizes and SHA-256 name a bad part), de-quantises the GGUF once and
 publishes a safetensors folder in a cache, with a marker naming its source; every later load
-reads that folder in seconds. :func:`~pyvene_harm.models.load_model` calls it for ``"demo"``.
+reads that folder in seconds. :func:`~pyvene_harm.models.load_model` calls it for both names.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ a Hub connection and on a GPU machine with one:
   Hub cache).
 
 Every failure is one :class:`ModelLoadError` whose one-line message names the problem and the fix.
+The built-in models' wheels, checks and cache live in :mod:`pyvene_harm.builtin_models`.
 """
 
 from __future__ import annotations
