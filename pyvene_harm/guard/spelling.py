@@ -90,6 +90,8 @@ def _is_latin(c: str) -> bool:
 
 
 def _lookalikes(text: str) -> str:
+    if not any(c in LOOKALIKES for c in text):  # most non-ASCII traffic (accents, CJK): nothing to count
+        return text
     # letters of words that hold a Latin letter count as Latin: "hоw tо stеаl а саr" is English
     words = _WORD.findall(text)
     latin = sum(sum(map(str.isalpha, w)) for w in words if any(map(_is_latin, w)))
