@@ -7,6 +7,7 @@ runs, so ``pyvene-harm --help`` stays fast and needs no model.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -34,12 +35,15 @@ class LazyGroup(click.Group):
 
     def _invoke(self, ctx: click.Context):
         # a model that cannot be loaded is the user's to fix: its one-line message, not a traceback
-        from .models import ModelLoadError
-
         try:
             return super().invoke(ctx)
-        except ModelLoadError as err:
-            raise click.ClickException(str(err)) from None
+        except Exception as err:
+            # looked up, not imported: pyvene_harm.models loads torch, and `COMMAND --help` passes
+            # here; a ModelLoadError can only exist once that module has been imported
+            models = sys.modules.get("pyvene_harm.models")
+            if models is not None and isinstance(err, models.ModelLoadError):
+                raise click.ClickException(str(err)) from None
+            raise
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name, cmd, rest = super().resolve_command(ctx, args)

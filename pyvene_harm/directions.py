@@ -12,7 +12,6 @@ import datetime
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from .io_utils import (
     load_tensors,
     read_json,
 )
+from .versions import library_versions
 
 __all__ = [
     "CENTROIDS",
@@ -55,16 +55,6 @@ CENTROIDS = {
 
 class DirectionSetMismatch(ValueError):
     """A DirectionSet was applied to a model it was not made from."""
-
-
-def library_versions() -> dict[str, str]:
-    out = {}
-    for name in ("pyvene-harm", "pyvene", "torch", "transformers", "safetensors"):
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def model_provenance(model: nn.Module, formatter=None) -> dict[str, Any]:

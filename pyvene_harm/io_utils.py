@@ -1,4 +1,8 @@
-"""Atomic writes for every artifact: a reader never sees a half-written file."""
+"""Atomic writes for every artifact: a reader never sees a half-written file.
+
+torch and safetensors are imported inside the functions that handle tensors: run directories
+write their JSON through here, and the CLI must answer ``--help`` without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,14 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "check_finite", "check_tensors_digest",
            "file_sha256", "load_tensors", "read_json"]
@@ -45,6 +49,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                         metadata: Mapping[str, str] | None = None) -> None:
     """safetensors file (contiguous CPU tensors, ``format=pt``), written atomically."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -69,6 +75,9 @@ def _default_mode(path: str) -> None:
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a safetensors file; a corrupted or truncated one is a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the artifact folder is incomplete")
@@ -119,6 +128,8 @@ def check_tensors_digest(folder: Path, tensors_file: str, config_file: str, reco
 def check_finite(tensors: Mapping[str, torch.Tensor], where: Any) -> None:
     """Refuse NaN or infinite values, naming the tensor: a NaN centroid makes every cosine NaN,
     and a guard that compares NaN with its threshold says 'harmless' to everything."""
+    import torch
+
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values: the artifact is corrupt, "
@@ -126,9 +137,10 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where: Any) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor or dtype can only exist once torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
         return obj.tolist()
-    if isinstance(obj, (Path, torch.dtype)):
+    if isinstance(obj, Path) or (torch is not None and isinstance(obj, torch.dtype)):
         return str(obj)
     if hasattr(obj, "item"):
         return obj.item()

@@ -63,8 +63,12 @@ def free_port() -> int:
 
 def _context():
     ctx = multiprocessing.get_context("forkserver")
+    # the CLI imports the library only when a command runs: preload it here too, so that each
+    # rank forks with torch, transformers and pyvene already imported
     ctx.set_forkserver_preload(["dist_worker", "pyvene_harm.cli", "pyvene_harm.recipes.extract",
-                                "pyvene_harm.recipes.guard", "pyvene_harm.recipes.cluster"])
+                                "pyvene_harm.recipes.guard", "pyvene_harm.recipes.cluster",
+                                "pyvene_harm.models", "pyvene_harm.extract", "pyvene_harm.analysis",
+                                "pyvene_harm.guard.latent", "pyvene_harm.guard.guarded"])
     return ctx
 
 

@@ -27,7 +27,6 @@ from typing import Any
 
 import click
 
-from ..directions import library_versions
 from ..distributed import is_main, on_main
 from ..io_utils import (
     atomic_save_tensors,
@@ -37,6 +36,7 @@ from ..io_utils import (
     load_tensors,
     read_json,
 )
+from ..versions import library_versions
 
 __all__ = ["RunDir", "RunDirConflict"]
 
