@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .cache_compat import cache_argument, output_cache
 from .data import fingerprint
 from .distributed import active, exchange_batches
 from .positions import ChatFormatter, EncodedPrompt, PromptBatch
@@ -265,6 +266,7 @@ class SharedPrefix:
     def __init__(self, decoder: nn.Module, ids: Sequence[int], device: torch.device) -> None:
         self.ids = torch.tensor(list(ids), dtype=torch.long)
         self._decoder, self._device = decoder, device
+        self._cache_key = cache_argument(decoder)
         self._caches: dict[int, object] = {}  # run lazily: how much can be shared depends on the batch
         self._usable = True
 
@@ -274,7 +276,7 @@ class SharedPrefix:
         if n not in self._caches:
             with torch.inference_mode():
                 out = self._decoder(input_ids=self.ids[None, :n].to(self._device), use_cache=True)
-            self._caches[n] = out.past_key_values
+            self._caches[n] = output_cache(out)
         return self._caches[n]
 
     @classmethod
@@ -309,7 +311,7 @@ class SharedPrefix:
         cache.batch_repeat_interleave(b)
         new = {"input_ids": ids[:, t - width:], "position_ids": pos[:, t - width:],
                "attention_mask": torch.cat([torch.ones(b, n, dtype=mask.dtype, device=mask.device), suffix_mask], 1),
-               "past_key_values": cache}
+               self._cache_key: cache}
         return new, locs - (t - width)
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -134,6 +136,26 @@ def test_shared_prefix_gives_the_full_run_states(arch):
                                               ["input_ids"] for p in prompts], torch.device("cpu"))
     assert prefix is not None and len(prefix.ids) >= MIN_SHARED_PREFIX
     assert lengths[0] == len(prefix.ids) and lengths[1] <= batch.seq_len - len(prefix.ids)
+
+
+def test_the_prefix_cache_goes_by_the_name_the_installed_transformers_takes(tiny_llama):
+    """transformers 5.x warns on every forward given ``past_key_values``; 4.57 knows no ``cache``."""
+    import warnings
+
+    from pyvene_harm.cache_compat import cache_argument, output_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return {"past_key_values": "old cache"}
+
+    assert cache_argument(Old()) == "past_key_values"
+    assert output_cache(Old()()) == "old cache" and output_cache({"cache": "new"}) == "new"
+    name = cache_argument(tiny_llama.model)
+    assert name in inspect.signature(tiny_llama.model.forward).parameters
+    fmt = ChatFormatter(make_tokenizer("qwen2.5"))  # a long shared prefix: the cache is used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecation warning fails the test
+        next(collect_states(tiny_llama, fmt, PROMPTS, batch_size=8))
 
 
 def test_shared_prefix_is_skipped_when_a_position_lies_inside_it(tiny_llama):

@@ -112,7 +112,7 @@ def test_early_exit_runs_only_needed_layers_and_no_head(tiny):
     forwards = []
 
     def record(m, a, k):
-        past = k.get("past_key_values")
+        past = k.get("cache", k.get("past_key_values"))  # transformers 5.x: cache; 4.57: past_key_values
         forwards.append((bool(k.get("use_cache")), k["input_ids"].shape, past.get_seq_length() if past else 0))
 
     handles.append(model.model.register_forward_pre_hook(record, with_kwargs=True))
