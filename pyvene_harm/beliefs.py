@@ -84,7 +84,7 @@ def compute_beliefs(
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
     wrapper: str | None = None,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
 ) -> Beliefs:
     """Delta_harmful and Delta_refuse for each prompt (one partial prefill per batch).
 

@@ -11,6 +11,7 @@ reads that folder in seconds. :func:`~pyvene_harm.models.load_model` calls it fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -37,6 +38,7 @@ __all__ = [
     "demo_cache_dir",
     "join_demo_gguf",
     "prepare_demo",
+    "quiet_transformers_bars",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,23 +194,70 @@ def _locate_parts(spec: DemoSpec) -> list[Path]:
 
 @contextlib.contextmanager
 def _progress(
-    enabled: bool, description: str, total: int | None = None
+    enabled: bool | None, description: str, total: int | None = None, *, transient: bool = False
 ) -> Iterator[Callable[[int], None]]:
-    """Yield an ``advance(n)`` callback; a rich bar when enabled, a no-op otherwise."""
-    if not enabled:
+    """Yield an ``advance(n)`` callback; a rich bar when wanted (``None``: stderr is a terminal),
+    a no-op otherwise. The bar shows the time spent, so a minute of de-quantising visibly moves."""
+    from .progress import wanted
+
+    if not wanted(enabled):
         yield lambda n: None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=16)]
     if total is not None:
         columns.append(DownloadColumn())
-    with Progress(*columns) as bar:
+    columns.append(TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=transient) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 
 
-def join_demo_gguf(dest: str | os.PathLike, *, progress: bool = False, spec: DemoSpec | None = None) -> Path:
+def _short(spec: DemoSpec) -> str:
+    """The model's name without its organisation: the progress line fits 80 columns."""
+    return spec.model_id.rsplit("/", 1)[-1]
+
+
+@contextlib.contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """Hide transformers' own tqdm bars while a built-in model is converted or loaded.
+
+    De-quantising draws one bar per GGUF tensor (291 for the demo model), loading and saving
+    draw more; inside the one-line bar above, or in a log, each update became a line of its own
+    around the demo's table. Loading the converted folder takes a second, so its bar says
+    nothing either. The GGUF reader uses ``tqdm.auto`` directly, which transformers' switch
+    does not reach, so that module's ``tqdm`` is swapped for a disabled one here and restored.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - moved in another transformers version: its bar shows
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def join_demo_gguf(dest: str | os.PathLike, *, progress: bool | None = None, spec: DemoSpec | None = None) -> Path:
     """Join a built-in model's parts into one GGUF at ``dest``, checking every part's sha256.
 
     The bytes stream through the hashes into a temp file next to ``dest``, which is renamed only
@@ -216,7 +265,7 @@ def join_demo_gguf(dest: str | os.PathLike, *, progress: bool = False, spec: Dem
 
     Args:
         dest: path of the joined file; its folder is created if needed.
-        progress: show a rich progress bar.
+        progress: show a rich progress bar (None: when stderr is a terminal).
         spec: the built-in model (default :data:`DEMO`).
 
     Example:
@@ -231,7 +280,8 @@ def join_demo_gguf(dest: str | os.PathLike, *, progress: bool = False, spec: Dem
         total = hashlib.sha256()
         with (
             os.fdopen(fd, "wb") as out,
-            _progress(progress, f"joining the {spec.model_id} GGUF", spec.size) as advance,
+            # transient: the de-quantising line that follows is the one line left on screen
+            _progress(progress, f"joining {_short(spec)}", spec.size, transient=True) as advance,
         ):
             for part, source in zip(spec.parts, sources, strict=True):
                 digest = hashlib.sha256()
@@ -298,7 +348,7 @@ def _require_gguf_support(hint: str) -> None:
             raise ModelLoadError(f"reading GGUF files needs the {package} package: {hint}")
 
 
-def prepare_demo(cache_dir: str | os.PathLike | None = None, *, progress: bool = False,
+def prepare_demo(cache_dir: str | os.PathLike | None = None, *, progress: bool | None = None,
                  spec: DemoSpec | None = None) -> Path:
     """Make sure a converted built-in model (default the demo) is in the cache; return its folder.
 
@@ -309,7 +359,8 @@ def prepare_demo(cache_dir: str | os.PathLike | None = None, *, progress: bool =
 
     Args:
         cache_dir: cache root (see :func:`demo_cache_dir`).
-        progress: show rich progress for the join and the conversion.
+        progress: show rich progress for the join and the conversion, one line in all (None:
+            when stderr is a terminal).
         spec: the built-in model (default :data:`DEMO`).
 
     Example:
@@ -327,7 +378,7 @@ def prepare_demo(cache_dir: str | os.PathLike | None = None, *, progress: bool =
         gguf = join_demo_gguf(staging / spec.gguf_name, progress=progress, spec=spec)
         out = staging / "model"
         start = time.perf_counter()
-        with _progress(progress, f"de-quantising {spec.model_id} (a minute or more)"):
+        with _progress(progress, f"de-quantising {_short(spec)} once (about a minute)"), quiet_transformers_bars():
             _convert_gguf(gguf, out)
         gguf.unlink()
         marker = {

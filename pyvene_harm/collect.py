@@ -326,7 +326,7 @@ def collect_states(
     post_instruction: bool = True,
     wrapper: str | None = None,
     share_prefix: bool = True,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield ``(prompt indices, {read: [b, len(states), hidden]})`` batch by batch.
 
@@ -436,7 +436,7 @@ def collect_stats(
     batch_size: int = 16,
     post_instruction: bool = True,
     wrapper: str | None = None,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
 ) -> ActivationStats:
     """Sums and counts of hidden states per group at chat positions.
 

@@ -13,6 +13,7 @@ from .directions import DirectionSet, model_provenance
 from .generation import generate_replies
 from .judges import KeywordRefusalJudge
 from .positions import ChatFormatter
+from .progress import progress_label
 
 __all__ = ["Extraction", "extract_directions", "label_by_refusal"]
 
@@ -47,7 +48,7 @@ def extract_directions(
     keep_layers: Sequence[int] | None = None,
     pool_refusal_groups: bool = False,
     model_id: str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Extraction:
     """Harmfulness and refusal directions for ``model`` from two prompt lists.
 
@@ -55,6 +56,10 @@ def extract_directions(
     the harmfulness centroids then use harmful prompts it refused and harmless prompts it
     accepted. ``pool_refusal_groups`` makes the refusal direction use every refused prompt vs
     every accepted one, whatever their harmfulness.
+
+    The replies are the slow part (``max_new_tokens`` per prompt: minutes on a CPU), so a
+    progress bar counts them when stderr is a terminal (``progress=False`` hides it, ``True``
+    shows it anywhere).
 
     Example:
         >>> from pyvene_harm import load_model, load_prompts, extract_directions
@@ -69,9 +74,9 @@ def extract_directions(
     replies: dict[str, list[str]] = {}
     if split_by_refusal:
         replies["harmful"] = generate_replies(model, fmt, harmful, max_new_tokens=max_new_tokens,
-                                              batch_size=batch_size, progress=progress and "answering harmful")
+                                              batch_size=batch_size, progress=progress_label(progress, "answering harmful"))
         replies["harmless"] = generate_replies(model, fmt, harmless, max_new_tokens=max_new_tokens,
-                                               batch_size=batch_size, progress=progress and "answering harmless")
+                                               batch_size=batch_size, progress=progress_label(progress, "answering harmless"))
         groups = {"harmful": label_by_refusal(harmful, replies["harmful"], "harmful", judge),
                   "harmless": label_by_refusal(harmless, replies["harmless"], "harmless", judge)}
     else:
@@ -79,7 +84,7 @@ def extract_directions(
     prompts = list(harmful) + list(harmless)
     labels = groups["harmful"] + groups["harmless"]
     stats = collect_stats(model, fmt, prompts, labels, batch_size=batch_size, keep_layers=keep_layers,
-                          progress=progress and "collecting")
+                          progress=progress_label(progress, "collecting"))
     if split_by_refusal:
         roles = {"harmful": "harmful_refused", "harmless": "harmless_accepted"}
         if pool_refusal_groups:

@@ -31,7 +31,7 @@ from .directions import DirectionSet
 from .generation import generate_replies
 from .judges import KeywordRefusalJudge
 from .positions import ChatFormatter
-from .progress import progress_bar
+from .progress import progress_bar, progress_label
 from .pyvene_support import decoder_layers
 
 __all__ = [
@@ -102,7 +102,7 @@ def make_compliant_pairs(
     limit: int | None = None,
     judge: Callable[[Sequence[str], Sequence[str]], list[bool]] | None = None,
     batch_size: int = 8,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
 ) -> CompliantPairs:
     """Compliant answers to harmful prompts, written by the model steered against refusal.
 
@@ -232,7 +232,7 @@ def lora_finetune(
     seed: int = 0,
     eos_token_id: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
 ) -> nn.Module:
     """LoRA fine-tuning on (prompt, answer) pairs; returns a merged, fine-tuned COPY.
 
@@ -348,7 +348,7 @@ def evaluate_attack(
     judge: Callable[[Sequence[str], Sequence[str]], list[bool]] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 8,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
 ) -> AttackEval:
     """Greedy replies judged for refusal, and Delta_harmful / Delta_refuse, per prompt.
 
@@ -395,7 +395,7 @@ def finetune_attack(
     eval_batch_size: int = 8,
     seed: int = 0,
     judge: Callable[[Sequence[str], Sequence[str]], list[bool]] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Fig. 7: acceptance and mean beliefs on held-out harmful prompts after N-pair fine-tuning.
 
@@ -419,7 +419,7 @@ def finetune_attack(
         pairs = make_compliant_pairs(model, formatter, pool, directions, layer=layer, coeff=coeff,
                                      method=method, max_new_tokens=max_new_tokens, limit=ns[-1],
                                      judge=judge, batch_size=eval_batch_size,
-                                     progress=progress and "writing compliant answers").pairs
+                                     progress=progress_label(progress, "writing compliant answers")).pairs
     if len(pairs) < ns[-1]:
         raise ValueError(
             f"only {len(pairs)} compliant pairs for the largest size {ns[-1]}: give more train prompts, "
@@ -432,11 +432,11 @@ def finetune_attack(
             losses: list[float] = []
             target = lora_finetune(model, formatter, pairs[:n], r=r, alpha=alpha, lr=lr, epochs=epochs,
                                    batch_size=batch_size, seed=seed, on_step=_collect(losses),
-                                   progress=progress and f"fine-tuning N={n}")
+                                   progress=progress_label(progress, f"fine-tuning N={n}"))
             loss = last_epoch_loss(losses, n, batch_size)
         ev = evaluate_attack(target, formatter, directions, test_harmful, judge=judge,
                              max_new_tokens=max_new_tokens, batch_size=eval_batch_size,
-                             progress=progress and f"evaluating N={n}")
+                             progress=progress_label(progress, f"evaluating N={n}"))
         rows.append(ev.row(n, train_loss=loss))
         if target is not model:
             del target

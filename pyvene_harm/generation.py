@@ -38,13 +38,15 @@ def generate_replies(
     post_instruction: bool = True,
     wrapper: str | None = None,
     steer: Any | None = None,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
 ) -> list[str]:
     """Greedy replies, one per prompt, in prompt order.
 
     Args:
         steer: optional object with ``generate_batch(batch, generation_config) -> token ids``
             (a :class:`pyvene_harm.interventions.Steering`); plain generation when ``None``.
+        progress: a bar counting replies: ``None`` when stderr is a terminal, ``True`` or a
+            label always, ``False`` never.
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to generate from: pass at least one prompt")

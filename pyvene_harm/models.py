@@ -19,6 +19,7 @@ The built-in models' wheels, checks and cache live in :mod:`pyvene_harm.builtin_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -105,7 +106,7 @@ def _folder_model_id(folder: Path) -> str:
     return folder.name
 
 
-def _resolve_source(spec: str, cache_dir: str | os.PathLike | None, progress: bool) -> _Source:
+def _resolve_source(spec: str, cache_dir: str | os.PathLike | None, progress: bool | None) -> _Source:
     from .builtin_models import _require_gguf_support, builtin_spec, prepare_demo
 
     builtin = builtin_spec(spec)
@@ -202,7 +203,7 @@ def load_model(
     device: str | None = None,
     device_map: str | dict | None = None,
     cache_dir: str | os.PathLike | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for collection and steering.
 
@@ -219,7 +220,8 @@ def load_model(
             the model is then left where it was placed, so do not combine it with ``device``.
         cache_dir: for ``"demo"`` the cache root (see :func:`demo_cache_dir`); for a Hub id the
             Hub cache folder.
-        progress: show rich progress bars for the slow first demo load.
+        progress: show rich progress for the slow first load of a built-in model (None: when
+            stderr is a terminal).
 
     Example:
         >>> loaded = load_model("demo", dtype="float32", device="cpu")  # doctest: +SKIP
@@ -241,13 +243,21 @@ def load_model(
         kwargs["gguf_file"] = source.gguf_file
     if source.hub and cache_dir is not None:
         kwargs["cache_dir"] = os.fspath(cache_dir)
-    from .builtin_models import _dense_gguf_kwargs, _drop_gguf_quantizer
+    from .builtin_models import (
+        _dense_gguf_kwargs,
+        _drop_gguf_quantizer,
+        builtin_spec,
+        quiet_transformers_bars,
+    )
 
     model_kwargs = _dense_gguf_kwargs() if source.gguf_file else {}
+    # a built-in model loads from its converted folder in a second: transformers' bar says nothing
+    quiet = quiet_transformers_bars() if builtin_spec(spec_str) else contextlib.nullcontext()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=torch_dtype, device_map=device_map, **kwargs, **model_kwargs
-        )
+        with quiet:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.location, dtype=torch_dtype, device_map=device_map, **kwargs, **model_kwargs
+            )
     except (OSError, ValueError) as err:
         raise _load_error(spec_str, source, err, "model") from err
     try:

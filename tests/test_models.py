@@ -245,7 +245,10 @@ def fake_convert(expected: bytes):
     calls = []
 
     def convert(gguf: Path, out: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
         assert gguf.read_bytes() == expected
+        assert not hf_logging.is_progress_bar_enabled()  # one line of our own, not a bar per tensor
         calls.append(gguf)
         save_tiny(out)
 
@@ -285,6 +288,21 @@ def test_half_written_cache_is_rebuilt(
     assert prepare_demo(tmp_path) == target
     assert len(calls) == 1 and (target / "pyvene_harm_source.json").is_file()
     assert only_file(target.parent) == [target.name]
+
+
+def test_transformers_bars_are_hidden_while_a_builtin_model_is_prepared_then_restored() -> None:
+    """De-quantising drew a tqdm bar per tensor (291 lines around the demo's table)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from pyvene_harm.builtin_models import quiet_transformers_bars
+
+    original = gguf_utils.tqdm
+    assert hf_logging.is_progress_bar_enabled()
+    with quiet_transformers_bars():
+        assert not hf_logging.is_progress_bar_enabled()
+        assert gguf_utils.tqdm(range(3)).disable  # the GGUF reader's own tqdm.auto bar
+    assert hf_logging.is_progress_bar_enabled() and gguf_utils.tqdm is original
 
 
 def test_cache_root_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

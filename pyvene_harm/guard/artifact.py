@@ -61,7 +61,7 @@ class GuardArtifactMixin:
     def from_directions(cls, directions: Any, model: Any = None, tokenizer: Any = None, *,
                         layers: Sequence[int] | None = None, threshold: float = 0.0,
                         formatter: Any = None, system_prompt: str | None = None,
-                        batch_size: int = 16, progress: bool = False) -> Any:
+                        batch_size: int = 16, progress: bool | None = None) -> Any:
         """A fitted guard from a DirectionSet's harmful and harmless centroids.
 
         Example:
@@ -89,13 +89,13 @@ class GuardArtifactMixin:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: Any = None, tokenizer: Any = None, *,
-             formatter: Any = None, progress: bool = False) -> Any:
+             formatter: Any = None, progress: bool | None = None) -> Any:
         """Load a saved guard; with a model, check now that it fits (:class:`GuardMismatch`)."""
         return load_guard(cls, directory, model, tokenizer, formatter=formatter, progress=progress)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, model: Any = None, tokenizer: Any = None, *,
-                        formatter: Any = None, progress: bool = False,
+                        formatter: Any = None, progress: bool | None = None,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Any:
         """Load from a local folder or a Hub repo id (honours ``HF_HUB_OFFLINE`` and the cache)."""
         folder = locate(name_or_path, revision=revision, cache_dir=cache_dir)
@@ -184,7 +184,7 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
 
 
 def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, tokenizer: Any = None, *,
-               formatter: Any = None, progress: bool = False) -> Any:
+               formatter: Any = None, progress: bool | None = None) -> Any:
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file() and (directory / DIRECTIONS_CONFIG).is_file():
         raise ValueError(f"{directory} holds a DirectionSet, not a guard: use LatentGuard.from_directions("

@@ -152,7 +152,7 @@ class GenerativeGuard:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, categories: Mapping[str, str] | None = None,
                  use_chat_template: bool | None = None, max_new_tokens: int = 10, batch_size: int = 8,
-                 progress: bool = False) -> None:
+                 progress: bool | None = None) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if batch_size < 1:

@@ -149,7 +149,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         system_prompt: system message used when rendering prompts.
         template: a chat template (Jinja, or a string with ``{instruction}``) used instead of the
             tokenizer's own; saved with the guard.
-        progress: rich progress bars while collecting states.
+        progress: rich progress bars while collecting states (None: when stderr is a terminal).
         n_states: how many columns a flattened 2-D training array holds (precomputed mode).
         normalize_spelling: read every prompt (and every message of a conversation) with its
             spelling made plain first: invisible characters dropped, look-alike letters,
@@ -174,7 +174,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                  threshold: float = 0.0, C: float | None = None, rank: int | None = DEFAULT_RANK,
                  augment: bool = False, Cs: Sequence[float] | None = None,
                  batch_size: int = 16, formatter: ChatFormatter | None = None,
-                 system_prompt: str | None = None, template: str | None = None, progress: bool = False,
+                 system_prompt: str | None = None, template: str | None = None, progress: bool | None = None,
                  n_states: int | None = None, normalize_spelling: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer

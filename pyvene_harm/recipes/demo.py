@@ -58,13 +58,17 @@ def run_demo(loaded, fmt, artifacts: Path, prompts: list[tuple[str, str]], *, ma
     from ..generation import generate_replies
     from ..guard import LatentGuard
     from ..judges import is_refusal
+    from ..progress import progress_label
 
     directions = DirectionSet.load(artifacts / "directions")
-    guard = LatentGuard.load(artifacts / "guard", loaded.model, loaded.tokenizer, formatter=fmt)
+    guard = LatentGuard.load(artifacts / "guard", loaded.model, loaded.tokenizer, formatter=fmt,
+                             progress=False)  # a few prompts, early exit: seconds, no bar needed
     texts = [p for _, p in prompts]
-    beliefs = compute_beliefs(loaded.model, fmt, texts, directions, batch_size=batch_size)
+    beliefs = compute_beliefs(loaded.model, fmt, texts, directions, batch_size=batch_size,
+                              progress=progress_label(None, "reading the beliefs"))
     report = guard.report(texts)
-    replies = generate_replies(loaded.model, fmt, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    replies = generate_replies(loaded.model, fmt, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=progress_label(None, "the model's own replies"))
     return [
         {"kind": kind, "prompt": text, "delta_harmful": float(beliefs.delta_harmful[i]),
          "delta_refuse": float(beliefs.delta_refuse[i]), "guard_harmful": bool(report.harmful[i]),

@@ -1,0 +1,58 @@
+"""Long library calls show progress by default in a terminal, and stay quiet elsewhere."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from pyvene_harm.generation import generate_replies
+from pyvene_harm.positions import ChatFormatter
+from pyvene_harm.progress import progress_bar, progress_label, wanted
+
+from tiny import make_tokenizer
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _stderr(monkeypatch, stream):
+    # set inside the test body: pytest puts its own capture back on sys.stderr after fixtures run
+    monkeypatch.setattr(sys, "stderr", stream)
+    return stream
+
+
+def test_auto_follows_whether_stderr_is_a_terminal(monkeypatch):
+    _stderr(monkeypatch, Terminal())
+    assert wanted(None) and wanted(True) and wanted("label") and not wanted(False)
+    assert progress_label(None, "answering") == "answering" and progress_label(False, "answering") is False
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not wanted(None) and wanted(True)
+    assert progress_label(None, "answering") is False and progress_label(True, "answering") == "answering"
+    monkeypatch.setattr(sys, "stderr", None)  # pythonw, some daemons
+    assert not wanted(None)
+
+
+def test_the_bar_counts_and_estimates(monkeypatch):
+    terminal = _stderr(monkeypatch, Terminal())
+    with progress_bar(None, total=3, description="scoring prompts") as advance:
+        advance(2)
+        advance(1)
+    shown = terminal.getvalue()
+    assert "scoring prompts" in shown and "3/3" in shown and "left" in shown
+
+
+def test_generate_replies_shows_progress_by_default_in_a_terminal_only(tiny_llama, monkeypatch):
+    terminal = _stderr(monkeypatch, Terminal())
+    fmt = ChatFormatter(make_tokenizer("qwen2.5"))
+    generate_replies(tiny_llama, fmt, ["Hello", "How are you?"], max_new_tokens=2)
+    assert "generating" in terminal.getvalue() and "2/2" in terminal.getvalue()
+
+    quiet = _stderr(monkeypatch, Terminal())
+    generate_replies(tiny_llama, fmt, ["Hello"], max_new_tokens=2, progress=False)
+    assert quiet.getvalue() == ""
+
+    log = _stderr(monkeypatch, io.StringIO())  # a pipe or a log file: no bar unless asked for
+    generate_replies(tiny_llama, fmt, ["Hello"], max_new_tokens=2)
+    assert log.getvalue() == ""
