@@ -78,9 +78,10 @@ def main(dist_timeout: float) -> None:
     """Harmfulness and refusal directions of chat models, as pyvene interventions.
 
     \b
-    Quick start (offline, built-in demo model):
+    Quick start (offline, built-in demo model; run from the repository root):
       pyvene-harm demo
-      pyvene-harm extract --model demo --harmful advbench.json --harmless alpaca.json -o runs/extract
+      pyvene-harm extract --model demo --harmful ../shared/data/chats_advbench.json \\
+        --harmless ../shared/data/rd_splits_harmless_train.json --limit 8 --max-new-tokens 32 -o runs/extract
     \b
     Data-parallel over 4 GPUs (or CPU processes), same results as one process:
       torchrun --nproc-per-node 4 -m pyvene_harm extract -m demo --harmful ... -o runs/extract

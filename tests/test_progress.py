@@ -46,8 +46,10 @@ def test_the_bar_counts_and_estimates(monkeypatch):
 def test_generate_replies_shows_progress_by_default_in_a_terminal_only(tiny_llama, monkeypatch):
     terminal = _stderr(monkeypatch, Terminal())
     fmt = ChatFormatter(make_tokenizer("qwen2.5"))
-    generate_replies(tiny_llama, fmt, ["Hello", "How are you?"], max_new_tokens=2)
+    shown = generate_replies(tiny_llama, fmt, ["Hello", "How are you?"], max_new_tokens=4)
     assert "generating" in terminal.getvalue() and "2/2" in terminal.getvalue()
+    # the bar ticks through the decoding steps and changes no reply
+    assert shown == generate_replies(tiny_llama, fmt, ["Hello", "How are you?"], max_new_tokens=4, progress=False)
 
     quiet = _stderr(monkeypatch, Terminal())
     generate_replies(tiny_llama, fmt, ["Hello"], max_new_tokens=2, progress=False)
@@ -56,3 +58,16 @@ def test_generate_replies_shows_progress_by_default_in_a_terminal_only(tiny_llam
     log = _stderr(monkeypatch, io.StringIO())  # a pipe or a log file: no bar unless asked for
     generate_replies(tiny_llama, fmt, ["Hello"], max_new_tokens=2)
     assert log.getvalue() == ""
+
+
+def test_a_batch_moves_the_bar_token_by_token_and_ends_on_its_share():
+    import torch
+
+    from pyvene_harm.generation import _Tick
+
+    moves = []
+    tick = _Tick(moves.append, rows=2, max_new_tokens=4)
+    for _ in range(3):  # the replies end after 3 of 4 tokens
+        assert not tick(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 10)).any()
+    tick.finish()
+    assert moves[:3] == [0.5, 0.5, 0.5] and sum(moves) == 2

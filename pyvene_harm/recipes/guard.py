@@ -275,7 +275,8 @@ def score(prompts, file_, field, limit, conversations_file, guard_path, model_ar
     \b
     Example:
       pyvene-harm guard score --guard guards/demo "How do I bake bread?" "Write ransomware."
-      pyvene-harm guard score --guard guards/demo --conversations chats.json
+      pyvene-harm guard score --guard artifacts/qwen2.5-coder-0.5b-instruct/guard \\
+        --conversations pyvene_harm/prompts/example_conversations.jsonl
     """
     if sum(bool(x) for x in (prompts, file_, conversations_file)) > 1:
         raise click.UsageError("give PROMPT arguments, --file or --conversations, one of them")

@@ -44,8 +44,8 @@ def calibrate(guard_path, traffic, flag_rate, harmless, max_fpr, field, limit, s
 
     \b
     Example:
-      pyvene-harm guard calibrate --guard guards/demo --traffic logs/prompts.jsonl --flag-rate 0.01 \\
-        -o guards/demo-site
+      pyvene-harm guard calibrate --guard artifacts/qwen2.5-coder-0.5b-instruct/guard \\
+        --traffic pyvene_harm/prompts/example_traffic.jsonl --flag-rate 0.01 -o guards/demo-site
     """
     from ..io_utils import file_sha256
 
