@@ -26,12 +26,14 @@ from click.testing import CliRunner
 from pyvene_harm.cli import main
 
 runner = CliRunner()
-seen = []
+seen, texts = [], []
 
 def walk(cmd, path):
-    result = runner.invoke(main, [*path, "--help"])
+    # wide, so that no example path is wrapped across lines
+    result = runner.invoke(main, [*path, "--help"], terminal_width=400, max_content_width=400)
     assert result.exit_code == 0, (path, result.output)
     seen.append(" ".join(path))
+    texts.append(result.output)
     if isinstance(cmd, click.Group):
         ctx = click.Context(cmd)
         for name in cmd.list_commands(ctx):
@@ -40,7 +42,7 @@ def walk(cmd, path):
 walk(main, [])
 errors = [runner.invoke(main, args).exit_code for args in (
     ["extract", "--batch-size", "0", "-o", "x"], ["guard", "fit", "--no-such-option"], ["no-such-command"])]
-print(json.dumps({"seen": seen, "errors": errors, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+print(json.dumps({"seen": seen, "texts": texts, "errors": errors, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
 """
 
 
@@ -86,3 +88,34 @@ def test_every_name_in_all_resolves(package):
     assert set(mod.__all__) <= set(dir(mod))
     with pytest.raises(AttributeError, match="no_such_name"):
         mod.no_such_name  # noqa: B018
+
+
+# options whose value an example names as an input file; `--set NAME=FILE[:LABEL]` and friends
+# carry a name and a label around it
+_INPUTS = ("--harmful", "--harmless", "--traffic", "--conversations", "--file", "--pool", "--set",
+           "--shift", "--val-harmful", "--val-harmless", "--exclude", "--wrap")
+
+
+def _input_files(text: str) -> list[str]:
+    import re
+
+    found = []
+    for option, value in re.findall(r"(--[a-z-]+)[ =]([^\s\\]+)", text):
+        if option not in _INPUTS or value.startswith("...") or "$" in value.split("/")[0] and "$D" not in value:
+            continue
+        value = value.split("=", 1)[-1] if option in ("--set", "--shift", "--pool", "--wrap") else value
+        for part in value.split("+"):
+            path = re.sub(r":(harmful|harmless)$", "", part).replace("$D", "../shared/data")
+            if re.search(r"\.(jsonl|json|csv|txt)$", path) and not path.startswith("hf://"):
+                found.append(path)
+    return found
+
+
+def test_every_file_a_help_example_names_exists():
+    """A newcomer copies the examples: ``advbench.json`` or ``logs/prompts.jsonl`` exist nowhere."""
+    got = _fresh_python(_WALK)
+    files = sorted({f for text in got["texts"] for f in _input_files(text)})
+    assert "../shared/data/chats_advbench.json" in files and "pyvene_harm/prompts/example_traffic.jsonl" in files
+    shared = (ROOT.parent / "shared" / "data").is_dir()
+    missing = [f for f in files if not (ROOT / f).exists() and (shared or not f.startswith("../shared/"))]
+    assert missing == [], files

@@ -379,3 +379,14 @@ def test_a_folder_or_glob_is_one_source_with_an_equal_share_per_file(tmp_path):
     assert "a0" not in load_prompts(folder, limit=30, exclude=["a0"])
     with pytest.raises(PromptDataError, match="holds no prompt files"):
         load_prompts(tmp_path / "cats" / "*.csv")
+
+
+def test_the_example_traffic_and_conversations_load():
+    """The files the README and the CLI help name for `guard calibrate` and `guard score`."""
+    from pyvene_harm.recipes.guard import read_conversations
+
+    folder = Path(__file__).resolve().parents[1] / "pyvene_harm" / "prompts"
+    traffic = load_prompts(str(folder / "example_traffic.jsonl"))
+    assert len(traffic) == len(set(traffic)) == 117
+    conversations = read_conversations(str(folder / "example_conversations.jsonl"))
+    assert len(conversations) == 4 and conversations[2].messages[0][0] == "system"
