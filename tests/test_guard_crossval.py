@@ -117,6 +117,11 @@ def test_bad_options_stop_before_loading(files, tmp_path):
     assert r.exit_code == 2 and "TEMPLATES+REQUESTS" in r.output
     r = CliRunner().invoke(main, base + ["--design", "paper"])  # bombs held out leaves only harmless sources
     assert r.exit_code == 2 and "no other source is harmful" in r.output and "two sources of each label" in r.output
+    # a linear read-out choosing C needs two sources of each label besides the one held out
+    two = base + ["--set", f"poison={files / 'poison.json'}", "--set", f"sea={files / 'sea.json'}:harmless"]
+    r = CliRunner().invoke(main, two + ["--design", "lin:method=linear,reads=t_inst,layers=1-2"])
+    assert r.exit_code == 2 and "chooses C by cross-validation" in r.output and "three sources" in r.output
+    # (with C fixed it runs: the end-to-end test above fits `lin` on the same two harmless sources)
 
 
 def test_training_drops_requests_seen_in_the_held_out_source():

@@ -61,8 +61,8 @@ what the words alone give."""
                    "augment); 0 = none.")
 @click.option("--design", "designs", multiple=True,
               help="A design to compare, repeatable: a preset name or NAME:key=value,... (keys method, reads, layers, "
-                   "augment, C, train_on, mine_negatives, balance_sources). Default: the presets of the README's "
-                   "table. Example: --design paper --design 'mean:method=linear,reads=mean_inst,layers=8-16'")
+                   "augment, C, train_on, mine_negatives, balance_sources). Default: every preset (the designs "
+                   "table of results/README.md). Example: --design paper --design 'mean:method=linear,reads=mean_inst,layers=8-16'")
 @click.option("--controls/--no-controls", default=True, show_default=True,
               help="Run the text-only controls (ngram: TF-IDF word and character n-grams; length) beside the designs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
@@ -85,7 +85,8 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
       D=../shared/data
       pyvene-harm guard crossval -m demo -o runs/crossval \\
         --set advbench=$D/chats_advbench.json --set sorry-bench=$D/chats_sorry-badq.json \\
-        --set alpaca=$D/rd_splits_harmless_val.json:harmless --set xstest=$D/chats_xstest-harmless.json:harmless \\
+        --set jailbreakbench=$D/rd_processed_jailbreakbench.json --set alpaca=$D/rd_splits_harmless_val.json:harmless \\
+        --set alpacaeval=$D/chats_example_test_harmless.json:harmless --set xstest=$D/chats_xstest-harmless.json:harmless \\
         --design paper --design 'mean:method=linear,reads=mean_inst,layers=8-16,augment=1'
     """
     from ..guard.crossval import PromptSource, parse_design
@@ -124,6 +125,7 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
         unknown = sorted(set(d.train_on or ()) - set(names))
         if unknown:
             raise click.BadParameter(f"design {d.name!r} trains on unknown sources {unknown}", param_hint="--design")
+        _check_folds_for_c(d, [s for s in evaluated if s.train])
     reads = sorted({r for d in chosen if not d.is_control for r in d.reads})
     layers = sorted({x for d in chosen if not d.is_control for x in (d.layers or range(n_states or 0))}) or None
     if layers is None:
@@ -168,6 +170,22 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
         click.echo(f"{SELECTED}: the design with the best worst accuracy on the other sources; " + "; ".join(picks),
                    err=True)
     emit(results, as_json)
+
+
+def _check_folds_for_c(design, trainable: list) -> None:
+    """A linear read-out without a fixed C chooses it by folds over its training sources, which
+    need two sources of each label: refuse a split that leaves fewer now, not after the states
+    are run (the text-only controls fall back to folds over prompts)."""
+    if design.method != "linear" or design.C is not None:
+        return
+    for held in trainable:
+        left = [s for s in trainable if s.origin != held.origin and (design.train_on is None or s.name in design.train_on)]
+        short = [("harmless", "harmful")[x] for x in (0, 1) if len({s.name for s in left if s.label == x}) < 2]
+        if short:
+            raise click.UsageError(
+                f"design {design.name!r} chooses C by cross-validation over its training sources, and with "
+                f"{held.name!r} left out fewer than two {' and '.join(short)} sources are left: give at least three "
+                f"sources of each label (--set NAME=FILE:harmful / :harmless), or fix C in the design (C=1)")
 
 
 def _load_sets(values: tuple[str, ...], limit: int, seed: int) -> list[tuple[Any, int]]:
