@@ -106,6 +106,9 @@ DESIGNS: dict[str, str] = {
     "linear-mean-aug": "method=linear,reads=mean_inst,layers=middle,augment=1",
     "linear-last16-aug": "method=linear,reads=last:16,layers=middle,augment=1",
     "linear-last16-mined": "method=linear,reads=last:16,layers=middle,augment=1,mine_negatives=150",
+    "linear-scan16-mined": "method=linear,reads=scan:16,layers=middle,augment=1,mine_negatives=150",
+    "linear-scan8-mined": "method=linear,reads=scan:8,layers=middle,augment=1,mine_negatives=150",
+    "linear-scan4-mined": "method=linear,reads=scan:4,layers=middle,augment=1,mine_negatives=150",
     "linear-post1-aug": "method=linear,reads=post:1,layers=middle,augment=1",
     "linear-mean-tpost-aug": "method=linear,reads=mean_inst+t_post_inst,layers=middle,augment=1",
     "ngram": "method=ngram,augment=1",
@@ -118,8 +121,10 @@ at a time: where the states are read (the mean over the instruction's tokens, it
 tokens, the first post-instruction token, t_post_inst beside the mean), a logistic read-out over
 the middle states instead of centroids, and fitting on surface variants (``-aug``). ``ngram``
 and ``length`` are the text-only controls, fitted on the same rows as the ``-aug`` designs.
-``linear-last16-mined`` (the shipped guard's design) adds 150 hard negatives mined from the
-harmless pools (``--pool``) and refits.
+``linear-last16-mined`` adds 150 hard negatives mined from the harmless pools (``--pool``) and
+refits; the ``linear-scanK-mined`` designs read the same way at every window of K tokens along
+the instruction and take the highest (:mod:`~pyvene_harm.windows`): text appended after a
+request cannot dilute them.
 """
 
 
