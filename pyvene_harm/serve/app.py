@@ -232,7 +232,9 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         max_new = req.new_tokens(limits.max_new_tokens)
         await asyncio.to_thread(check_conversation, conv)
         job = ChatJob(asyncio.get_running_loop(), conversation=conv, max_new_tokens=max_new, stream=req.stream,
-                      temperature=req.temperature, top_p=req.top_p, seed=req.seed, split_at=split_at)
+                      temperature=req.temperature, top_p=req.top_p, seed=req.seed, split_at=split_at,
+                      stop=req.stop_strings(), frequency_penalty=req.frequency_penalty or 0.0,
+                      presence_penalty=req.presence_penalty or 0.0)
         worker.submit(job)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         handed_over = False

@@ -96,12 +96,14 @@ class ChatJob(Job):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, conversation: Conversation, max_new_tokens: int,
                  stream: bool = False, temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None, split_at: re.Pattern[str] | None = None) -> None:
+                 seed: int | None = None, split_at: re.Pattern[str] | None = None, stop: tuple[str, ...] = (),
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> None:
         super().__init__(loop)
         self.groups = [conversation_parts(conversation, split_at)]
         self.conversation = conversation
         self.max_new_tokens, self.stream = max_new_tokens, stream
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.stop, self.frequency_penalty, self.presence_penalty = stop, frequency_penalty, presence_penalty
         self.events: asyncio.Queue = asyncio.Queue()
 
     def emit(self, kind: str, value: Any) -> None:

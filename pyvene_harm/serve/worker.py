@@ -313,7 +313,8 @@ class GuardWorker:
             reply = generate_reply(
                 self.model, self.formatter, job.conversation,
                 max_new_tokens=job.max_new_tokens, steering=self.steering if steer else None,
-                temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                temperature=job.temperature, top_p=job.top_p, seed=job.seed, stop=job.stop,
+                frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
                 should_stop=lambda: job.cancelled or self._stopped,
                 on_text=(lambda text: job.emit("text", text)) if job.stream else None,
             )
