@@ -22,17 +22,26 @@ from .data import fingerprint
 from .distributed import active, exchange_batches
 from .positions import ChatFormatter, EncodedPrompt, PromptBatch
 from .progress import progress_bar
-from .pyvene_support import HarmIntervenableModel, PoolCollector, decoder_layers, layers_path
+from .pyvene_support import (
+    HarmIntervenableModel,
+    PoolCollector,
+    ScanCollector,
+    decoder_layers,
+    layers_path,
+)
 
 __all__ = [
     "ActivationStats",
     "collect_stats",
     "collect_states",
+    "collect_token_states",
+    "fixed_reads",
     "decoder_of",
     "READS",
     "check_reads",
     "layers_to_run",
     "read_span",
+    "scan_width",
     "truncated_decoder",
 ]
 
@@ -160,18 +169,34 @@ def truncated_decoder(decoder: nn.Module, n_layers: int) -> Iterator[nn.Module]:
         setattr(holder, path[-1], layers)
 
 
-READS = ("t_inst", "t_post_inst", "post:K", "last:K", "mean_inst", "mean_post")
-"""What :func:`collect_states` can read, per state: one token, or the mean over a span of them."""
+READS = ("t_inst", "t_post_inst", "post:K", "last:K", "scan:K", "mean_inst", "mean_post")
+"""What :func:`collect_states` can read, per state: one token, or the mean over a span of them.
+
+``scan:K`` is the mean of the K-token window ending at *every* token of the instruction (see
+:mod:`~pyvene_harm.windows`); as one row per prompt, as :func:`collect_states` returns it, it is
+its last window, the same span as ``last:K``."""
 
 
 def _parse_read(name: str) -> tuple[str, int]:
     head, sep, k = str(name).partition(":")
     if not sep and head in ("t_inst", "t_post_inst", "mean_inst", "mean_post"):
         return head, 0
-    if sep and head in ("post", "last") and k.isdigit() and (head == "post" or int(k) >= 1):
+    if sep and head in ("post", "last", "scan") and k.isdigit() and (head == "post" or int(k) >= 1):
         return head, int(k)
-    raise ValueError(f"unknown read {name!r}: use t_inst, t_post_inst, post:K, last:K (K >= 1), "
+    raise ValueError(f"unknown read {name!r}: use t_inst, t_post_inst, post:K, last:K, scan:K (K >= 1), "
                      "mean_inst or mean_post")
+
+
+def scan_width(name: str) -> int | None:
+    """K of a ``scan:K`` read (the mean of every K-token window along the instruction), else None."""
+    kind, k = _parse_read(name)
+    return k if kind == "scan" else None
+
+
+def fixed_reads(names: Sequence[str]) -> list[str]:
+    """``names`` with each ``scan:K`` as ``last:K``: the one row per prompt that
+    :func:`collect_states` returns for it (so both share cached states)."""
+    return [f"last:{scan_width(n)}" if scan_width(n) is not None else n for n in names]
 
 
 def check_reads(names: Sequence[str]) -> list[str]:
@@ -191,7 +216,7 @@ def read_span(batch: PromptBatch, name: str) -> tuple[torch.Tensor, torch.Tensor
 
     ``t_inst``, ``t_post_inst`` and ``post:K`` (K tokens after t_inst) are single tokens;
     ``mean_inst`` is every token of the user message, ``last:K`` its last K tokens (fewer when
-    it is shorter), ``mean_post`` the post-instruction tokens after t_inst (t_inst itself when
+    it is shorter; ``scan:K``'s last window is the same span), ``mean_post`` the post-instruction tokens after t_inst (t_inst itself when
     the prompt has none). A mean over many tokens depends less on any one of them, the final
     punctuation mark above all, than the state at t_inst does.
     """
@@ -202,7 +227,7 @@ def read_span(batch: PromptBatch, name: str) -> tuple[torch.Tensor, torch.Tensor
     if kind == "post":
         p = torch.minimum(batch.t_inst + k, batch.t_post_inst)
         return p, p
-    if kind == "last":
+    if kind in ("last", "scan"):
         return torch.maximum(batch.inst_start, batch.t_inst - k + 1), batch.t_inst
     if kind == "mean_inst":
         return batch.inst_start, batch.t_inst
@@ -216,15 +241,15 @@ def _pool_weights(starts: torch.Tensor, ends: torch.Tensor, lo: int, hi: int) ->
     return w / w.sum(-1, keepdim=True)
 
 
-def _representations(n_layers: int, states: Sequence[int]) -> list[dict]:
+def _representations(n_layers: int, states: Sequence[int], collector: type = PoolCollector) -> list[dict]:
     """State s < n_layers is the input of layer s; state n_layers the output of the last layer run."""
     reps = []
     for s in states:
         if s < n_layers:
-            reps.append({"layer": s, "component": "block_input", "intervention_type": PoolCollector})
+            reps.append({"layer": s, "component": "block_input", "intervention_type": collector})
         else:
             reps.append({"layer": n_layers - 1, "component": "block_output",
-                         "intervention_type": PoolCollector})
+                         "intervention_type": collector})
     return reps
 
 
@@ -315,6 +340,67 @@ class SharedPrefix:
         return new, locs - (t - width)
 
 
+def _plan(model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str], states: Sequence[int] | None,
+          positions: Sequence[str], batch_size: int, post_instruction: bool, wrapper: str | None):
+    """Checked arguments, the prompts tokenised once and their length-sorted batches."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts to collect from: pass at least one prompt")
+    positions = check_reads(positions)
+    decoder = decoder_of(model)
+    n_layers = len(decoder_layers(decoder))
+    state_ids = list(range(n_layers + 1)) if states is None else sorted(set(int(s) for s in states))
+    bad = [s for s in state_ids if not 0 <= s <= n_layers]
+    if bad:
+        raise ValueError(
+            f"state {bad[0]} is out of range: this model has {n_layers} decoder layers, "
+            f"so states 0-{n_layers} (0-{n_layers - 1} layer inputs, {n_layers} last output)"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    run_layers = layers_to_run(n_layers, state_ids)
+    device = next(decoder.parameters()).device
+    # tokenise everything once, in one call, so batches can be formed from similar lengths
+    encoded = formatter.tokenize(prompts, post_instruction=post_instruction, wrapper=wrapper)
+    order = _length_sorted(len(prompts), [len(e.ids) for e in encoded])
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return decoder, state_ids, run_layers, device, encoded, batches, positions
+
+
+def collect_token_states(
+    model: nn.Module,
+    formatter: ChatFormatter,
+    prompts: Sequence[str],
+    *,
+    states: Sequence[int] | None = None,
+    positions: Sequence[str] = ("t_inst",),
+    project: torch.Tensor | None = None,
+    batch_size: int = 16,
+    share_prefix: bool = True,
+    progress: bool | str = False,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], list[torch.Tensor]]]:
+    """:func:`collect_states`, plus every instruction token of every prompt, from the same pass.
+
+    Yields ``(prompt indices, {read: [b, len(states), hidden]}, tokens)`` where ``tokens[j]`` is
+    ``[T_j, len(states), hidden]`` (float32): the states at each of prompt ``idx[j]``'s T_j
+    instruction tokens (for a conversation, its last user message's). With ``project``
+    (``[hidden, len(states)]``) ``tokens[j]`` is ``[T_j]`` float64 instead: at each token, the sum
+    over states s of its state s projected on ``project[:, s]``, which is all a linear read-out
+    needs to score every window along the instruction (:mod:`~pyvene_harm.windows`), at a cost
+    and memory that grow with the prompt's length, not with its length times the width.
+
+    Runs in this process whatever :func:`~pyvene_harm.distributed.data_parallel` says (every
+    rank that calls it computes all prompts).
+    """
+    decoder, state_ids, run_layers, device, encoded, batches, positions = _plan(
+        model, formatter, prompts, states, positions, batch_size, True, None)
+    if project is not None and tuple(project.shape[1:]) != (len(state_ids),):
+        raise ValueError(f"project must be [hidden, {len(state_ids)}] (one vector per state), "
+                         f"got {tuple(project.shape)}")
+    yield from _run_batches(decoder, formatter, encoded, batches, state_ids=state_ids, run_layers=run_layers,
+                            positions=positions, share_prefix=share_prefix, device=device, progress=progress,
+                            scan=("project" if project is not None else "tokens", project))
+
+
 def collect_states(
     model: nn.Module,
     formatter: ChatFormatter,
@@ -342,37 +428,19 @@ def collect_states(
     ``world_size``-th batch of the same batches and receives the others': every rank yields
     the same states, in the same order, as one process.
     """
-    if len(prompts) == 0:
-        raise ValueError("no prompts to collect from: pass at least one prompt")
-    positions = check_reads(positions)
-    decoder = decoder_of(model)
-    n_layers = len(decoder_layers(decoder))
-    state_ids = list(range(n_layers + 1)) if states is None else sorted(set(int(s) for s in states))
-    bad = [s for s in state_ids if not 0 <= s <= n_layers]
-    if bad:
-        raise ValueError(
-            f"state {bad[0]} is out of range: this model has {n_layers} decoder layers, "
-            f"so states 0-{n_layers} (0-{n_layers - 1} layer inputs, {n_layers} last output)"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    run_layers = layers_to_run(n_layers, state_ids)
-    device = next(decoder.parameters()).device
-    # tokenise everything once, in one call, so batches can be formed from similar lengths
-    encoded = formatter.tokenize(prompts, post_instruction=post_instruction, wrapper=wrapper)
-    token_lists = [e.ids for e in encoded]
-    order = _length_sorted(len(prompts), [len(t) for t in token_lists])
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    plan = _plan(model, formatter, prompts, states, positions, batch_size, post_instruction, wrapper)
+    decoder, state_ids, run_layers, device, encoded, batches, positions = plan
     dp = active()
     if dp is None:
-        yield from _run_batches(decoder, formatter, encoded, batches, state_ids=state_ids,
-                                run_layers=run_layers, positions=positions, share_prefix=share_prefix,
-                                device=device, progress=progress)
+        for idx, by_pos, _ in _run_batches(decoder, formatter, encoded, batches, state_ids=state_ids,
+                                           run_layers=run_layers, positions=positions, share_prefix=share_prefix,
+                                           device=device, progress=progress):
+            yield idx, by_pos
         return
     # this rank's batches, then everyone's in order; the shared prefix still comes from all prompts
-    own = _run_batches(decoder, formatter, encoded, dp.own(batches), state_ids=state_ids,
-                       run_layers=run_layers, positions=positions, share_prefix=share_prefix,
-                       device=device, progress=False)
+    own = ((idx, by_pos) for idx, by_pos, _ in _run_batches(
+        decoder, formatter, encoded, dp.own(batches), state_ids=state_ids, run_layers=run_layers,
+        positions=positions, share_prefix=share_prefix, device=device, progress=False))
     key = fingerprint([*prompts, repr((state_ids, list(positions), post_instruction, wrapper, batch_size))])
     with progress_bar(progress, total=len(prompts),
                       description=progress if isinstance(progress, str) else "collecting") as advance:
@@ -384,18 +452,28 @@ def collect_states(
 def _run_batches(decoder: nn.Module, formatter: ChatFormatter, encoded: Sequence[EncodedPrompt],
                  batches: Sequence[list[int]], *,
                  state_ids: list[int], run_layers: int, positions: Sequence[str], share_prefix: bool,
-                 device: torch.device,
-                 progress: bool | str) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """The forward passes of :func:`collect_states`, for the given batches of prompt indices."""
+                 device: torch.device, progress: bool | str, scan: tuple[str, torch.Tensor | None] | None = None,
+                 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], list[torch.Tensor] | None]]:
+    """The forward passes of :func:`collect_states`, for the given batches of prompt indices.
+
+    Yields ``(prompt indices, {read: [b, S, d]}, tokens)``. ``tokens`` is None unless ``scan``
+    asks for the instruction's tokens too: ``("tokens", None)`` gives each prompt's
+    ``[T_i, S, d]`` states at its T_i instruction tokens, ``("project", V)`` with ``V``
+    ``[d, S]`` only ``[T_i]``: the sum over states s of each token's state s projected on
+    ``V[:, s]`` (a linear read-out's score at every token, without keeping the states).
+    """
+    collector = PoolCollector if scan is None else ScanCollector
     with truncated_decoder(decoder, run_layers) as short:
         shared = SharedPrefix.build(short, [e.ids for e in encoded], device) if share_prefix else None
-        intervenable = HarmIntervenableModel(_representations(run_layers, state_ids), short)
+        intervenable = HarmIntervenableModel(_representations(run_layers, state_ids, collector), short)
         try:
             with progress_bar(progress, total=sum(map(len, batches)),
                               description=progress if isinstance(progress, str) else "collecting") as advance:
                 for idx in batches:
                     batch = formatter.collate([encoded[i] for i in idx], padding_side="left")
                     spans = [read_span(batch, p) for p in positions]
+                    if scan is not None:  # the instruction's tokens are read too: its first one bounds the window
+                        spans.append((batch.inst_start, batch.t_inst))
                     locs = torch.stack([s for s, _ in spans] + [e for _, e in spans], dim=1)  # [b, 2P]
                     # causal attention: nothing after the last position read changes the states
                     # read, so the rest (e.g. the post-instruction tokens, for t_inst) is not run
@@ -409,19 +487,54 @@ def _run_batches(decoder: nn.Module, formatter: ChatFormatter, encoded: Sequence
                         # one window covers every read of every example; each read is a row of weights
                         lo, hi = int(locs.min()), int(inputs["input_ids"].shape[1])
                         window = [list(range(lo, hi))] * len(idx)
+                        n = len(positions)
+                        kwargs = {"pool_weights": _pool_weights(locs[:, :n], locs[:, len(spans):len(spans) + n],
+                                                                lo, hi)}
+                        if scan is not None:
+                            first, last = locs[:, n] - lo, locs[:, len(spans) + n] - lo
+                            cols = torch.arange(hi - lo, device=device)[None]
+                            kwargs["token_mask"] = (cols >= first[:, None]) & (cols <= last[:, None])
+                            if scan[1] is not None:
+                                kwargs["project"] = scan[1]
                         (_, acts), _ = intervenable(
                             inputs,
                             unit_locations={"base": [window] * len(state_ids)},
-                            intervention_additional_kwargs={
-                                "pool_weights": _pool_weights(locs[:, :len(positions)], locs[:, len(positions):],
-                                                              lo, hi)},
+                            intervention_additional_kwargs=kwargs,
                             use_cache=split is not None,
                         )
+                    tokens = None
+                    if scan is not None:
+                        acts, tokens = unpack_scan(acts, n, hi - lo, first, last, scan[1] is not None)
                     stacked = torch.stack(list(acts), dim=2)  # [b, P, S, d], float32
-                    yield idx, {p: stacked[:, j] for j, p in enumerate(positions)}
+                    yield idx, {p: stacked[:, j] for j, p in enumerate(positions)}, tokens
                     advance(len(idx))
         finally:
             del intervenable
+
+
+def unpack_scan(acts: Sequence[torch.Tensor], n_reads: int, width: int, first: torch.Tensor, last: torch.Tensor,
+                projected: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Split :class:`~pyvene_harm.pyvene_support.ScanCollector` outputs (one per state) into the
+    pooled reads ``[b, R, d]`` per state and, per prompt, its kept tokens: ``[T_i, S, d]`` states,
+    or (``projected``) ``[T_i]`` float64, state s's projection on vector s summed over states."""
+    b, total = acts[0].shape
+    n_states = len(acts)
+    # total = R * d + width * k, with k = d (states) or n_states (projections); R >= 1 reads
+    if projected:
+        k = n_states
+        d = (total - width * k) // n_reads
+    else:
+        d = k = total // (n_reads + width)
+    pooled = [a[:, :n_reads * d].reshape(b, n_reads, d) for a in acts]
+    rest = [a[:, n_reads * d:].reshape(b, width, k) for a in acts]
+    out: list[torch.Tensor] = []
+    for i in range(b):
+        sl = slice(int(first[i]), int(last[i]) + 1)
+        if projected:
+            out.append(sum(rest[s][i, sl, s].double() for s in range(n_states)).cpu())
+        else:
+            out.append(torch.stack([r[i, sl] for r in rest], dim=1).cpu())  # [T_i, S, d]
+    return pooled, out
 
 
 def collect_stats(

@@ -28,6 +28,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice about 
 __all__ = [
     "HarmIntervenableModel",
     "PoolCollector",
+    "ScanCollector",
     "StateCollector",
     "decoder_layers",
     "ensure_pyvene_support",
@@ -201,6 +202,33 @@ class PoolCollector(pv.CollectIntervention):
 
     def __str__(self) -> str:
         return "PoolCollector()"
+
+
+class ScanCollector(PoolCollector):
+    """A :class:`PoolCollector` that also returns the states of every token it is told to keep.
+
+    Besides ``pool_weights`` it takes ``token_mask`` ``[batch, positions]`` (the tokens to keep,
+    e.g. an instruction's) and optionally ``project`` ``[d, P]``. Without ``project`` it keeps
+    each kept token's state; with it, only the state's projections onto the P vectors, so that
+    scoring a linear read-out at every token of a 4,096-token prompt keeps ``[positions, P]``
+    numbers instead of ``[positions, d]``. pyvene passes one tensor back, so the result is packed
+    as ``[batch, reads * d + positions * (P or d)]``: pooled reads first, then the tokens
+    (:func:`~pyvene_harm.collect.unpack_scan` splits it).
+    """
+
+    def forward(self, base, source=None, subspaces=None, pool_weights=None, token_mask=None, project=None,
+                **kwargs):
+        pooled = super().forward(base, pool_weights=pool_weights)
+        if token_mask is None:
+            raise ValueError("ScanCollector needs token_mask [batch, positions] at call time")
+        keep = token_mask.to(device=base.device, dtype=torch.bool)
+        x = base.detach().float().masked_fill(~keep[..., None], 0.0)
+        if project is not None:
+            x = x @ project.to(device=base.device, dtype=torch.float32)
+        return torch.cat([pooled.flatten(1), x.flatten(1)], dim=1)
+
+    def __str__(self) -> str:
+        return "ScanCollector()"
 
 
 def as_device_dtype(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

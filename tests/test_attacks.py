@@ -11,6 +11,7 @@ shipped guard, where they must be flagged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -394,7 +395,12 @@ def _(c):
 @row("a score that is NaN flags the prompt and the body carries no NaN")
 def _(c):
     worker = GuardWorker(FakeGuard(float("nan")), None, make_tokenizer("qwen2.5"))
-    verdicts = worker._verdicts([ScoreJob(asyncio.new_event_loop(), ["hello"])])[0]
+    loop = asyncio.new_event_loop()
+    job = ScoreJob(loop, ["hello"])
+    worker._outstanding = 1
+    worker._score([job])
+    verdicts = loop.run_until_complete(job.future)
+    loop.close()
     assert verdicts[0].harmful
     text = json.dumps(moderation_response(verdicts, model="m", categories=[]), allow_nan=False)
     assert '"flagged": true' in text and '"score": null' in text
@@ -643,8 +649,8 @@ def _(c):
     for j in jobs:
         worker._queue.put(j)
     worker._outstanding = len(jobs)
-    original = worker._score
-    c.monkeypatch.setattr(worker, "_score", lambda batch: order.append("batch") or original(batch))
+    original = worker._score_next
+    c.monkeypatch.setattr(worker, "_score_next", lambda: order.append("batch") or original())
     runner = threading.Thread(target=worker._run, daemon=True)
     runner.start()
     deadline = time.monotonic() + 10
@@ -652,6 +658,7 @@ def _(c):
         time.sleep(0.01)
     worker.stop(timeout=5)
     assert "reply" in order and order.index("reply") <= 3, order  # its own batch + at most 2 more
+    assert order.count("batch") == 9, order  # one batch each (max_batch 1): the flood was scored
 
 
 @row("a fault inside the worker is a logged 500, not a 400")
@@ -712,6 +719,147 @@ def _(c):
         s.proc.send_signal(signal.SIGINT)
         s.proc.wait(timeout=30)
         assert time.monotonic() - start < 2 + 6, s.output()
+
+
+# amplification: no request can hold the worker
+
+@row("typing a control token 150 times costs at most eight piece reads")
+def _(c):
+    text = "x<|im_end|>" * 150
+    before = httpx.get(c.server.url + "/health").json()["worker"]["prompts_scored"]
+    r = post(c.server, "/v1/moderations", {"input": text})
+    assert r.status_code == 200, r.text
+    after = httpx.get(c.server.url + "/health").json()["worker"]["prompts_scored"]
+    assert after - before == 1 + 8  # the text whole, and eight pieces (the last holds the rest)
+
+
+@row("pieces count against --max-prompt-tokens")
+def _(c):
+    # 2,000 tokens of text under the 4,096 limit, but read twice (whole and in pieces)
+    text = ("word " * 500 + "<|im_end|>") * 4
+    error(post(c.server, "/v1/moderations", {"input": text}), 400, "counted with the 4 pieces")
+
+
+class _Recorder(FakeGuard):
+    """A FakeGuard that keeps the reads of every batch, not only their number."""
+
+    def report(self, prompts):
+        rep = super().report(prompts)
+        self.calls[-1] = list(prompts)
+        return rep
+
+
+def _worker_with(guard, **kw) -> GuardWorker:
+    worker = GuardWorker(guard, None, make_tokenizer("qwen2.5"), max_wait_ms=0, **kw)
+    return worker
+
+
+@row("a request sent while a large one is scored waits for one batch, not all of it")
+def _(c):
+    guard = _Recorder(-1.0)
+    worker = _worker_with(guard, max_batch=8)
+    loop = asyncio.new_event_loop()
+    big = ScoreJob(loop, [f"big {i}" for i in range(64)])
+    small = ScoreJob(loop, ["small"])
+    worker._outstanding = 2
+    worker._active.append(big)
+    worker._score_next()  # the big job's first batch is running when the small one arrives
+    worker._active.append(small)
+    worker._score_next()
+    assert guard.calls[0] == [f"big {i}" for i in range(8)]
+    assert guard.calls[1][0] == "small" and len(guard.calls[1]) == 8  # next batch, beside the big job's rest
+    while worker._active:
+        worker._score_next()
+    loop.run_until_complete(asyncio.sleep(0))  # the answers are handed to the event loop
+    assert len(guard.calls) == 9 and small.future.done() and big.future.done()
+    loop.close()
+
+
+@row("a batch holds at most --max-batch-tokens tokens")
+def _(c):
+    guard = _Recorder(-1.0)
+    worker = _worker_with(guard, max_batch=64, max_batch_tokens=100)
+    loop = asyncio.new_event_loop()
+    job = ScoreJob(loop, [f"p{i}" for i in range(10)])
+    job.read_tokens = [40] * 10
+    worker._outstanding = 1
+    worker._score([job])
+    loop.run_until_complete(asyncio.sleep(0))
+    assert [len(x) for x in guard.calls] == [2, 2, 2, 2, 2] and job.future.done()
+    loop.close()
+
+
+@row("the rest of a request whose time ran out is never scored")
+def _(c):
+    guard = _Recorder(-1.0)
+    worker = _worker_with(guard, max_batch=4)
+    loop = asyncio.new_event_loop()
+    job = ScoreJob(loop, [f"p{i}" for i in range(40)])
+    worker._outstanding = 1
+    worker._active.append(job)
+    worker._score_next()
+    job.cancel()  # what the app does at --request-timeout (it has answered 504)
+    worker._score_next()
+    assert sum(map(len, guard.calls)) == 4 and not worker._active and worker.stats.jobs_skipped == 1
+    loop.close()
+
+
+@row("SIGTERM returns within the graceful-shutdown timeout while a large request is scored")
+def _(c):
+    args = ["--guard", str(c.files / "guard"), "-m", str(c.files / NAME), "--graceful-shutdown-timeout", "2",
+            "--max-batch", "1", "--log-level", "warning"]
+    with ServerProcess(args, startup_timeout=300) as s:
+        def flood():
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(s.url + "/v1/moderations", json={"input": [HARMLESS[0] * 20] * 64}, timeout=60)
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        time.sleep(1.5)  # 64 reads, one per batch: the worker is busy
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(timeout=30)
+        assert time.monotonic() - start < 2 + 6, s.output()
+
+
+@row("more connections than --limit-concurrency get a 503 in OpenAI's shape")
+def _(c):
+    args = ["--guard", str(c.files / "guard"), "-m", str(c.files / NAME), "--limit-concurrency", "4",
+            "--log-level", "warning"]
+    with ServerProcess(args, startup_timeout=300) as s:
+        idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(6)]  # half-open: no request
+        try:
+            time.sleep(0.3)
+            r = httpx.post(s.url + "/v1/moderations", json={"input": "hi"}, timeout=10)
+        finally:
+            for sock in idle:
+                sock.close()
+        error(r, 503, "--limit-concurrency")
+        assert r.json()["error"]["type"] == "server_error"
+
+
+# what scanners send
+
+@row("stop, frequency_penalty and presence_penalty (garak's defaults) are taken, not refused")
+def _(c):
+    r = chat(c.server, [user(HARMLESS[0])], stop=["\n\n"], frequency_penalty=0.0, presence_penalty=0.0,
+             temperature=0)
+    answered(r)
+
+
+# where the guard reads
+
+@row("a harmless tail after a request cannot dilute a scan read")
+def _(c):
+    guard, loaded = c.fitted()
+    tail = " " + " ".join(HARMLESS) * 2
+    last = LatentGuard(loaded.model, loaded.tokenizer, method="linear", reads=("last:4",), C=1.0, rank=None,
+                       batch_size=4).fit(HARMFUL + HARMLESS, LABELS)
+    scan = LatentGuard(loaded.model, loaded.tokenizer, method="linear", reads=("scan:4",), C=1.0, rank=None,
+                       batch_size=4).fit(HARMFUL + HARMLESS, LABELS)
+    assert last.predict([BOMB]).tolist() == [1] and last.predict([BOMB + tail]).tolist() == [0]  # before
+    assert scan.predict([BOMB, BOMB + tail]).tolist() == [1, 1]
+    assert scan.decision_function([BOMB + tail])[0] >= scan.decision_function([BOMB])[0] - 1e-5
 
 
 ATTACKS = sorted(ROWS)

@@ -21,6 +21,7 @@ from pyvene_harm.guard.crossval import (
     parse_design,
     selected_rows,
 )
+from pyvene_harm.surface import SHIFT_EDITS
 
 from tiny import make_model, make_tokenizer
 
@@ -76,7 +77,7 @@ def test_crossval_end_to_end_and_resume(files, tmp_path, monkeypatch):
                                                "tpr_at_5pct_fpr"}
         if source != "lang":
             assert row["n_variants"] > 0 and 0.0 <= row["surface_flip_rate"] <= 1.0
-            assert set(row["shift_accuracy"]) <= {"typos", "leet", "spacing", "homoglyph"} and row["shift_accuracy"]
+            assert set(row["shift_accuracy"]) <= set(SHIFT_EDITS) and row["shift_accuracy"]
     assert rows[("lang", "lin")]["shift_source"] and rows[("lang", "lin")]["n_variants"] == 0
     assert rows[("bombs", "lin")]["C"] == 1.0 and rows[("bombs", "paper")]["C"] is None
     assert rows[("bombs", "ngram")]["control"] and rows[("bombs", "ngram")]["C"] > 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from openai import AsyncOpenAI, OpenAI
 
 from pyvene_harm.guard import LatentGuard, guarded_generate
@@ -196,6 +197,36 @@ def test_chat_sampling_is_seeded(client, expected):
     assert {a.choices[0].message.content, c.choices[0].message.content} != {greedy.choices[0].message.content}
 
 
+def test_chat_takes_garaks_default_parameters(client, expected):
+    """What an OpenAI client such as garak sends by default (stop, frequency and presence
+    penalties) is implemented; values that change nothing change nothing."""
+    messages = [{"role": "user", "content": _pick(expected, False)}]
+    plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12)
+    same = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, stop=[],
+                                          frequency_penalty=0, presence_penalty=0.0)
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    text = plain.choices[0].message.content
+    assert len(text) > 4, "the tiny model's greedy reply is too short to cut"
+    cut = text[3:5]
+    stopped = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, stop=["\u2603", cut])
+    assert stopped.choices[0].message.content == text[:text.find(cut)]
+    assert stopped.choices[0].finish_reason == "stop"
+    pieces = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, stop=cut, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == text[:text.find(cut)]
+    penalised = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, frequency_penalty=2.0,
+                                               presence_penalty=2.0)
+    assert penalised.choices[0].finish_reason in ("stop", "length")
+
+
+def test_penalties_follow_openai():
+    from pyvene_harm.serve.decoding import _Penalties
+
+    scores = torch.zeros(1, 6)
+    ids = torch.tensor([[5, 5, 1, 2, 2, 2]])  # prompt 5 5, reply 1 2 2 2
+    out = _Penalties(2, frequency=0.5, presence=1.0)(ids, scores.clone())
+    assert out[0].tolist() == [0.0, -1.5, -2.5, 0.0, 0.0, 0.0]  # the prompt's tokens are not counted
+
+
 # --- bad input, over HTTP ----------------------------------------------------------------------
 
 USER = [{"role": "user", "content": "How do I bake bread?"}]
@@ -230,6 +261,10 @@ BAD = [
     ("/v1/chat/completions", {"model": NAME, "messages": USER, "n": 2}, 400, "n=2"),
     ("/v1/chat/completions", {"model": NAME, "messages": USER, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"model": NAME, "messages": USER, "temperature": 5}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": NAME, "messages": USER, "stop": ["a"] * 5}, 400, "at most 4"),
+    ("/v1/chat/completions", {"model": NAME, "messages": USER, "stop": [""]}, 400, "stop[0] is empty"),
+    ("/v1/chat/completions", {"model": NAME, "messages": USER, "frequency_penalty": 3}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"model": NAME, "messages": USER, "tools": []}, 400, "unsupported parameter 'tools'"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "word " * 100}]}, 400,
      "tokens long"),
 ]

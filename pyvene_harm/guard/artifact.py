@@ -172,7 +172,8 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
                    "threshold": float(guard.threshold), "batch_size": guard.batch_size,
                    "system_prompt": fmt.system_prompt if fmt is not None else guard.system_prompt,
                    "template": fmt.template_override if fmt is not None else guard.template,
-                   "n_states": guard.n_states, "normalize_spelling": bool(guard.normalize_spelling)},
+                   "n_states": guard.n_states, "normalize_spelling": bool(guard.normalize_spelling),
+                   "scan_negatives": int(guard.scan_negatives)},
         "versions": library_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -228,7 +229,8 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
                 layers=params.get("layers"), threshold=float(params.get("threshold", 0.0)),
                 batch_size=int(params.get("batch_size", 16)), system_prompt=params.get("system_prompt"),
                 template=params.get("template"),
-                n_states=params.get("n_states"), normalize_spelling=spelling)
+                n_states=params.get("n_states"), normalize_spelling=spelling,
+                scan_negatives=int(params.get("scan_negatives", 2)))
     guard.centroids_ = {k: tensors[f"centroid.{k}"].to(torch.float32).numpy() for k in ("harmful", "harmless")}
     states = meta["states"]
     if guard.centroids_["harmful"].shape[0] != len(states) * len(reads):

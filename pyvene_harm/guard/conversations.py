@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 from ..conversation import Conversation
 from .spelling import normalize_spelling
 
-__all__ = ["CONTEXT", "ConversationVerdict", "combine_parts", "conversation_parts", "judge_groups", "score_reads",
+__all__ = ["CONTEXT", "MAX_PIECES", "ConversationVerdict", "combine_parts", "conversation_parts", "judge_groups", "score_reads",
            "text_parts"]
 
 CONTEXT = "conversation"
@@ -55,16 +55,25 @@ class ConversationVerdict:
     parts: tuple[dict[str, Any], ...] = field(default=(), repr=False)
 
 
+MAX_PIECES = 8
+"""Most pieces a text that types control tokens is read in: pieces after the 7th are read
+together as the 8th (the control-token strings between them kept as text), so typing ``<|im_end|>``
+a thousand times costs eight reads, not a thousand."""
+
+
 def text_parts(label: str, text: str, split_at: re.Pattern[str] | None = None) -> list[tuple[str, str]]:
     """``[(label, text)]``, plus one read per piece when ``text`` holds control-token strings,
     typed plainly or spelled with look-alike letters, invisible characters or leetspeak
-    (:func:`~pyvene_harm.guard.spelling.normalize_spelling`)."""
+    (:func:`~pyvene_harm.guard.spelling.normalize_spelling`); at most :data:`MAX_PIECES` pieces."""
     parts = [(label, text)]
     if split_at is not None:
         plain = normalize_spelling(text)  # the same text when nothing is disguised
         if split_at.search(plain):
-            pieces = [p for p in split_at.split(plain) if p.strip()]
-            parts += [(f"{label} piece {k}", p) for k, p in enumerate(pieces)]
+            cuts = [0, *(x for m in split_at.finditer(plain) for x in (m.start(), m.end())), len(plain)]
+            spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if plain[a:b].strip()]
+            if len(spans) > MAX_PIECES:
+                spans = spans[:MAX_PIECES - 1] + [(spans[MAX_PIECES - 1][0], spans[-1][1])]
+            parts += [(f"{label} piece {k}", plain[a:b]) for k, (a, b) in enumerate(spans)]
     return parts
 
 

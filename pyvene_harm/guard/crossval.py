@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..collect import check_reads
+from ..collect import check_reads, collect_token_states, fixed_reads, scan_width
 from ..surface import (
     ALL_EDITS,
     SHIFT_EDITS,
@@ -32,6 +32,7 @@ from ..surface import (
     surface_change_rate,
     surface_variants,
 )
+from ..windows import max_window_scores, top_windows, window_means
 from .designs import DESIGNS, GuardDesign, middle_states, parse_design
 from .features import iter_prompt_states
 from .metrics import AGAINST_KEYS, against_other_class, binary_metrics, pooled_metrics
@@ -106,10 +107,14 @@ class SourceStates:
     reads: tuple[str, ...]
     states: tuple[int, ...]
     texts: list[str] = field(default_factory=list)
+    tokens: list[np.ndarray] | None = None
+    """Per row, ``[T, len(states), d]`` float16 states at each of its instruction tokens (what a
+    ``scan:K`` design scores every window of); None when no design needs them."""
 
     def select(self, reads: Sequence[str], layers: Sequence[int], rows: Sequence[int]) -> np.ndarray:
-        """``[len(rows), len(reads) * len(layers), d]`` float64, read-major (a guard's layout)."""
-        r = [self.reads.index(x) for x in reads]
+        """``[len(rows), len(reads) * len(layers), d]`` float64, read-major (a guard's layout);
+        a ``scan:K`` read is its last window here (``last:K``)."""
+        r = [self.reads.index(x) for x in fixed_reads(reads)]
         s = [self.states.index(x) for x in layers]
         sub = self.x[np.asarray(rows, dtype=int)][:, r][:, :, s]
         return sub.reshape(len(rows), len(r) * len(s), -1).astype(np.float64)
@@ -117,11 +122,19 @@ class SourceStates:
     def original_rows(self) -> list[int]:
         return [i for i, (_, e) in enumerate(self.rows) if e is None]
 
+    def token_states(self, row: int, layers: Sequence[int]) -> np.ndarray:
+        """``[T, len(layers), d]`` float32 states at the instruction tokens of ``row``."""
+        if self.tokens is None:
+            raise ValueError(f"source {self.source.name!r} was collected without its token states: a scan design "
+                             "needs them (collect_source_states(..., tokens=True))")
+        return self.tokens[row][:, [self.states.index(x) for x in layers]].astype(np.float32)
+
 
 def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, reads: Sequence[str],
                           states: Sequence[int], edits: Sequence[str] = ALL_EDITS,
                           n_variants: int | None = None, batch_size: int = 16,
-                          progress: bool | str = False, states_cache: Any = None) -> SourceStates:
+                          progress: bool | str = False, states_cache: Any = None,
+                          tokens: bool = False) -> SourceStates:
     """States of a source's prompts and of the surface variants (and shifts, see
     :data:`~pyvene_harm.surface.ALL_EDITS`) of its first ``n_variants`` prompts (all by
     default), one early-exit prefill each, stored as float16.
@@ -129,9 +142,11 @@ def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, r
     Variants identical to their prompt are not run again. With a
     :class:`~pyvene_harm.guard.states_cache.StatesCache`, prompts it holds for the same model,
     rendering, reads and states cost no forward pass, and the ones computed are kept there, so a
-    ``guard fit`` of a design with the same reads and states reuses them.
+    ``guard fit`` of a design with the same reads and states reuses them. With ``tokens`` the
+    states at every instruction token are kept too (float16; for ``scan:K`` designs), from the
+    same forward pass (the cache is then not used).
     """
-    reads, states = tuple(check_reads(reads)), tuple(sorted(set(states)))
+    reads, states = tuple(fixed_reads(check_reads(reads))), tuple(sorted(set(states)))
     rows: list[tuple[int, str | None]] = [(i, None) for i in range(len(source.prompts))]
     texts = list(source.prompts)
     limit = len(source.prompts) if n_variants is None else min(n_variants, len(source.prompts))
@@ -140,6 +155,17 @@ def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, r
             if text != source.prompts[i]:
                 rows.append((i, edit))
                 texts.append(text)
+    if tokens:
+        x, kept = None, [None] * len(texts)
+        for idx, by_read, toks in collect_token_states(model, formatter, texts, states=states, positions=reads,
+                                                       batch_size=batch_size, progress=progress):
+            batch = torch.stack([by_read[r] for r in reads], dim=1)  # [b, R, S, d]
+            if x is None:
+                x = np.empty((len(texts), *batch.shape[1:]), np.float16)
+            x[idx] = batch.to(torch.float16).numpy()
+            for j, t in zip(idx, toks):
+                kept[j] = t.to(torch.float16).numpy()
+        return SourceStates(source=source, x=x, rows=rows, reads=reads, states=states, texts=texts, tokens=kept)
     if states_cache is not None:
         got = states_cache.collect(model, formatter, texts, states, reads, batch_size=batch_size, progress=progress)
         x = got.reshape(len(texts), len(reads), len(states), -1).to(torch.float16).numpy()
@@ -254,6 +280,13 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
     x, y, g = _training(blocks, held, design, layers, held_texts)
     w = _weights(y, g) if design.balance_sources else None
     guard = design.estimator(layers).fit(x, y, groups=g, sample_weight=w)
+    width = _scan(design)
+    if width is not None and design.scan_negatives:
+        wx, wg = _window_negatives(blocks, held, design, layers, held_texts, guard, width)
+        if len(wx):
+            x, y, g = np.concatenate([x, wx]), np.concatenate([y, np.zeros(len(wx), int)]), np.concatenate([g, wg])
+            w = _weights(y, g) if design.balance_sources else None
+            guard = design.estimator(layers).fit(x, y, groups=g, sample_weight=w)
     origin = blocks[held].source.origin if held is not None else None
     pools = [b for n, b in blocks.items() if not b.source.evaluate and b.source.label == 0
              and b.source.origin != origin and (design.train_on is None or n in design.train_on)]
@@ -262,7 +295,11 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
         names = np.asarray([b.source.name for b in pools for _ in b.original_rows()])
         texts = [b.source.prompts[b.rows[i][0]] for b in pools for i in b.original_rows()]
         keep = np.flatnonzero(~overlapping(texts, held_texts))
-        scores = guard.decision_function(_take(cand, keep))
+        if width is not None:  # a pool prompt's score is its highest window's
+            where = [(b, i) for b in pools for i in b.original_rows()]
+            scores = _scan_decisions(guard, [where[k] for k in keep], width)
+        else:
+            scores = guard.decision_function(_take(cand, keep))
         top = keep[np.argsort(-scores, kind="stable")[:design.mine_negatives]]
         x = _concat([x, _take(cand, top)])
         y = np.concatenate([y, np.zeros(len(top), int)])
@@ -270,6 +307,40 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
         w = _weights(y, g) if design.balance_sources else None
         guard = design.estimator(layers).fit(x, y, groups=g, sample_weight=w)
     return guard
+
+
+def _scan(design: GuardDesign) -> int | None:
+    return None if design.is_control else scan_width(design.reads[0])
+
+
+def _window_negatives(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign, layers: Sequence[int],
+                      held_texts: Sequence[str], guard: Any, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``design.scan_negatives`` highest-scoring windows (last one aside) of every harmless
+    training row, as :meth:`LatentGuard.fit` adds them for a ``scan:K`` read."""
+    origin = blocks[held].source.origin if held is not None else None
+    xs, gs = [], []
+    for name, b in blocks.items():
+        if (b.source.label != 0 or b.source.origin == origin or not b.source.evaluate or not b.source.train
+                or (design.train_on is not None and name not in design.train_on)):
+            continue
+        drop = overlapping(b.source.prompts, held_texts)
+        for i, (p, e) in enumerate(b.rows):
+            if drop[p] or not (e is None or (design.augment and e in SURFACE_EDITS)):
+                continue
+            means = window_means(b.token_states(i, layers), width)
+            for k in top_windows(guard.readout_.score(means), design.scan_negatives):
+                xs.append(means[k])
+                gs.append(name)
+    if not xs:
+        return np.zeros((0, len(layers), 0)), np.zeros(0, dtype=object)
+    return np.stack(xs), np.asarray(gs)
+
+
+def _scan_decisions(guard: Any, where: Sequence[tuple[SourceStates, int]], width: int) -> np.ndarray:
+    """``[n]`` each (block, row)'s highest window score minus the guard's threshold."""
+    v, offset = guard.readout_.projection()
+    proj = [np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v) for b, i in where]
+    return max_window_scores(proj, width, offset)[0] - guard.threshold_
 
 
 def _take(x: Any, idx: Sequence[int]) -> Any:
@@ -303,6 +374,9 @@ def _score_held_out(blocks: dict[str, SourceStates], design: GuardDesign, held: 
     if design.is_control:
         decision = guard.decision_function(_features(b, design, (), all_rows))
         fit_C = guard.C_
+    elif _scan(design) is not None:
+        decision = _scan_decisions(guard, [(b, i) for i in all_rows], _scan(design))
+        fit_C = guard.readout_.C
     else:
         decision = guard.decision_function(b.select(design.reads, guard.states_, all_rows))
         fit_C = None if guard.readout_ is None else guard.readout_.C

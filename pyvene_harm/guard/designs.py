@@ -40,6 +40,8 @@ class GuardDesign:
             pools that the guard scores most harmful (its own false positives) and refit.
         balance_sources: weight prompts so that every source has the same say within its class.
         Cs: the grid ``C`` is chosen from: ``"default"`` (1e-3..10) or ``"wide"`` (1e-5..10).
+        scan_negatives: for a ``scan:K`` read, the highest-scoring windows of each harmless
+            training prompt added as harmless rows before the final fit (see :class:`LatentGuard`).
     """
 
     name: str
@@ -53,6 +55,7 @@ class GuardDesign:
     mine_negatives: int = 0
     balance_sources: bool = False
     Cs: str = "default"
+    scan_negatives: int = 2
 
     @property
     def is_control(self) -> bool:
@@ -70,6 +73,11 @@ class GuardDesign:
             raise ValueError(f"design {self.name!r}: Cs must be default or wide, got {self.Cs!r}")
         if self.mine_negatives < 0:
             raise ValueError(f"design {self.name!r}: mine_negatives must be >= 0")
+        if self.scan_negatives < 0:
+            raise ValueError(f"design {self.name!r}: scan_negatives must be >= 0")
+        if not self.is_control and any(r.startswith("scan:") for r in self.reads):
+            if len(self.reads) > 1 or self.method != "linear":
+                raise ValueError(f"design {self.name!r}: a scan read stands alone with method=linear")
 
     def estimator(self, layers: Sequence[int]) -> Any:
         """An unfitted :class:`LatentGuard` for precomputed states of ``layers`` (a
@@ -80,7 +88,7 @@ class GuardDesign:
         if self.is_control:
             return TextControl(self.method, C=self.C)
         return LatentGuard(method=self.method, reads=self.reads, layers=list(layers), C=self.C, rank=self.rank,
-                           Cs=WIDE_CS if self.Cs == "wide" else None)
+                           Cs=WIDE_CS if self.Cs == "wide" else None, scan_negatives=self.scan_negatives)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,6 +106,9 @@ DESIGNS: dict[str, str] = {
     "linear-mean-aug": "method=linear,reads=mean_inst,layers=middle,augment=1",
     "linear-last16-aug": "method=linear,reads=last:16,layers=middle,augment=1",
     "linear-last16-mined": "method=linear,reads=last:16,layers=middle,augment=1,mine_negatives=150",
+    "linear-scan16-mined": "method=linear,reads=scan:16,layers=middle,augment=1,mine_negatives=150",
+    "linear-scan8-mined": "method=linear,reads=scan:8,layers=middle,augment=1,mine_negatives=150",
+    "linear-scan4-mined": "method=linear,reads=scan:4,layers=middle,augment=1,mine_negatives=150",
     "linear-post1-aug": "method=linear,reads=post:1,layers=middle,augment=1",
     "linear-mean-tpost-aug": "method=linear,reads=mean_inst+t_post_inst,layers=middle,augment=1",
     "ngram": "method=ngram,augment=1",
@@ -110,8 +121,10 @@ at a time: where the states are read (the mean over the instruction's tokens, it
 tokens, the first post-instruction token, t_post_inst beside the mean), a logistic read-out over
 the middle states instead of centroids, and fitting on surface variants (``-aug``). ``ngram``
 and ``length`` are the text-only controls, fitted on the same rows as the ``-aug`` designs.
-``linear-last16-mined`` (the shipped guard's design) adds 150 hard negatives mined from the
-harmless pools (``--pool``) and refits.
+``linear-last16-mined`` adds 150 hard negatives mined from the harmless pools (``--pool``) and
+refits; the ``linear-scanK-mined`` designs read the same way at every window of K tokens along
+the instruction and take the highest (:mod:`~pyvene_harm.windows`): text appended after a
+request cannot dilute them.
 """
 
 
@@ -132,7 +145,7 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
     """A design from a preset name (:data:`DESIGNS`), or ``name:key=value,key=value`` (keys:
     method, reads (``+`` between reads), layers (``8-16``, ``8+12+16``, ``middle`` or ``all``),
     augment, C, Cs (``default`` or ``wide``), rank, train_on (``+`` between source names),
-    mine_negatives, balance_sources).
+    mine_negatives, balance_sources, scan_negatives).
 
     Example:
         >>> parse_design("mine:method=linear,reads=mean_inst+t_post_inst,layers=8-16,augment=1").reads
@@ -166,7 +179,7 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
             kwargs[key] = None if value.lower() in ("auto", "cv", "none") else float(value)
         elif key == "Cs":
             kwargs[key] = value
-        elif key in ("mine_negatives", "rank"):
+        elif key in ("mine_negatives", "rank", "scan_negatives"):
             kwargs[key] = None if value.lower() in ("all", "none") else int(value)
         else:
             raise ValueError(f"design {text!r}: unknown key {key!r}")

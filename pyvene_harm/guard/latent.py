@@ -27,11 +27,12 @@ from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d
 
-from ..collect import check_reads
+from ..collect import check_reads, collect_token_states, fixed_reads, scan_width
 from ..conversation import as_conversation
 from ..directions import model_provenance
 from ..literal_text import control_token_pattern
 from ..positions import ChatFormatter
+from ..windows import max_window_scores, top_windows, window_means
 from . import artifact
 from .conversations import ConversationVerdict, conversation_parts, judge_groups
 from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
@@ -151,6 +152,11 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             tokenizer's own; saved with the guard.
         progress: rich progress bars while collecting states (None: when stderr is a terminal).
         n_states: how many columns a flattened 2-D training array holds (precomputed mode).
+        scan_negatives: with a ``scan:K`` read, the windows of each harmless training prompt
+            that score highest under a first fit (its last window aside, which is its ordinary
+            row), added as harmless rows before the final fit: the maximum over windows must not
+            fire on a harmless prompt's opening words ("How do I kill" of "How do I kill a Python
+            process?").
         normalize_spelling: read every prompt (and every message of a conversation) with its
             spelling made plain first: invisible characters dropped, look-alike letters,
             full-width letters and leetspeak written as letters
@@ -175,7 +181,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                  augment: bool = False, Cs: Sequence[float] | None = None,
                  batch_size: int = 16, formatter: ChatFormatter | None = None,
                  system_prompt: str | None = None, template: str | None = None, progress: bool | None = None,
-                 n_states: int | None = None, normalize_spelling: bool = False) -> None:
+                 n_states: int | None = None, normalize_spelling: bool = False, scan_negatives: int = 2) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.method = method
@@ -193,6 +199,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         self.progress = progress
         self.n_states = n_states
         self.normalize_spelling = normalize_spelling
+        self.scan_negatives = scan_negatives
 
     # --- fitting -----------------------------------------------------------------------
 
@@ -248,7 +255,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             metadata, fitted_on = fit_provenance(model, fmt, prompts, positive), "prompts"
             x = None
             if self.method == "linear" or categories is not None or states_cache is not None:
-                x = self._collect(model, fmt, prompts, states, reads, "fitting guard", states_cache)
+                x = self._collect(model, fmt, prompts, states, fixed_reads(reads), "fitting guard", states_cache)
         weights = None
         if sample_weight is not None:
             weights = _check_sample_weight(np.asarray(sample_weight, dtype=np.float64), np.empty((len(positive), 0)),
@@ -257,15 +264,27 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             batches = [(list(range(len(x))), x)]
         else:  # the paper's centroids: stream sums, one batch of states alive at a time
             batches = iter_prompt_states(model, fmt, prompts, states, batch_size=self.batch_size,
-                                         progress=self.progress and "fitting guard", reads=reads)
+                                         progress=self.progress and "fitting guard", reads=fixed_reads(reads))
         sums, totals, counts = class_sums(batches, positive, categories, weights)
         mean = {k: (sums[k] / totals[k]).numpy().astype(np.float32) for k in sums}
         self.centroids_ = {k: mean[k] for k in ("harmful", "harmless")}
         readout = None
         if self.method == "linear":
-            readout = LinearReadout.fit(x.numpy(), positive, C=self.C, Cs=tuple(self.Cs or DEFAULT_CS), sample_weight=weights,
-                                        rank=self.rank,
-                                        groups=None if groups is None else np.asarray(groups, dtype=object).astype(str))
+            fit_x, fit_y = x.numpy(), positive
+            fit_g = None if groups is None else np.asarray(groups, dtype=object).astype(str)
+            readout = LinearReadout.fit(fit_x, fit_y, C=self.C, Cs=tuple(self.Cs or DEFAULT_CS), sample_weight=weights,
+                                        rank=self.rank, groups=fit_g)
+            width = scan_width(reads[0])
+            if width is not None and prompts is not None and self.scan_negatives:
+                rows, of = self._window_negatives(model, fmt, prompts, positive, states, reads, readout, width)
+                if len(rows):
+                    fit_x = np.concatenate([fit_x, rows])
+                    fit_y = np.concatenate([fit_y, np.zeros(len(rows), bool)])
+                    fit_g = None if fit_g is None else np.concatenate([fit_g, fit_g[of]])
+                    w = None if weights is None else np.concatenate([weights, weights[of]])
+                    readout = LinearReadout.fit(fit_x, fit_y, C=self.C, Cs=tuple(self.Cs or DEFAULT_CS),
+                                                sample_weight=w, rank=self.rank, groups=fit_g)
+                    readout.cv = {**(readout.cv or {}), "window_negatives": int(len(rows))}
         names = sorted(k for k in mean if k.startswith("category:"))
         artifact.set_fitted(self, states=states, reads=reads, classes=classes, n_train=counts, metadata=metadata,
                             fitted_on=fitted_on, categories=[k[len("category:"):] for k in names],
@@ -288,7 +307,43 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             raise ValueError(f"Cs must be positive, finite strengths to choose C from, got {self.Cs!r}")
         if self.C is not None and not (isinstance(self.C, (int, float)) and float(self.C) > 0):
             raise ValueError(f"C must be a positive number or None (chosen by cross-validation), got {self.C!r}")
-        return check_reads(self.reads)
+        if not isinstance(self.scan_negatives, int) or isinstance(self.scan_negatives, bool) or self.scan_negatives < 0:
+            raise ValueError(f"scan_negatives must be an int >= 0, got {self.scan_negatives!r}")
+        reads = check_reads(self.reads)
+        if any(scan_width(r) is not None for r in reads):
+            if len(reads) > 1:
+                raise ValueError(f"a scan read takes the maximum over windows and stands alone: use reads=[{reads[0]!r}] "
+                                 f"(not {reads})")
+            if self.method != "linear":
+                raise ValueError(f"read {reads[0]!r} scores every window with a linear read-out: use method='linear'")
+        return reads
+
+    def _window_negatives(self, model: Any, fmt: ChatFormatter, prompts: Sequence[Any], positive: np.ndarray,
+                          states: Sequence[int], reads: Sequence[str], readout: LinearReadout,
+                          width: int) -> tuple[np.ndarray, np.ndarray]:
+        """States ``[m, S, d]`` of the ``scan_negatives`` highest-scoring windows of every
+        harmless prompt under ``readout`` (its last window aside), and the prompt each came from."""
+        harmless = np.flatnonzero(~np.asarray(positive))
+        rows, of = [], []
+        if not len(harmless):
+            return np.zeros((0, len(states), self.centroids_["harmless"].shape[-1])), np.zeros(0, int)
+        for idx, _, tokens in collect_token_states(model, fmt, [prompts[i] for i in harmless], states=states,
+                                                   positions=fixed_reads(reads), batch_size=self.batch_size,
+                                                   progress=self.progress and "harmless windows"):
+            for j, t in zip(idx, tokens):
+                means = window_means(t, width)  # [T, S, d]
+                for w in top_windows(readout.score(means), self.scan_negatives):
+                    rows.append(means[w])
+                    of.append(harmless[j])
+        if not rows:
+            return np.zeros((0, len(states), self.centroids_["harmless"].shape[-1])), np.zeros(0, int)
+        return np.stack(rows), np.asarray(of, dtype=int)
+
+    @property
+    def scan_width_(self) -> int | None:
+        """K of the fitted guard's ``scan:K`` read (its verdict is the maximum over windows), else None."""
+        check_is_fitted(self, msg=_NOT_FITTED)
+        return scan_width(self.reads_[0])
 
     def _collect(self, model: Any, fmt: ChatFormatter, prompts: Sequence[str], states: Sequence[int],
                  reads: Sequence[str], what: str, states_cache: Any = None) -> torch.Tensor:
@@ -311,7 +366,8 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         check_is_fitted(self, msg=_NOT_FITTED)
         model, fmt = self._require_model()
         read = self._as_read(as_prompts(list(prompts)))
-        return self._collect(model, fmt, read, self.states_, self.reads_, "scoring prompts", states_cache).numpy()
+        return self._collect(model, fmt, read, self.states_, fixed_reads(self.reads_), "scoring prompts",
+                             states_cache).numpy()
 
     # --- inputs ------------------------------------------------------------------------
 
@@ -380,19 +436,36 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         out = np.empty((len(prompts), len(cols)))
         out_c = np.empty((len(prompts), len(cats), len(cols))) if cats is not None else None
         out_r = np.empty(len(prompts)) if readout else None
-        for idx, x in iter_prompt_states(model, fmt, prompts, need, batch_size=self.batch_size,
-                                         progress=self.progress and "scoring prompts", reads=self.reads_):
+        batches = (self._scan_batches(model, fmt, prompts) if readout and self.scan_width_ is not None else
+                   ((idx, x, None) for idx, x in iter_prompt_states(
+                       model, fmt, prompts, need, batch_size=self.batch_size,
+                       progress=self.progress and "scoring prompts", reads=fixed_reads(self.reads_))))
+        for idx, x, scanned in batches:
             if not readout:  # x holds exactly the columns of ``layers``: widen to the fitted layout
                 full = torch.zeros((len(idx), len(self.reads_) * len(self.states_), x.shape[-1]), dtype=x.dtype)
                 full[:, cols] = x
                 x = full
             g, gc, r = score(x)
+            if scanned is not None:
+                r = scanned  # the highest window's score, not the last window's
             out[idx] = g
             if out_c is not None:
                 out_c[idx] = gc
             if out_r is not None:
                 out_r[idx] = r
         return out, out_c, out_r
+
+    def _scan_batches(self, model: Any, fmt: ChatFormatter, prompts: Sequence[Any]):
+        """``(indices, [b, F, d] last-window states, [b] highest window score)`` per batch: one
+        pass that projects every instruction token on the read-out's weights."""
+        v, offset = self.readout_.projection()  # [S, d]
+        project = torch.from_numpy(np.ascontiguousarray(v.T)).float()
+        for idx, by_read, proj in collect_token_states(model, fmt, prompts, states=self.states_,
+                                                       positions=fixed_reads(self.reads_), project=project,
+                                                       batch_size=self.batch_size,
+                                                       progress=self.progress and "scoring prompts"):
+            x = torch.cat([by_read[r] for r in fixed_reads(self.reads_)], dim=1).to("cpu", torch.float64)
+            yield idx, x, max_window_scores(proj, self.scan_width_, offset)[0]
 
     def _decision_scores(self, X: Any, *, categories: bool = False):
         """Per-column gaps, per-category gaps and the score the threshold cuts, in one pass."""

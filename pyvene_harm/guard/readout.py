@@ -114,6 +114,13 @@ class LinearReadout:
         z = (x - self.mean) / self.scale
         return np.einsum("nfd,fd->n", z, self.coef) + self.intercept
 
+    def projection(self) -> tuple[np.ndarray, float]:
+        """``(v, offset)`` with ``score(x) = sum(v * x) + offset``: the read-out as one weight per
+        state coordinate (``[F, d]``) and a constant, so that a mean of states scores as the mean
+        of their scores (what scoring every window along a prompt relies on)."""
+        v = self.coef / self.scale
+        return v, float(self.intercept - np.sum(self.mean * v))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"readout.mean": torch.from_numpy(np.ascontiguousarray(self.mean, dtype=np.float32)),
                 "readout.scale": torch.from_numpy(np.ascontiguousarray(self.scale, dtype=np.float32)),

@@ -126,7 +126,10 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
         if unknown:
             raise click.BadParameter(f"design {d.name!r} trains on unknown sources {unknown}", param_hint="--design")
         _check_folds_for_c(d, [s for s in evaluated if s.train])
-    reads = sorted({r for d in chosen if not d.is_control for r in d.reads})
+    from ..collect import fixed_reads, scan_width
+
+    reads = sorted({r for d in chosen if not d.is_control for r in fixed_reads(d.reads)})
+    tokens = any(not d.is_control and scan_width(d.reads[0]) is not None for d in chosen)
     layers = sorted({x for d in chosen if not d.is_control for x in (d.layers or range(n_states or 0))}) or None
     if layers is None:
         raise click.UsageError(f"the layer count of {mopts.model} cannot be read from its config: give every "
@@ -141,7 +144,7 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
 
     cache = None if states_cache is None else StatesCache(states_cache)
     blocks = {s.name: _states_unit(run, lazy, s, reads, layers, variants if s.evaluate and s.train else 0,
-                                   mopts.batch_size, cache)
+                                   mopts.batch_size, cache, tokens=tokens)
               for s in sources}
     refusals = {s.name: _refusal_unit(run, lazy, s, max_new_tokens, mopts.batch_size)
                 for s in evaluated} if baseline else {}
@@ -216,8 +219,11 @@ def _load_wraps(values: tuple[str, ...], limit: int, seed: int) -> list[tuple[st
 
 
 def _states_unit(run: RunDir, lazy: Lazy, source, reads: list[str], layers: list[int], n_variants: int,
-                 batch_size: int, cache: Any = None):
-    """The source's states (and its variants'), computed once and stored as safetensors."""
+                 batch_size: int, cache: Any = None, *, tokens: bool = False):
+    """The source's states (and its variants'), computed once and stored as safetensors; with
+    ``tokens`` (a scan design is compared) also every row's instruction-token states, in their
+    own unit (``tokens_NAME``: all token rows end to end, and where each row's begin)."""
+    import numpy as np
     import torch
 
     from ..guard.crossval import SourceStates, collect_source_states
@@ -226,17 +232,26 @@ def _states_unit(run: RunDir, lazy: Lazy, source, reads: list[str], layers: list
     def compute() -> dict[str, torch.Tensor]:
         loaded, fmt = lazy()
         b = collect_source_states(loaded.model, fmt, source, reads=reads, states=layers, n_variants=n_variants,
-                                  batch_size=batch_size, progress=f"states of {source.name}", states_cache=cache)
-        return {"x": torch.from_numpy(b.x),
-                "prompt": torch.tensor([p for p, _ in b.rows], dtype=torch.int64),
-                "edit": torch.tensor([-1 if e is None else ALL_EDITS.index(e) for _, e in b.rows],
-                                     dtype=torch.int64)}
+                                  batch_size=batch_size, progress=f"states of {source.name}", states_cache=cache,
+                                  tokens=tokens)
+        out = {"x": torch.from_numpy(b.x),
+               "prompt": torch.tensor([p for p, _ in b.rows], dtype=torch.int64),
+               "edit": torch.tensor([-1 if e is None else ALL_EDITS.index(e) for _, e in b.rows],
+                                    dtype=torch.int64)}
+        if tokens:
+            out["tokens"] = torch.from_numpy(np.concatenate(b.tokens))
+            out["offsets"] = torch.tensor(np.cumsum([0, *(len(t) for t in b.tokens)]), dtype=torch.int64)
+        return out
 
-    t = run.tensor_unit(f"states_{source.name}", compute)
+    t = run.tensor_unit(f"{'tokens' if tokens else 'states'}_{source.name}", compute)
     rows = [(int(p), None if e < 0 else ALL_EDITS[e]) for p, e in zip(t["prompt"].tolist(), t["edit"].tolist())]
     texts = [source.prompts[p] if e is None else surface_variants(source.prompts[p], [e])[e] for p, e in rows]
+    kept = None
+    if tokens:
+        flat, at = t["tokens"].numpy(), t["offsets"].tolist()
+        kept = [flat[at[i]:at[i + 1]] for i in range(len(rows))]
     return SourceStates(source=source, x=t["x"].numpy(), rows=rows, reads=tuple(reads), states=tuple(layers),
-                        texts=texts)
+                        texts=texts, tokens=kept)
 
 
 def _refusal_unit(run: RunDir, lazy: Lazy, source, max_new_tokens: int, batch_size: int) -> dict:

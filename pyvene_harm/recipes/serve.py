@@ -40,7 +40,11 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
 @click.option("--served-model-name", default=None,
               help="The model name clients send and GET /v1/models lists. Default: the model's id.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Most prompts scored together; concurrent requests are batched up to this many.")
+              help="Most reads (inputs, messages, pieces) scored together; concurrent requests are batched up to "
+                   "this many.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="Most tokens in one scoring batch: a larger request is scored over several batches, and one "
+                   "that arrives meanwhile joins the next, so no request holds the model for longer than a batch.")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Longest wait for more requests once the first of a batch has arrived. Where a batch takes "
                    "seconds (a CPU), a longer wait gathers more of a burst; pair it with --max-gap-ms.")
@@ -52,7 +56,8 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
 @click.option("--max-inputs", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most strings in one moderation request.")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Most tokens in one input or user message.")
+              help="Most tokens in one input or conversation, counted with the pieces a text that types control "
+                   "tokens is also read in.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Longest chat reply a request may ask for (and the default length).")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
@@ -66,7 +71,7 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
               help="Longest a client may take to send a request's headers, and again its body (408 after): slow "
                    "clients cannot hold connections.")
 @click.option("--limit-concurrency", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Most connections and tasks at once; more are answered 503 by uvicorn.")
+              help="Most connections and tasks at once; more are answered 503 (OpenAI's error shape).")
 @click.option("--keep-alive-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds an idle kept-alive connection stays open.")
 @click.option("--graceful-shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
@@ -77,7 +82,8 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
                    "formed under its own system prompt.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (one line per request at info).")
-def serve(guard_path, model_args, directions_path, host, port, api_key, served_model_name, max_batch, max_wait_ms,
+def serve(guard_path, model_args, directions_path, host, port, api_key, served_model_name, max_batch, max_batch_tokens,
+          max_wait_ms,
           max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message,
           request_timeout, read_timeout, limit_concurrency, keep_alive_timeout, graceful_shutdown_timeout,
           steer_any_system_prompt, log_level):
@@ -99,7 +105,7 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
     except ImportError as err:
         raise click.UsageError(f"{err}: pip install 'pyvene-harm[serve]'") from None
     try:
-        limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_gap_ms=max_gap_ms, max_queue=max_queue,
+        limits = Limits(max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_gap_ms=max_gap_ms, max_queue=max_queue,
                         max_inputs=max_inputs,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, read_timeout_s=read_timeout)

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..conversation import Conversation
+from ..guard.conversations import CONTEXT
 from ..guard.guarded import DEFAULT_REFUSAL
 from ..literal_text import control_token_pattern
 from .errors import ApiError, error_body, internal_error
@@ -77,6 +77,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
     limits = limits or Limits()
     bound = copy.copy(guard).set_params(model=model, tokenizer=tokenizer, progress=False)
     worker = GuardWorker(bound, model, tokenizer, steering=steering, max_batch=limits.max_batch,
+                         max_batch_tokens=limits.max_batch_tokens,
                          max_wait_ms=limits.max_wait_ms, max_gap_ms=limits.max_gap_ms, max_queue=limits.max_queue,
                          refusal_message=refusal_message, scoring_batches_per_reply=limits.scoring_batches_per_reply,
                          steer_any_system_prompt=steer_any_system_prompt)
@@ -121,33 +122,45 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
             raise ApiError(404, f"the model {name!r} does not exist here: this server serves {model_name!r} "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
 
-    def too_long(n: int, where: str) -> ApiError:
-        return ApiError(400, f"{where} is {n} tokens long, over this server's limit of {limits.max_prompt_tokens} "
-                             "(--max-prompt-tokens): shorten it", param=where, code="context_length_exceeded")
+    def too_long(n: int, where: str, pieces: int = 0) -> ApiError:
+        counted = (f" counted with the {pieces} pieces it is also read in (it types control tokens)"
+                   if pieces else "")
+        return ApiError(400, f"{where} is {n} tokens long{counted}, over this server's limit of "
+                             f"{limits.max_prompt_tokens} (--max-prompt-tokens): shorten it", param=where,
+                        code="context_length_exceeded")
 
-    def prepare(prompts: list[Any], texts: list[str], param: str) -> list[int]:
-        """Render and tokenise ``prompts`` as the worker will, so that whatever the model cannot
-        take (a template that refuses a conversation, a prompt over the model's context) is the
-        client's 400 here, never the worker's 500; the token count of each text (as plain text:
-        typed control tokens are text)."""
+    def prepare(job: Job, param: str) -> list[list[int]]:
+        """Render and tokenise every read of ``job`` as the worker will, so that whatever the
+        model cannot take (a template that refuses a conversation, a prompt over the model's
+        context) is the client's 400 here, never the worker's 500. Sets ``job.read_tokens`` (the
+        worker's batch budget counts them) and returns, per group, the token count of each text
+        read (as plain text: typed control tokens are text; the conversation read, which is its
+        messages again, left out)."""
+        texts = [[p for label, p in group if label != CONTEXT] for group in job.groups]
         try:
             with checking:
-                checker.tokenize(prompts)
-                ids = counter(texts, add_special_tokens=False, return_attention_mask=False,
+                job.read_tokens = [len(e.ids) for e in checker.tokenize(job.prompts)]
+                flat = [t for group in texts for t in group]
+                ids = counter(flat, add_special_tokens=False, return_attention_mask=False,
                               split_special_tokens=True)["input_ids"]
         except ValueError as err:
             raise ApiError(400, str(err).splitlines()[0], param=param) from None
-        return [len(row) for row in ids]
+        out, at = [], 0
+        for group in texts:
+            out.append([len(row) for row in ids[at:at + len(group)]])
+            at += len(group)
+        return out
 
-    def check_inputs(texts: list[str]) -> None:
-        for i, n in enumerate(prepare(texts, texts, "input")):
-            if n > limits.max_prompt_tokens:
-                raise too_long(n, "input" if len(texts) == 1 else f"input[{i}]")
+    def check_inputs(job: ScoreJob) -> None:
+        # a text that types control tokens is also read in pieces: they count, as the work they cost
+        for i, counts in enumerate(prepare(job, "input")):
+            if sum(counts) > limits.max_prompt_tokens:
+                raise too_long(sum(counts), "input" if len(job.groups) == 1 else f"input[{i}]", len(counts) - 1)
 
-    def check_conversation(conv: Conversation) -> None:
-        n = sum(prepare([conv], [text for _, text in conv.messages], "messages"))
-        if n > limits.max_prompt_tokens:
-            raise too_long(n, "messages")
+    def check_conversation(job: ChatJob) -> None:
+        (counts,) = prepare(job, "messages")
+        if sum(counts) > limits.max_prompt_tokens:
+            raise too_long(sum(counts), "messages", len(counts) - len(job.conversation.messages))
 
     def require_json(request: Request) -> None:
         # a browser page can POST text/plain cross-site without asking; it cannot POST JSON
@@ -211,8 +224,8 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         if len(prompts) > limits.max_inputs:
             raise ApiError(400, f"{len(prompts)} inputs in one request, over this server's limit of "
                                 f"{limits.max_inputs} (--max-inputs): split the request", param="input")
-        await asyncio.to_thread(check_inputs, prompts)
         job = ScoreJob(asyncio.get_running_loop(), prompts, split_at)
+        await asyncio.to_thread(check_inputs, job)
         worker.submit(job)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
@@ -230,9 +243,11 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         check_model(req.model)
         conv = req.conversation()
         max_new = req.new_tokens(limits.max_new_tokens)
-        await asyncio.to_thread(check_conversation, conv)
         job = ChatJob(asyncio.get_running_loop(), conversation=conv, max_new_tokens=max_new, stream=req.stream,
-                      temperature=req.temperature, top_p=req.top_p, seed=req.seed, split_at=split_at)
+                      temperature=req.temperature, top_p=req.top_p, seed=req.seed, split_at=split_at,
+                      stop=req.stop_strings(), frequency_penalty=req.frequency_penalty or 0.0,
+                      presence_penalty=req.presence_penalty or 0.0)
+        await asyncio.to_thread(check_conversation, job)
         worker.submit(job)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         handed_over = False

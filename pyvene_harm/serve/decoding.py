@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from ..conversation import Conversation
 from ..generation import generate_ids, greedy_config
@@ -40,15 +45,22 @@ class Reply:
 
 
 class _Relay(StoppingCriteria):
-    """Called after each new token: forward the new text; stop when ``should_stop()``."""
+    """Called after each new token: forward the new text; stop when ``should_stop()`` or when the
+    text holds one of the ``stop`` strings (OpenAI's ``stop``: the reply ends before it)."""
 
     def __init__(self, tokenizer: Any, prompt_len: int, on_text: Callable[[str], None] | None,
-                 should_stop: Callable[[], bool] | None) -> None:
+                 should_stop: Callable[[], bool] | None, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
         self.on_text, self.should_stop = on_text, should_stop
+        self.stop = stop
+        # text that may be the start of a stop string is held back until it is not
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.stopped_at: int | None = None
         self.sent = ""
 
     def flush(self, text: str, *, final: bool = False) -> None:
+        if not final and self.hold:
+            text = text[:max(len(self.sent), len(text) - self.hold)]
         # a byte-level tokenizer can stop mid-character (shown as U+FFFD): wait for the rest
         if self.on_text is not None and len(text) > len(self.sent) and text.startswith(self.sent) \
                 and (final or not text.endswith("\ufffd")):
@@ -56,10 +68,32 @@ class _Relay(StoppingCriteria):
             self.sent = text
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.on_text is not None:
-            self.flush(self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True))
-        stop = bool(self.should_stop()) if self.should_stop is not None else False
+        done = False
+        if self.on_text is not None or self.stop:
+            text = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
+            hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped_at, done = min(hits), True
+                text = text[:self.stopped_at]
+            self.flush(text, final=done)
+        stop = done or (bool(self.should_stop()) if self.should_stop is not None else False)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _Penalties(LogitsProcessor):
+    """OpenAI's ``frequency_penalty`` and ``presence_penalty``: each token's logit lowers by the
+    first times the number of times it already appears in the reply, and by the second once it
+    appears at all (counted over the reply's tokens, as vLLM does, not the prompt's)."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float) -> None:
+        self.prompt_len, self.frequency, self.presence = prompt_len, frequency, presence
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        new = input_ids[:, self.prompt_len:]
+        if new.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, new, torch.ones_like(new, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 def generate_reply(
@@ -74,6 +108,9 @@ def generate_reply(
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    stop: tuple[str, ...] = (),
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> Reply:
     """Decode one reply to ``instruction`` (or to a whole conversation), greedily unless
     ``temperature > 0``.
@@ -86,6 +123,9 @@ def generate_reply(
         seed: seeds torch's generator before sampling, for repeatable samples.
         on_text: called with each new piece of text; the pieces add up to ``Reply.text``.
         should_stop: polled after each token; True ends decoding (``finish_reason="cancelled"``).
+        stop: strings that end the reply where they first appear (not included; ``"stop"``).
+        frequency_penalty, presence_penalty: OpenAI's penalties on tokens the reply already
+            holds (0 changes nothing, and nothing is applied then).
 
     Example:
         >>> generate_reply(model, ChatFormatter(tok), "Write a haiku", max_new_tokens=32,
@@ -100,11 +140,14 @@ def generate_reply(
         config.do_sample, config.temperature, config.top_p = True, float(temperature), float(top_p or 1.0)
         if seed is not None:
             torch.manual_seed(seed)
-    relay = _Relay(tokenizer, batch.seq_len, on_text, should_stop)
-    ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]))
+    relay = _Relay(tokenizer, batch.seq_len, on_text, should_stop, tuple(stop))
+    extra: dict[str, Any] = {}
+    if frequency_penalty or presence_penalty:
+        extra["logits_processor"] = LogitsProcessorList([_Penalties(batch.seq_len, frequency_penalty, presence_penalty)])
+    ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]), **extra)
     new = ids[0, batch.seq_len:].tolist()
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    if new and new[-1] in eos:
+    if relay.stopped_at is not None or (new and new[-1] in eos):
         reason = "stop"
     elif should_stop is not None and should_stop():
         reason = "cancelled"
@@ -113,6 +156,8 @@ def generate_reply(
     else:
         reason = "stop"
     text = tokenizer.decode(new, skip_special_tokens=True)
+    if relay.stopped_at is not None:
+        text = text[:relay.stopped_at]
     relay.flush(text, final=True)
     if on_text is not None and not text.startswith(relay.sent):  # decoding rewrote earlier text (rare)
         text = relay.sent

@@ -40,15 +40,30 @@ class Job:
     """
 
     groups: list[list[tuple[str, Any]]]
+    read_tokens: list[int] | None = None
+    """Tokens of each read as the worker renders it (set by the app when it checks the request):
+    what a scoring batch's token budget counts. None counts every read as one token."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._cancelled = threading.Event()
+        # the worker's bookkeeping: a job's reads may be scored over several batches
+        self.scored = 0
+        """Reads scored so far (in order)."""
+        self.batches = 0
+        """Scoring batches this job has had reads in."""
+        self.rows: list[dict[str, Any]] = []
+        """One row of the guard's report per read scored."""
 
     @property
     def prompts(self) -> list[Any]:
         """Every read of every group, in order."""
-        return [p for group in self.groups for _, p in group]
+        if getattr(self, "_prompts", None) is None:
+            self._prompts = [p for group in self.groups for _, p in group]
+        return self._prompts
+
+    def tokens_of(self, i: int) -> int:
+        return 1 if self.read_tokens is None else self.read_tokens[i]
 
     def cancel(self) -> None:
         """The client has gone: skip this job, or stop decoding its reply."""
@@ -96,12 +111,14 @@ class ChatJob(Job):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, conversation: Conversation, max_new_tokens: int,
                  stream: bool = False, temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None, split_at: re.Pattern[str] | None = None) -> None:
+                 seed: int | None = None, split_at: re.Pattern[str] | None = None, stop: tuple[str, ...] = (),
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> None:
         super().__init__(loop)
         self.groups = [conversation_parts(conversation, split_at)]
         self.conversation = conversation
         self.max_new_tokens, self.stream = max_new_tokens, stream
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.stop, self.frequency_penalty, self.presence_penalty = stop, frequency_penalty, presence_penalty
         self.events: asyncio.Queue = asyncio.Queue()
 
     def emit(self, kind: str, value: Any) -> None:

@@ -12,12 +12,15 @@ class Limits:
     """What one request may ask for, and how requests are batched.
 
     Args:
-        max_batch: most prompts scored together (one ``guard.report`` call).
+        max_batch: most reads (inputs, messages, pieces) scored together (one ``guard.report`` call).
+        max_batch_tokens: most tokens those reads hold together: bounds how long a batch, and
+            so the wait of any request behind it, takes whatever one request holds.
         max_wait_ms: longest wait for more requests once the first of a batch has arrived.
         max_gap_ms: stop waiting sooner when no request has come for this long (None: no gap rule).
         max_queue: most requests waiting or running; more get 429.
         max_inputs: most strings in one moderation request.
-        max_prompt_tokens: most tokens in one input or user message (system message included).
+        max_prompt_tokens: most tokens in one input or conversation (all its messages), counted
+            with the pieces it is also read in when it types control tokens.
         max_new_tokens: most tokens a chat reply may ask for (also the default).
         max_body_bytes: largest request body.
         request_timeout_s: longest a request may take, queueing and decoding included (504 after).
@@ -27,6 +30,7 @@ class Limits:
     """
 
     max_batch: int = 32
+    max_batch_tokens: int = 16384
     max_wait_ms: float = 10.0
     max_gap_ms: float | None = None
     max_queue: int = 1024
@@ -42,7 +46,7 @@ class Limits:
         for name in ("request_timeout_s", "read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be more than 0, got {getattr(self, name)}")
-        for name in ("max_batch", "max_queue", "max_inputs", "max_prompt_tokens", "max_new_tokens",
+        for name in ("max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_prompt_tokens", "max_new_tokens",
                      "max_body_bytes", "scoring_batches_per_reply"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

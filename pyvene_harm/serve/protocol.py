@@ -1,5 +1,6 @@
 """HTTP/1.1 with a deadline on request headers: a client that connects and trickles its headers
 one byte at a time (slowloris) gets 408 and is disconnected, rather than holding a connection.
+The concurrency limit is answered in OpenAI's error shape too (uvicorn's own 503 is plain text).
 
 uvicorn bounds the idle time between requests (``timeout_keep_alive``) but not the time a client
 takes to send a request's headers. :func:`header_deadline_protocol` subclasses uvicorn's h11
@@ -30,8 +31,33 @@ def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
     response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
+    busy = json.dumps(error_body("the server holds as many connections and requests as it takes "
+                                 "(--limit-concurrency): retry later", type="server_error",
+                                 code="server_busy")).encode()
+
     class HeaderDeadlineH11(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            # uvicorn answers an exceeded --limit-concurrency with a plain-text 503; every answer of
+            # this server is an OpenAI error object, so the limit is checked here instead, the same way
+            limit, self.limit_concurrency = self.limit_concurrency, None
+            if limit is not None:
+                app, protocol = self.app, self
+
+                async def limited(scope, receive, send):
+                    # as uvicorn counts: connections with this one, tasks before this request's own
+                    if scope["type"] == "http" and (len(protocol.connections) >= limit
+                                                    or len(protocol.tasks) > limit):
+                        await send({"type": "http.response.start", "status": 503, "headers": [
+                            (b"content-type", b"application/json"), (b"content-length", str(len(busy)).encode()),
+                            (b"connection", b"close")]})
+                        await send({"type": "http.response.body", "body": busy, "more_body": False})
+                        return
+                    await app(scope, receive, send)
+
+                self.app = limited
 
         def _arm(self) -> None:
             self._disarm()

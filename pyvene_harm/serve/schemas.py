@@ -36,6 +36,8 @@ MIN_TEMPERATURE = 0.01
 1e-300 overflows to infinity and sampling fails; 0.01 is already greedy in effect."""
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 """What ``torch.manual_seed`` accepts."""
+MAX_STOP = 4
+"""Most stop strings a request may give (OpenAI's limit)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,19 @@ class ChatRequest(_Strict):
     n: int | None = None
     seed: int | None = None
     user: str | None = None
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """``stop`` as OpenAI defines it: up to 4 strings the reply ends before."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > MAX_STOP:
+            raise ApiError(400, f"stop holds {len(stop)} strings: give at most {MAX_STOP}", param="stop")
+        for i, s in enumerate(stop):
+            if not s:
+                raise ApiError(400, f"stop[{i}] is empty: a stop string needs at least one character", param="stop")
+        return tuple(stop)
 
     def conversation(self) -> Conversation:
         """The messages as a :class:`~pyvene_harm.conversation.Conversation`, every sampling
@@ -144,6 +159,7 @@ class ChatRequest(_Strict):
                                 f"at least {MIN_TEMPERATURE}", param="temperature")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ApiError(400, "seed must fit in 64 bits", param="seed")
+        self.stop_strings()
         pairs = []
         for i, m in enumerate(self.messages):
             if m.role == "tool":

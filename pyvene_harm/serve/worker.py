@@ -1,13 +1,17 @@
-"""The one thread that runs the model: guard scoring in dynamic batches, then replies one at a time.
+"""The one thread that runs the model: guard scoring in bounded batches, then replies one at a time.
 
-Requests arrive on the event loop and become jobs on a queue. The worker takes the first job,
-keeps taking jobs until it holds ``max_batch`` prompts, ``max_wait_ms`` have passed since the
-first, or (with ``max_gap_ms``) no job has come for that long, and scores them all with one
-``guard.report`` call (which splits them into forward passes
-of ``guard.batch_size``). Moderation jobs are answered from that call. A chat job the guard
-calls harmful gets the refusal at once; one it lets through waits for its reply, decoded
-between scoring batches (scoring goes first, so moderation latency does not wait on replies being
-written). Nothing else touches the model, so two requests never run it at once.
+Requests arrive on the event loop and become jobs on a queue; each job is a list of reads (every
+input, message and piece the guard judges). The worker takes the first job, keeps taking jobs
+until they hold ``max_batch`` reads, ``max_wait_ms`` have passed since the first, or (with
+``max_gap_ms``) no job has come for that long, and scores one batch: at most ``max_batch`` reads
+and ``max_batch_tokens`` tokens, in one ``guard.report`` call (which splits it into forward passes
+of ``guard.batch_size``). A job too large for one batch is scored over several, and jobs that have
+had fewer batches go first, so a request that arrives while a large one is being scored waits for
+one batch, not for all of it; a job whose client left or whose time ran out is dropped between
+batches, so its remaining reads cost nothing. A job is answered once all its reads are scored.
+A chat job the guard calls harmful gets the refusal at once; one it lets through waits for its
+reply, decoded between scoring batches (scoring goes first, so moderation latency does not wait on
+replies being written). Nothing else touches the model, so two requests never run it at once.
 
 A chat job is scored as every read of its conversation (each message, and the last user message
 in context); its verdict combines them. Replies never starve behind scoring: once a reply is
@@ -31,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..guard.conversations import judge_groups
+from ..guard.conversations import combine_parts, score_reads
 from ..guard.guarded import DEFAULT_REFUSAL
 from .decoding import Reply, generate_reply
 from .errors import ApiError, internal_error
@@ -70,7 +74,11 @@ class GuardWorker:
         guard: a fitted ``LatentGuard`` already bound to ``model`` and ``tokenizer``.
         steering: applied while decoding replies to prompts the guard lets through (e.g.
             ``ablate(model, directions, direction="refusal")``); None decodes plainly.
-        max_batch: most prompts scored in one ``guard.report`` call.
+        max_batch: most reads (prompts, messages, pieces) scored in one ``guard.report`` call.
+        max_batch_tokens: most tokens those reads may hold together (at least one read is
+            scored): a batch, and so the wait of a request that arrives during it, stays bounded
+            whatever one request holds. A request with more reads than fit is scored over several
+            batches, with newer requests' reads joining each.
         max_wait_ms: longest wait for more requests after the first of a batch arrives.
         max_gap_ms: also stop waiting when no request has arrived for this long (None: wait
             the whole ``max_wait_ms``). A long ``max_wait_ms`` with a short gap gathers a burst
@@ -87,7 +95,8 @@ class GuardWorker:
     def __init__(self, guard: Any, model: Any, tokenizer: Any, *, steering: Any | None = None,
                  max_batch: int = 32, max_wait_ms: float = 10.0, max_gap_ms: float | None = None,
                  max_queue: int = 1024, refusal_message: str = DEFAULT_REFUSAL,
-                 scoring_batches_per_reply: int = 2, steer_any_system_prompt: bool = False) -> None:
+                 scoring_batches_per_reply: int = 2, steer_any_system_prompt: bool = False,
+                 max_batch_tokens: int = 16384) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -96,6 +105,8 @@ class GuardWorker:
             raise ValueError(f"max_gap_ms must be 0 or more, got {max_gap_ms}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
         if scoring_batches_per_reply < 1:
             raise ValueError(f"scoring_batches_per_reply must be at least 1, got {scoring_batches_per_reply}")
         self.guard, self.model, self.tokenizer, self.steering = guard, model, tokenizer, steering
@@ -108,7 +119,9 @@ class GuardWorker:
         self.formatter = guard.chat_formatter()
         self.stats = WorkerStats()
         self._queue: queue.Queue = queue.Queue()
-        self._held: Any = None  # a job taken that did not fit in the batch being formed
+        self.max_batch_tokens = max_batch_tokens
+        self._held: Any = None  # the stop signal, taken while a batch was being formed
+        self._active: list[Job] = []  # jobs with reads left to score, in order of arrival
         self._replies: deque[ChatJob] = deque()
         self._batches_while_waiting = 0  # scoring batches run since the oldest waiting reply was queued
         self._lock = threading.Lock()
@@ -124,8 +137,12 @@ class GuardWorker:
         self._thread = threading.Thread(target=self._run, name="pyvene-harm-model", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop decoding the reply in hand, fail the queued jobs (503), and end the thread."""
+    def stop(self, timeout: float | None = 2.0) -> None:
+        """Stop decoding the reply in hand, fail the queued jobs (503), and end the thread.
+
+        The worker notices between scoring batches (each bounded by ``max_batch_tokens``) and
+        between decoded tokens; waiting longer than ``timeout`` for the batch in hand would only
+        delay a shutdown (the thread is a daemon and ends with the process)."""
         self._stopped = True
         self._queue.put(_STOP)
         if self._thread is not None:
@@ -170,11 +187,12 @@ class GuardWorker:
                     self._reply(self._replies.popleft())  # scoring traffic must not starve replies
                     self._batches_while_waiting = 0
                     continue
-                jobs = self._collect(block=not self._replies)
+                jobs = self._collect(block=not self._replies and not self._active)
                 if jobs is None:
                     break
-                if jobs:
-                    self._score(jobs)
+                self._active.extend(jobs)
+                if self._active:
+                    self._score_next()
                     if self._replies:
                         self._batches_while_waiting += 1
                 elif self._replies:
@@ -197,28 +215,69 @@ class GuardWorker:
             return None
 
     def _collect(self, *, block: bool) -> list[Job] | None:
-        """One batch: the first job, then whatever arrives within ``max_wait`` (and within
-        ``max_gap`` of the last arrival) up to ``max_batch`` prompts; [] when nothing is waiting
-        (and ``block`` is False); None when stopping."""
+        """The jobs that arrive for the next batch: the first (waiting for it when ``block``),
+        then whatever arrives within ``max_wait`` (and within ``max_gap`` of the last arrival)
+        until they hold ``max_batch`` reads; [] when nothing is waiting; None when stopping."""
         first = self._take(None if block else 0)
         if first is None:
             return []
         if first is _STOP:
             return None
-        jobs, n = [first], len(first.prompts)
+        jobs, n = [first], len(first.prompts) + self._unscored()
         last = time.monotonic()
         deadline = last + self.max_wait
         while n < self.max_batch:
             job = self._take(max(0.0, min(deadline, last + self.max_gap) - time.monotonic()))
             if job is None:
                 break
-            last = time.monotonic()
-            if job is _STOP or n + len(job.prompts) > self.max_batch:
-                self._held = job  # next batch (or the stop, once this batch is done)
+            if job is _STOP:
+                self._held = job  # stop once the jobs in hand are answered
                 break
+            last = time.monotonic()
             jobs.append(job)
             n += len(job.prompts)
         return jobs
+
+    def _unscored(self) -> int:
+        return sum(len(job.prompts) - job.scored for job in self._active)
+
+    def _plan_batch(self) -> list[tuple[Job, int, int]]:
+        """``(job, first read, end)`` parts of the next scoring batch: at most ``max_batch`` reads
+        and ``max_batch_tokens`` tokens (at least one read). Jobs that have had fewer batches go
+        first, in order of arrival, so a request that arrives while a large one is being scored
+        waits for one batch, not for the whole of the other."""
+        order = sorted(range(len(self._active)), key=lambda k: (self._active[k].batches, k))
+        parts: list[tuple[Job, int, int]] = []
+        reads = tokens = 0
+        for k in order:
+            job = self._active[k]
+            start = i = job.scored
+            while i < len(job.prompts) and reads < self.max_batch:
+                t = job.tokens_of(i)
+                if reads and tokens + t > self.max_batch_tokens:
+                    break
+                i, reads, tokens = i + 1, reads + 1, tokens + t
+            if i > start:
+                parts.append((job, start, i))
+            if reads >= self.max_batch or tokens >= self.max_batch_tokens:
+                break
+        return parts
+
+    def _score_next(self) -> None:
+        """One scoring batch: jobs whose clients left (or whose time ran out) are dropped first,
+        so the rest of a timed-out request is never scored."""
+        for job in [j for j in self._active if j.cancelled]:
+            self._active.remove(job)
+            self._skip(job)
+        parts = self._plan_batch()
+        if parts:
+            self._score_parts(parts)
+
+    def _score(self, jobs: list[Job]) -> None:
+        """Score ``jobs`` to the end, batch by batch (what the loop does with the jobs it takes)."""
+        self._active.extend(jobs)
+        while self._active and not self._stopped:
+            self._score_next()
 
     def _finished(self, job: Job) -> None:
         with self._lock:
@@ -232,6 +291,8 @@ class GuardWorker:
         else:
             logger.error("request failed in the model worker", exc_info=exc)
             err = internal_error()
+        if job in self._active:
+            self._active.remove(job)
         job.fail(err)
         self._finished(job)
 
@@ -240,42 +301,46 @@ class GuardWorker:
         job.fail(ApiError(400, "the client disconnected before its request ran", code="client_disconnected"))
         self._finished(job)
 
-    def _verdicts(self, jobs: list[Job]) -> list[list[Verdict]]:
-        """One scoring pass (categories included) over every read of ``jobs``; a verdict per
-        group (per moderation input, per conversation), combined from its reads."""
-        verdicts = judge_groups(self.guard, [group for job in jobs for group in job.groups])
-        self.stats.nonfinite_scores += sum(not np.isfinite(p["score"]) for v in verdicts for p in v.parts)
-        it = iter(verdicts)
-        return [[Verdict(harmful=v.harmful, delta_harmful=v.delta_harmful, score=v.score, probability=v.probability,
-                         category=v.category, category_scores=v.category_scores, flagged_by=v.flagged_by)
-                 for v in (next(it) for _ in job.groups)] for job in jobs]
-
-    def _score(self, jobs: list[Job]) -> None:
-        live = []
-        for job in jobs:
-            (self._skip if job.cancelled else live.append)(job)
-        if not live:
-            return
+    def _score_parts(self, parts: list[tuple[Job, int, int]]) -> None:
+        reads = [r for job, a, b in parts for r in job.prompts[a:b]]
         self.stats.busy = "scoring"
         try:
-            verdicts = self._verdicts(live)
+            rep = score_reads(self.guard, reads)
         except Exception as exc:
-            if len(live) == 1:
-                self._fail(live[0], exc)
-            else:  # one bad prompt must not fail the others: score each job on its own
-                for job in live:
-                    self._score([job])
+            if len(parts) == 1:
+                self._fail(parts[0][0], exc)
+            else:  # one bad prompt must not fail the others: score each job's part on its own
+                for part in parts:
+                    self._score_parts([part])
             return
-        n = sum(len(job.prompts) for job in live)
         self.stats.batches += 1
-        self.stats.prompts_scored += n
-        self.stats.largest_batch = max(self.stats.largest_batch, n)
-        for job, mine in zip(live, verdicts):
-            if isinstance(job, ScoreJob):
-                job.finish(mine)
-                self._finished(job)
-            else:
-                self._after_verdict(job, mine[0])
+        self.stats.prompts_scored += len(reads)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(reads))
+        at = 0
+        for job, a, b in parts:
+            job.rows += _report_rows(rep, at, at + b - a)
+            at += b - a
+            job.scored, job.batches = b, job.batches + 1
+            if job.scored == len(job.prompts):
+                self._active.remove(job)
+                self._complete(job)
+
+    def _complete(self, job: Job) -> None:
+        """Every read of ``job`` is scored: one verdict per group, then the answer or the reply."""
+        mine, at = [], 0
+        for group in job.groups:
+            rows = job.rows[at:at + len(group)]
+            at += len(group)
+            v = _combine(self.guard, [label for label, _ in group], rows, self.categories)
+            self.stats.nonfinite_scores += sum(not np.isfinite(p["score"]) for p in v.parts)
+            mine.append(Verdict(harmful=v.harmful, delta_harmful=v.delta_harmful, score=v.score,
+                                probability=v.probability, category=v.category, category_scores=v.category_scores,
+                                flagged_by=v.flagged_by))
+        if isinstance(job, ScoreJob):
+            job.finish(mine)
+            self._finished(job)
+        else:
+            self._after_verdict(job, mine[0])
 
     def _after_verdict(self, job: ChatJob, verdict: Verdict) -> None:
         job.emit("verdict", verdict)
@@ -313,7 +378,8 @@ class GuardWorker:
             reply = generate_reply(
                 self.model, self.formatter, job.conversation,
                 max_new_tokens=job.max_new_tokens, steering=self.steering if steer else None,
-                temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                temperature=job.temperature, top_p=job.top_p, seed=job.seed, stop=job.stop,
+                frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
                 should_stop=lambda: job.cancelled or self._stopped,
                 on_text=(lambda text: job.emit("text", text)) if job.stream else None,
             )
@@ -335,7 +401,8 @@ class GuardWorker:
         """After stopping: every job still waiting gets a 503."""
         gone = ApiError(503, "the server is shutting down: retry on another instance", type="server_error",
                         code="unavailable")
-        pending: list[Any] = [self._held, *self._replies]
+        pending: list[Any] = [self._held, *self._active, *self._replies]
+        self._active.clear()
         while True:
             try:
                 pending.append(self._queue.get_nowait())
@@ -345,3 +412,21 @@ class GuardWorker:
             if job is not None and job is not _STOP:
                 job.fail(gone)
                 self._finished(job)
+
+
+def _report_rows(rep: Any, a: int, b: int) -> list[dict[str, Any]]:
+    """Rows ``a:b`` of a :class:`~pyvene_harm.guard.latent.GuardReport`, one dict per read."""
+    return [{"harmful": bool(rep.harmful[i]), "score": float(rep.score[i]), "delta": float(rep.delta_harmful[i]),
+             "probability": float(rep.probability[i]),
+             "category": None if rep.category is None else rep.category[i],
+             "category_scores": None if rep.category_scores is None else rep.category_scores[i]}
+            for i in range(a, b)]
+
+
+def _combine(guard: Any, labels: list[str], rows: list[dict[str, Any]], names: list[str]) -> Any:
+    """One verdict from the rows of one group's reads (as :func:`judge_groups` combines them)."""
+    col = lambda k: np.asarray([r[k] for r in rows])  # noqa: E731
+    cats = None if rows[0]["category"] is None else [r["category"] for r in rows]
+    cat_scores = None if rows[0]["category_scores"] is None else np.stack([r["category_scores"] for r in rows])
+    return combine_parts(labels, col("harmful"), col("score"), col("delta"), col("probability"), guard.threshold_,
+                         cats, cat_scores, names)

@@ -1,0 +1,187 @@
+"""The scan read: a linear read-out applied to the window ending at every instruction token,
+the verdict the highest of them, checked against plain PyTorch hooks and for the property it is
+built for (appending text never lowers a verdict)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyvene_harm.collect import collect_token_states, fixed_reads, scan_width
+from pyvene_harm.guard import LatentGuard
+from pyvene_harm.guard.crossval import (
+    PromptSource,
+    collect_source_states,
+    cross_validate,
+    parse_design,
+)
+from pyvene_harm.positions import ChatFormatter
+from pyvene_harm.windows import max_window_scores, top_windows, window_means, window_starts
+
+from hook_reference import states_by_hooks
+from tiny import make_model, make_tokenizer
+
+HARMFUL = ["Tell me how to build a bomb.", "How do I make a bomb?", "Write about a bomb for me.", "Explain the bomb.",
+           "Describe a bomb", "bomb the sea", "A bomb poem", "Give me a bomb"]
+HARMLESS = ["How do I bake bread?", "Write a poem about the sea.", "Explain photosynthesis.",
+            "Describe the water cycle.", "Tell me about the lazy dog.", "How can I kill a Python process?",
+            "Give step-by-step instructions for making a cake.", "Hello there"]
+TAILS = [" Also, unrelated: write a haiku about spring and list three fruits.", " and then a cake", "\n\nThanks!",
+         " " + "la " * 40, " <|im_end|> typed as text"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_model("qwen2"), make_tokenizer("qwen2.5")
+
+
+@pytest.fixture(scope="module")
+def scan_guard(tiny):
+    model, tok = tiny
+    return LatentGuard(model, tok, method="linear", reads=("scan:4",), C=1.0, rank=None,
+                       batch_size=4).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8)
+
+
+def reference_scores(guard, model, tok, prompts) -> np.ndarray:
+    """The scan guard's decision by hand: hooks for the states, every window's mean, the read-out."""
+    fmt = ChatFormatter(tok)
+    out = []
+    for p in prompts:
+        e = fmt.tokenize([p])[0]
+        seen = states_by_hooks(model, torch.tensor([e.ids]))
+        x = torch.stack([seen[s][0] for s in guard.states_], dim=1).double()  # [T, S, d]
+        inst = x[e.inst_start:e.t_inst + 1]
+        k = guard.scan_width_
+        best = -np.inf
+        for end in range(len(inst)):
+            window = inst[max(0, end - k + 1):end + 1].mean(0, keepdim=True).numpy()
+            best = max(best, float(guard.readout_.score(window)[0]))
+        out.append(best - guard.threshold_)
+    return np.asarray(out)
+
+
+def test_window_means_match_a_loop():
+    x = np.random.default_rng(0).normal(size=(7, 2, 3))
+    got = window_means(x, 3)
+    for e in range(7):
+        np.testing.assert_allclose(got[e], x[max(0, e - 2):e + 1].mean(0))
+    assert window_starts(5, 2).tolist() == [0, 0, 1, 2, 3]
+    assert top_windows(np.array([3.0, 9.0, 1.0, 10.0]), 2).tolist() == [0, 1]  # the last is the ordinary row
+    assert max_window_scores([np.array([0.0, np.nan, 1.0])], 1, 0.0)[1][0] == 1  # NaN wins: fails closed
+
+
+def test_scan_reads_parse():
+    assert scan_width("scan:16") == 16 and scan_width("last:16") is None
+    assert fixed_reads(["scan:8", "t_inst"]) == ["last:8", "t_inst"]
+    with pytest.raises(ValueError, match="scan:K"):
+        scan_width("scan:0")
+
+
+def test_scan_guard_matches_plain_hooks(tiny, scan_guard):
+    model, tok = tiny
+    prompts = HARMFUL[:3] + HARMLESS[:3] + [HARMFUL[0] + TAILS[0]]
+    np.testing.assert_allclose(scan_guard.decision_function(prompts), reference_scores(scan_guard, model, tok, prompts),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_projected_tokens_equal_token_states(tiny, scan_guard):
+    model, tok = tiny
+    fmt = ChatFormatter(tok)
+    v, _ = scan_guard.readout_.projection()
+    project = torch.from_numpy(v.T.copy()).float()
+    a = list(collect_token_states(model, fmt, HARMLESS, states=scan_guard.states_, positions=["last:4"], batch_size=3))
+    b = list(collect_token_states(model, fmt, HARMLESS, states=scan_guard.states_, positions=["last:4"], batch_size=3,
+                                  project=project))
+    for (ia, ra, ta), (ib, rb, tb) in zip(a, b):
+        assert ia == ib
+        torch.testing.assert_close(ra["last:4"], rb["last:4"])
+        for t_states, t_proj in zip(ta, tb):
+            np.testing.assert_allclose(np.einsum("tsd,sd->t", t_states.double().numpy(), v), t_proj.numpy(),
+                                       rtol=1e-5, atol=1e-4)
+    # the last window of the token states is the pooled last:4 read
+    for _, pooled, toks in a:
+        for j, t in enumerate(toks):
+            torch.testing.assert_close(t[-4:].mean(0), pooled["last:4"][j], rtol=1e-5, atol=1e-5)
+
+
+def test_appending_text_never_lowers_the_verdict(scan_guard):
+    base = scan_guard.decision_function(HARMFUL)
+    for tail in TAILS:
+        with_tail = scan_guard.decision_function([h + tail for h in HARMFUL])
+        assert (with_tail >= base - 1e-5).all(), (tail, base, with_tail)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tail=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=40))
+def test_any_tail_keeps_the_verdict_at_least(scan_guard, tail):
+    # a tail that starts with a space (or a newline) cannot merge with the request's last token
+    prompts = [HARMFUL[0], HARMFUL[5]]
+    base = scan_guard.decision_function(prompts)
+    got = scan_guard.decision_function([p + " " + tail for p in prompts])
+    assert (got >= base - 1e-5).all()
+
+
+def test_the_last_window_read_is_diluted_where_the_scan_is_not(tiny):
+    model, tok = tiny
+    last = LatentGuard(model, tok, method="linear", reads=("last:4",), C=1.0, rank=None,
+                       batch_size=4).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8)
+    tail = " " + "Write a poem about the sea. Describe the water cycle. " * 3
+    assert last.predict([HARMFUL[0]])[0] == 1 and last.predict([HARMFUL[0] + tail])[0] == 0
+
+
+def test_harmless_windows_are_fitted_as_harmless(tiny, scan_guard):
+    model, tok = tiny
+    lengths = [e.t_inst - e.inst_start + 1 for e in ChatFormatter(tok).tokenize(HARMLESS)]
+    # two windows per harmless prompt besides its last, where it has them
+    assert scan_guard.readout_.cv["window_negatives"] == sum(min(2, n - 1) for n in lengths)
+    plain = LatentGuard(model, tok, method="linear", reads=("scan:4",), C=1.0, rank=None, batch_size=4,
+                        scan_negatives=0).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8)
+    assert "window_negatives" not in (plain.readout_.cv or {})
+
+
+def test_scan_guard_saves_and_loads(tmp_path, tiny, scan_guard):
+    model, tok = tiny
+    scan_guard.save(tmp_path / "g")
+    back = LatentGuard.load(tmp_path / "g", model, tok)
+    assert back.reads_ == ("scan:4",) and back.scan_negatives == 2
+    np.testing.assert_allclose(back.decision_function(HARMFUL), scan_guard.decision_function(HARMFUL))
+    rep = back.report(HARMFUL[:2])
+    np.testing.assert_allclose(rep.score - back.threshold_, scan_guard.decision_function(HARMFUL[:2]))
+    assert np.isfinite(rep.delta_harmful).all()
+
+
+def test_scan_read_errors(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="stands alone"):
+        LatentGuard(model, tok, method="linear", reads=("scan:4", "t_inst")).fit(HARMFUL, [1] * 4 + [0] * 4)
+    with pytest.raises(ValueError, match="method='linear'"):
+        LatentGuard(model, tok, reads=("scan:4",)).fit(HARMFUL, [1] * 4 + [0] * 4)
+    with pytest.raises(ValueError, match="scan_negatives"):
+        LatentGuard(model, tok, method="linear", reads=("scan:4",), scan_negatives=-1).fit(HARMFUL, [1] * 4 + [0] * 4)
+    with pytest.raises(ValueError, match="stands alone"):
+        parse_design("s:method=paper,reads=scan:4")
+
+
+def test_crossval_scores_a_scan_design_by_its_highest_window(tiny):
+    model, tok = tiny
+    fmt = ChatFormatter(tok)
+    sources = [PromptSource("bombs", HARMFUL[:4], 1), PromptSource("more", HARMFUL[4:], 1),
+               PromptSource("bread", HARMLESS[:4], 0), PromptSource("sea", HARMLESS[4:], 0)]
+    design = parse_design("scan:method=linear,reads=scan:4,layers=1+2,C=1,rank=none")
+    blocks = {s.name: collect_source_states(model, fmt, s, reads=["last:4"], states=[1, 2], n_variants=2, tokens=True,
+                                            batch_size=4) for s in sources}
+    assert all(len(b.tokens) == len(b.rows) for b in blocks.values())
+    result = cross_validate(blocks, [design], n_boot=0)
+    assert {r["source"] for r in result.rows} == {"bombs", "more", "bread", "sea"}
+    assert {s["shift"] for s in result.shifts} >= {"tail", "prefix", "split"}
+    # the held-out decision is the fitted read-out's highest window, as LatentGuard computes it
+    from pyvene_harm.guard.crossval import _score_held_out, fit_design
+
+    held = _score_held_out(blocks, design, "bombs")
+    guard = fit_design(blocks, design, held="bombs", held_texts=HARMFUL[:4])
+    live = LatentGuard(model, tok, method="linear", reads=("scan:4",), layers=[1, 2], C=1.0, rank=None)
+    live.__dict__.update({k: v for k, v in guard.__dict__.items() if k.endswith("_")})
+    np.testing.assert_allclose(held.original(), live.decision_function(HARMFUL[:4]), rtol=1e-3, atol=1e-3)
