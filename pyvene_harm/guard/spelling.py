@@ -30,7 +30,7 @@ What it changes, and what it leaves alone so that ordinary traffic reads as befo
   A Russian or Greek sentence, whose words are all Cyrillic or Greek, is left as written.
 - *Spaces inside words*: an ideographic or other wide space between two Latin letters, in a text
   whose words are parted by ordinary spaces, joins the letters (``bo\u3000mb``); in a text spaced
-  only that way it reads as a space.
+  only that way it reads as a space. No-break spaces stay as written.
 - *Leetspeak* (``4 @`` a, ``3`` e, ``1 !`` i, ``0`` o, ``5 $`` s, ``7`` t) becomes letters in a
   word where such a character stands between two letters or a leet run wraps letters (``b0mb``,
   ``h4ck3r``, ``7h3``), and, in a text with two or more such words, in every word that mixes
@@ -76,7 +76,8 @@ _SMALL_CAPITAL = re.compile(r"^LATIN LETTER SMALL CAPITAL ([A-Z])$|^LATIN SMALL 
 _INVISIBLE_MARKS = {0x034F, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)}
 """The combining grapheme joiner and the variation selectors: marks that draw nothing."""
 _TAGS = re.compile("[\U000E0001\U000E0020-\U000E007F]+")
-_WIDE_SPACE = re.compile(r"(?<=[A-Za-z])[^\S\n\r\t\f\v ]+(?=[A-Za-z])")
+_WIDE_SPACE = re.compile(r"(?<=[A-Za-z])[^\S\n\r\t\f\v \u00a0\u202f]+(?=[A-Za-z])")
+"""Spaces other than the ordinary and the no-break ones (``New\u00a0York`` is two words as written)."""
 
 
 @lru_cache(maxsize=1)
