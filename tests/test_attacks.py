@@ -711,6 +711,17 @@ def _(c):
     error(r, 400, "System role not supported")
 
 
+def _stops_in_time(s, busy, sig, grace: float = 2) -> None:
+    """Start ``busy`` in a thread, signal the server once it is at work, and check it exits within
+    the graceful-shutdown timeout ``grace`` (plus the interpreter's own exit)."""
+    threading.Thread(target=busy, daemon=True).start()
+    time.sleep(1.5)
+    start = time.monotonic()
+    s.proc.send_signal(sig)
+    s.proc.wait(timeout=30)
+    assert time.monotonic() - start < grace + 6, s.output()
+
+
 @row("Ctrl-C returns within the graceful-shutdown timeout with a reply in hand")
 def _(c):
     args = ["--guard", str(c.files / "guard"), "-m", str(c.files / NAME), "--max-new-tokens", "20000",
@@ -725,13 +736,7 @@ def _(c):
             except httpx.HTTPError:
                 pass
 
-        t = threading.Thread(target=long_stream, daemon=True)
-        t.start()
-        time.sleep(1.5)  # the reply is being decoded
-        start = time.monotonic()
-        s.proc.send_signal(signal.SIGINT)
-        s.proc.wait(timeout=30)
-        assert time.monotonic() - start < 2 + 6, s.output()
+        _stops_in_time(s, long_stream, signal.SIGINT)  # while the reply is being decoded
 
 
 # amplification: no request can hold the worker
@@ -826,13 +831,7 @@ def _(c):
             with contextlib.suppress(httpx.HTTPError):
                 httpx.post(s.url + "/v1/moderations", json={"input": [HARMLESS[0] * 20] * 64}, timeout=60)
 
-        t = threading.Thread(target=flood, daemon=True)
-        t.start()
-        time.sleep(1.5)  # 64 reads, one per batch: the worker is busy
-        start = time.monotonic()
-        s.proc.send_signal(signal.SIGTERM)
-        s.proc.wait(timeout=30)
-        assert time.monotonic() - start < 2 + 6, s.output()
+        _stops_in_time(s, flood, signal.SIGTERM)  # 64 reads, one per batch: the worker is busy
 
 
 @row("more connections than --limit-concurrency get a 503 in OpenAI's shape")
