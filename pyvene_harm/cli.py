@@ -97,6 +97,8 @@ register("beliefs", "pyvene_harm.recipes.beliefs", "beliefs", "Figs. 3/6: Delta_
 register("elicit", "pyvene_harm.recipes.elicit", "elicit", "Fig. 4: refusal rate when steering harmless prompts, per layer.")
 register("invert", "pyvene_harm.recipes.invert", "invert", "Fig. 5: the reply-inversion task under steering, per layer.")
 register("finetune", "pyvene_harm.recipes.finetune", "finetune", "Fig. 7: LoRA fine-tuning attack vs Delta_harmful.")
+register("export-adapter", "pyvene_harm.recipes.export_adapter", "export_adapter",
+         "Write a direction's ablation as a rank-1 LoRA adapter (peft, vLLM).")
 register("report", "pyvene_harm.recipes.report", "report", "Turn a run directory into a Markdown summary.")
 register("serve", "pyvene_harm.recipes.serve", "serve", "Serve the guard: OpenAI-compatible moderation and guarded chat.")
 

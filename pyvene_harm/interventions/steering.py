@@ -34,7 +34,9 @@ from .selectors import Selector, parse_positions, prompt_mask, select_positions,
 
 __all__ = ["Site", "Steering", "ablate", "check_directions_fit", "check_layer", "steer"]
 
-COMPONENTS = ("block_input", "block_output")
+COMPONENTS = ("block_input", "block_output", "attention_output", "mlp_output")
+# where ablate() removes a direction: entering each layer, or at every write to the stream
+ABLATION_SITES = ("block_input", "writes", "writes+embedding")
 
 
 @dataclass(frozen=True)
@@ -258,8 +260,9 @@ def steer(model: nn.Module, directions: DirectionSet, *, layer: int, direction: 
 
 def ablate(model: nn.Module, directions: DirectionSet, *, direction: str = "refusal",
            layers: int | Sequence[int] | None = None, source_layer: int | None = None,
-           positions: str | Selector = "all_prompt", generated: bool = True) -> Steering:
-    """Remove a direction's component from the residual stream entering decoder layers.
+           positions: str | Selector = "all_prompt", generated: bool = True,
+           where: str = "block_input") -> Steering:
+    """Remove a direction's component from the residual stream.
 
     Args:
         layers: where to ablate; ``None`` is every decoder layer.
@@ -267,19 +270,37 @@ def ablate(model: nn.Module, directions: DirectionSet, *, direction: str = "refu
             literature); ``None`` ablates each layer's own direction.
         generated: ablate generated tokens too (default: the refusal direction would otherwise
             come back as soon as the reply starts).
+        where: ``"block_input"`` removes it from the stream entering each chosen layer;
+            ``"writes"`` from what each chosen layer writes to the stream (its attention and
+            MLP outputs), so what one layer adds inside itself is removed before its MLP reads
+            it; ``"writes+embedding"`` from the token embedding too, so (at every layer, with
+            ``source_layer``) no layer ever reads the direction. These two are exactly the LoRA of
+            :func:`~.adapter.export_ablation_adapter` without and with ``embedding`` (pre-norm
+            decoders only).
     """
+    if where not in ABLATION_SITES:
+        raise ValueError(f"where={where!r} is not known: use one of {ABLATION_SITES}")
     n = len(decoder_layers(model))
     chosen = list(range(n)) if layers is None else ([layers] if isinstance(layers, int) else list(layers))
     if not chosen:
         raise ValueError("layers is empty: pass None (every layer) or some layer indices")
     if source_layer is not None:
         check_layer(source_layer, model)
-    sites = _direction_sites(
-        model, directions, direction, chosen,
-        lambda lay, v: DirectionalAblation(
-            direction=v if source_layer is None else directions.direction(direction, source_layer),
-            name=f"{direction}.{lay}"),
-    )
-    meta = {"direction": direction, "source_layer": source_layer,
+    if where != "block_input":
+        from .adapter import check_residual_writers
+
+        check_residual_writers(model)
+
+    def make(lay: int, v: torch.Tensor, tag: str = "") -> DirectionalAblation:
+        return DirectionalAblation(direction=v if source_layer is None else directions.direction(direction, source_layer),
+                                   name=f"{direction}.{lay}{tag}")
+
+    sites = _direction_sites(model, directions, direction, chosen, make)
+    if where != "block_input":
+        # the embedding is what enters layer 0; after it, only the two sublayers write
+        sites = [s for s in sites if s.layer == 0 and where == "writes+embedding"] + [
+            Site(layer=s.layer, component=comp, intervention=make(s.layer, directions.direction(direction, s.layer), f".{comp}"))
+            for s in sites for comp in ("attention_output", "mlp_output")]
+    meta = {"direction": direction, "source_layer": source_layer, "where": where,
             "directions_model_id": directions.metadata.get("model_id")}
     return Steering(model, sites, positions=positions, generated=generated, metadata=meta)

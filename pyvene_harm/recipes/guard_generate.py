@@ -31,7 +31,7 @@ from .tables import print_table
 
 __all__ = ["generate"]
 
-UNDO_REFUSAL = ("ablate", "add", "none")
+UNDO_REFUSAL = ("ablate", "adapter", "add", "none")
 
 
 @click.command("generate")
@@ -42,9 +42,12 @@ UNDO_REFUSAL = ("ablate", "add", "none")
                    "over-refusal on prompts the guard lets through. Required unless --undo-refusal none. "
                    "Example: --directions artifacts/qwen2.5-coder-0.5b-instruct/directions")
 @click.option("--undo-refusal", type=click.Choice(UNDO_REFUSAL), default="ablate", show_default=True,
-              help="ablate: remove the refusal direction at every layer (each layer's own); add: add "
-                   "--coeff x the refusal direction at --layer; none: generate the let-through prompts plainly.")
-@click.option("--layer", type=int, default=None, help="Layer for --undo-refusal add (e.g. the best layer of `elicit`).")
+              help="ablate: remove the refusal direction at every layer (each layer's own); adapter: remove "
+                   "--layer's refusal direction from what every layer writes (the edit of `export-adapter`, which "
+                   "a vLLM engine serves); add: add --coeff x the refusal direction at --layer; none: generate "
+                   "the let-through prompts plainly.")
+@click.option("--layer", type=int, default=None,
+              help="Layer for --undo-refusal add or adapter (e.g. the best layer of `elicit`).")
 @click.option("--coeff", type=float, default=-1.0, show_default=True, help="Strength for --undo-refusal add.")
 @labelled_sets_option
 @exclude_option
@@ -106,14 +109,15 @@ def _check_undo(undo_refusal: str, directions_path: str | None, layer: int | Non
         return None
     if directions_path is None:
         raise click.UsageError(f"--undo-refusal {undo_refusal} needs --directions (or pass --undo-refusal none)")
+    if undo_refusal in ("add", "adapter") and layer is None:
+        raise click.UsageError(f"--undo-refusal {undo_refusal} needs --layer (e.g. the best refusal layer of "
+                               "`elicit`)")
     directions = resolve_directions(directions_path)
     if directions.num_layers != g.metadata_.get("num_layers", directions.num_layers):
         raise click.BadParameter(f"these directions come from a model with {directions.num_layers} layers, the guard "
                                  f"from one with {g.metadata_.get('num_layers')}: pass directions of the guard's model",
                                  param_hint="--directions")
-    if undo_refusal == "add":
-        if layer is None:
-            raise click.UsageError("--undo-refusal add needs --layer (e.g. the best refusal layer of `elicit`)")
+    if undo_refusal in ("add", "adapter"):
         parse_layers(str(layer), directions.num_layers)
     return directions
 
@@ -137,6 +141,8 @@ def _guarded_unit(g, lazy: Lazy, ps, directions, undo_refusal: str, layer: int |
     steering = None
     if undo_refusal == "ablate":
         steering = ablate(loaded.model, directions, direction="refusal")
+    elif undo_refusal == "adapter":
+        steering = ablate(loaded.model, directions, direction="refusal", source_layer=layer, where="writes")
     elif undo_refusal == "add":
         steering = steer(loaded.model, directions, direction="refusal", layer=layer, coeff=coeff)
     out = guarded_generate(loaded.model, loaded.tokenizer, ps.prompts, g, refusal_steering=steering,

@@ -1,0 +1,191 @@
+"""Direction ablation as a LoRA adapter: the same edit, in weights a serving engine loads.
+
+Removing a unit direction ``v`` from the residual stream at every place something writes to it
+(the token embedding, each attention block's ``o_proj``, each MLP's ``down_proj``) is a rank-1
+edit of those weights, ``W -> W - v (v^T W)``: the weight orthogonalisation of the
+refusal-direction literature. Written as a LoRA of rank 1 (``B = -v``, ``A = v^T W``) it leaves
+the base weights alone, so one copy of the model serves plain replies and ablated ones side by
+side: ``peft`` loads the folder, and so do ``vllm serve --enable-lora --lora-modules`` and
+``vllm.LoRARequest``, which batch requests with and without the adapter together.
+
+vLLM (0.32) takes LoRA weights on attention and MLP projections only, not on the embedding, so by
+default the adapter leaves the embedding as it is: the direction is removed from everything the
+layers write, and only the token embedding's own component along it stays in the stream.
+``embedding=True`` removes that too (the full weight orthogonalisation; ``peft`` loads it).
+
+The edit is exact only where those modules' outputs join the residual stream as they are:
+pre-norm decoders (Llama, Mistral, Qwen2/3, Gemma, Phi-3). Gemma 2/3 and OLMo 2 normalise each
+block's output before adding it, which no linear edit of ``o_proj`` can undo; they are refused.
+The hook-based equivalent is :func:`~.steering.ablate` with ``where="writes"`` (or
+``"writes+embedding"``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..directions import DirectionSet, library_versions, model_provenance
+from ..io_utils import atomic_save_tensors, atomic_write_json
+from ..pyvene_support import decoder_layers, layers_path
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_TENSORS", "ablation_adapter_tensors", "check_residual_writers",
+           "export_ablation_adapter", "residual_writers"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_TENSORS = "adapter_model.safetensors"
+LAYER_TARGETS = ("o_proj", "down_proj")
+# every module whose output is added to the residual stream, relative to one decoder layer
+_LAYER_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module | None:
+    mod: Any = root
+    for part in dotted.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def check_residual_writers(model: nn.Module) -> None:
+    """A clear error unless ablating at ``o_proj``/``down_proj`` outputs removes a direction exactly."""
+    layer0 = decoder_layers(model)[0]
+    if hasattr(layer0, "post_feedforward_layernorm"):
+        raise ValueError(
+            f"{type(model).__name__} normalises each block's output before adding it to the residual stream, "
+            "so no edit of o_proj/down_proj removes a direction from it: ablate with hooks instead "
+            "(ablate(..., where='block_input'), which the server uses without --adapter)")
+    for name, module in residual_writers(model):
+        expected = nn.Embedding if name.endswith("embed_tokens") else nn.Linear
+        if not isinstance(module, expected):
+            raise ValueError(f"{name} is a {type(module).__name__}, not an {expected.__name__}: "
+                             "this model's weights cannot carry a LoRA edit (quantised or fused?)")
+
+
+def residual_writers(model: nn.Module, *, embedding: bool = True) -> Iterator[tuple[str, nn.Module]]:
+    """``(dotted name, module)`` of the embedding (unless ``embedding=False``) and each layer's
+    ``o_proj`` and ``down_proj``."""
+    prefix = layers_path(model)
+    embed_name = prefix.rsplit(".", 1)[0] + ".embed_tokens" if "." in prefix else "embed_tokens"
+    embed = _get(model, embed_name)
+    if embed is None:
+        raise ValueError(f"cannot find the token embedding of {type(model).__name__} at {embed_name}")
+    if embedding:
+        yield embed_name, embed
+    for i, layer in enumerate(decoder_layers(model)):
+        for sub in _LAYER_WRITERS:
+            module = _get(layer, sub)
+            if module is None:
+                raise ValueError(f"decoder layer {i} of {type(model).__name__} has no {sub}: "
+                                 "this architecture's residual writers are not known")
+            yield f"{prefix}.{i}.{sub}", module
+
+
+def ablation_adapter_tensors(model: nn.Module, direction: torch.Tensor, *,
+                             embedding: bool = False) -> dict[str, torch.Tensor]:
+    """PEFT LoRA tensors (rank 1, scaling 1) that remove ``direction`` wherever the stream is written.
+
+    Computed in float32 from the model's weights; keys are the ones ``peft`` saves
+    (``base_model.model.<module>.lora_A.weight``, ``...lora_embedding_A`` for the embedding).
+    """
+    check_residual_writers(model)
+    v = direction.detach().to(torch.float32).cpu().flatten()
+    norm = v.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("the direction is zero or not finite: pick a layer whose direction is not 0 "
+                         "(layer 0's refusal direction is 0 at the last prompt token)")
+    v = v / norm
+    out: dict[str, torch.Tensor] = {}
+    for name, module in residual_writers(model, embedding=embedding):
+        weight = module.weight.detach().to(torch.float32).cpu()
+        key = f"base_model.model.{name}"
+        if isinstance(module, nn.Embedding):
+            # peft: delta[token] = A[:, token]^T B^T, so A = (E v)^T and B = -v
+            if weight.shape[1] != v.numel():
+                raise ValueError(f"{name} has width {weight.shape[1]}, the direction {v.numel()}: "
+                                 "use directions made from this model")
+            out[f"{key}.lora_embedding_A"] = (weight @ v).unsqueeze(0).contiguous()
+            out[f"{key}.lora_embedding_B"] = (-v).unsqueeze(1).contiguous()
+            continue
+        if weight.shape[0] != v.numel():
+            raise ValueError(f"{name} writes {weight.shape[0]} values, the direction has {v.numel()}: "
+                             "use directions made from this model")
+        bias = getattr(module, "bias", None)
+        if bias is not None and float((bias.detach().float().cpu() @ v).abs()) > 1e-6 * float(bias.norm() + 1):
+            raise ValueError(f"{name} has a bias along the direction, which a LoRA cannot edit: "
+                             "ablate with hooks instead")
+        out[f"{key}.lora_A.weight"] = (v @ weight).unsqueeze(0).contiguous()
+        out[f"{key}.lora_B.weight"] = (-v).unsqueeze(1).contiguous()
+    return out
+
+
+def _adapter_config(base: str, embedding: bool) -> dict[str, Any]:
+    # what peft's LoraConfig writes, with the fields vLLM reads; rank 1 and alpha 1: scaling 1
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": ["embed_tokens", *LAYER_TARGETS] if embedding else list(LAYER_TARGETS), "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def export_ablation_adapter(model: nn.Module, directions: DirectionSet, directory: str | os.PathLike, *,
+                            layer: int, direction: str = "refusal", embedding: bool = False,
+                            base_model_name_or_path: str | None = None) -> Path:
+    """Write a PEFT LoRA folder that removes one layer's direction from the whole residual stream.
+
+    Args:
+        model: the model the directions were made from (its weights go into ``A``).
+        directions: a :class:`DirectionSet` of this model.
+        directory: the folder to write; written beside itself first and renamed, so a folder that
+            exists is always whole. An existing adapter folder is replaced.
+        layer: whose direction to remove (everywhere, as ``ablate(..., source_layer=layer)``).
+        embedding: also edit the token embedding (exact weight orthogonalisation; vLLM 0.32 does
+            not load LoRA weights on the embedding, ``peft`` does).
+        base_model_name_or_path: recorded for ``peft``/vLLM; default: the model's name.
+
+    Returns:
+        the folder, with ``adapter_config.json``, ``adapter_model.safetensors`` and
+        ``pyvene_harm.json`` (which direction, which layer, the model and the versions).
+    """
+    from .steering import check_directions_fit, check_layer
+
+    check_directions_fit(model, directions)
+    check_layer(layer, model)
+    tensors = ablation_adapter_tensors(model, directions.direction(direction, layer), embedding=embedding)
+    provenance = model_provenance(model)
+    base = base_model_name_or_path or provenance.get("model_id") or ""
+    directory = Path(directory)
+    if directory.exists() and not (directory / ADAPTER_CONFIG).is_file():
+        raise FileExistsError(f"{directory} exists and is not an adapter folder: choose a new path")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        atomic_save_tensors(staging / ADAPTER_TENSORS, tensors)
+        atomic_write_json(staging / "pyvene_harm.json", {
+            "kind": "ablation_adapter", "direction": direction, "source_layer": layer,
+            "directions_model_id": directions.metadata.get("model_id"), "model": provenance,
+            "embedding": embedding,
+            "modules": [name for name, _ in residual_writers(model, embedding=embedding)], "versions": library_versions()})
+        atomic_write_json(staging / ADAPTER_CONFIG, _adapter_config(base, embedding))
+        staging.chmod(0o755)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, old / "adapter")
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
