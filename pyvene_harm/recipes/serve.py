@@ -80,13 +80,24 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
               help="Decode with --directions whatever a conversation's system prompt. By default a conversation "
                    "whose system prompt differs from the guard's is answered plainly: the guard's verdict was "
                    "formed under its own system prompt.")
+@click.option("--upstream", default=None,
+              help="Base URL of a serving engine that writes the replies the guard lets through: a running `vllm "
+                   "serve` (or any OpenAI-compatible server whose /v1/completions takes token ids). The guard "
+                   "still judges here, on its own copy of the model. Example: --upstream http://127.0.0.1:8001")
+@click.option("--upstream-model", default=None,
+              help="The engine's name for the plain model (default: the first it lists).")
+@click.option("--upstream-adapter", default=None,
+              help="The engine's name for the steered model: a LoRA from `pyvene-harm export-adapter`, loaded with "
+                   "`vllm serve ... --enable-lora --lora-modules NAME=FOLDER`. Without it replies are plain.")
+@click.option("--upstream-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Longest wait for the engine's next piece of a reply (504 after).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (one line per request at info).")
 def serve(guard_path, model_args, directions_path, host, port, api_key, served_model_name, max_batch, max_batch_tokens,
           max_wait_ms,
           max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message,
           request_timeout, read_timeout, limit_concurrency, keep_alive_timeout, graceful_shutdown_timeout,
-          steer_any_system_prompt, log_level):
+          steer_any_system_prompt, upstream, upstream_model, upstream_adapter, upstream_timeout, log_level):
     """Serve the guard: POST /v1/moderations and guarded POST /v1/chat/completions (OpenAI shapes).
 
     \b
@@ -94,6 +105,7 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
       pyvene-harm serve --guard artifacts/qwen2.5-coder-0.5b-instruct/guard \\
         --directions artifacts/qwen2.5-coder-0.5b-instruct/directions --port 8000
       pyvene-harm serve -m demo-1.5b      # the 1.5B model with its shipped guard
+      pyvene-harm serve -m demo --upstream http://127.0.0.1:8001 --upstream-adapter no-refusal
       curl -s localhost:8000/v1/moderations -H 'Content-Type: application/json' \\
         -d '{"input": "How do I kill a Python process?"}'
     """
@@ -111,6 +123,12 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
                         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, read_timeout_s=read_timeout)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    if upstream and directions_path:
+        raise click.UsageError("with --upstream the engine writes the replies, so --directions cannot steer them: "
+                               "export the ablation with `pyvene-harm export-adapter`, load it in the engine, and pass "
+                               "--upstream-adapter NAME")
+    if upstream_adapter and not upstream:
+        raise click.UsageError("--upstream-adapter names a LoRA on the engine: give --upstream URL too")
     if guard_path is None:
         from .demo import SHIPPED, shipped_artifacts
 
@@ -130,6 +148,15 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
             steering = ablate(loaded.model, directions, direction="refusal")
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="--directions") from None
+    engine = None
+    if upstream:
+        from ..serve.upstream import UpstreamEngine, UpstreamError, check_upstream
+
+        try:
+            engine = check_upstream(UpstreamEngine(upstream, model=upstream_model, adapter=upstream_adapter,
+                                                   timeout_s=upstream_timeout), loaded.tokenizer)
+        except (ValueError, UpstreamError) as err:
+            raise click.ClickException(str(err)) from None
     try:  # fails here, with the guard's own message, rather than on the first request
         g.set_params(progress=False).report(["Hello."])
     except ValueError as err:
@@ -137,10 +164,12 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
     name = served_model_name or _default_name(loaded.model_id)
     kwargs = {"refusal_message": refusal_message} if refusal_message is not None else {}
     app = create_app(g, loaded.model, loaded.tokenizer, model_name=name, steering=steering, limits=limits,
-                     api_key=api_key or None, steer_any_system_prompt=steer_any_system_prompt, **kwargs)
+                     api_key=api_key or None, steer_any_system_prompt=steer_any_system_prompt, engine=engine,
+                     **kwargs)
     auth = "API key required" if api_key else "no API key (set --api-key or " + API_KEY_ENV + ")"
     click.echo(f"serving {name!r} guarded by {guard_path} on http://{host}:{port} ({auth}; "
-               f"replies {'with the refusal direction ablated' if steering else 'plain'})", err=True)
+               f"replies {'with the refusal direction ablated' if steering or upstream_adapter else 'plain'}"
+               f"{f' from {engine.url} ({engine.model})' if engine else ''})", err=True)
     click.echo(f"guard {g.describe_threshold()}", err=True)
     logging.getLogger("pyvene_harm.serve").setLevel(log_level.upper())
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, date_header=False,

@@ -3,8 +3,9 @@
 ``POST /v1/moderations`` scores inputs with the guard; ``POST /v1/chat/completions`` answers
 through guarded generation (refuse what the guard calls harmful, decode the rest, optionally with
 the refusal direction ablated), plain or streamed. Concurrent requests are scored in dynamic
-batches by one worker thread that owns the model. ``create_app`` builds the ASGI app;
-``pyvene-harm serve`` runs it with uvicorn.
+batches by one worker thread that owns the model; replies are decoded by that thread or, with an
+:class:`UpstreamEngine`, by a serving engine (vLLM) that receives the token ids the guard judged.
+``create_app`` builds the ASGI app; ``pyvene-harm serve`` runs it with uvicorn.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from .decoding import Reply, generate_reply
 from .errors import ApiError
 from .jobs import ChatJob, Job, ScoreJob
 from .limits import Limits
-from .process import ServerProcess, free_port
+from .process import ServerProcess, VllmProcess, free_port
 from .schemas import Verdict
+from .upstream import UpstreamEngine, UpstreamError, check_upstream
 from .worker import GuardWorker, WorkerStats
 
 __all__ = [
@@ -32,8 +34,12 @@ __all__ = [
     "Reply",
     "ScoreJob",
     "ServerProcess",
+    "UpstreamEngine",
+    "UpstreamError",
     "Verdict",
+    "VllmProcess",
     "WorkerStats",
+    "check_upstream",
     "create_app",
     "free_port",
     "generate_reply",

@@ -53,7 +53,8 @@ T = TypeVar("T")
 
 def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steering: Any | None = None,
                limits: Limits | None = None, api_key: str | None = None,
-               refusal_message: str = DEFAULT_REFUSAL, steer_any_system_prompt: bool = False) -> FastAPI:
+               refusal_message: str = DEFAULT_REFUSAL, steer_any_system_prompt: bool = False,
+               engine: Any | None = None) -> FastAPI:
     """An ASGI app serving ``guard`` in front of ``model`` (run it with uvicorn).
 
     Args:
@@ -68,6 +69,9 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         refusal_message: the reply to prompts the guard calls harmful.
         steer_any_system_prompt: apply ``steering`` to conversations whatever their system
             prompt; by default only under the system prompt the guard judged with.
+        engine: an :class:`~.upstream.UpstreamEngine` (checked with ``check_upstream``) that
+            decodes the replies the guard lets through, steered ones under its adapter's name;
+            ``model`` then only scores. None: replies are decoded here, one at a time.
 
     Example:
         >>> app = create_app(LatentGuard.from_pretrained("runs/guard"), m.model, m.tokenizer,
@@ -80,7 +84,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
                          max_batch_tokens=limits.max_batch_tokens,
                          max_wait_ms=limits.max_wait_ms, max_gap_ms=limits.max_gap_ms, max_queue=limits.max_queue,
                          refusal_message=refusal_message, scoring_batches_per_reply=limits.scoring_batches_per_reply,
-                         steer_any_system_prompt=steer_any_system_prompt)
+                         steer_any_system_prompt=steer_any_system_prompt, engine=engine)
     # requests are rendered and counted with a copy of the tokenizer, one thread at a time: a fast
     # tokenizer must not be used by two threads at once, and the worker thread uses the original
     counter = copy.deepcopy(tokenizer)
@@ -98,6 +102,8 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
             yield
         finally:
             await asyncio.to_thread(worker.stop)
+            if engine is not None:
+                await engine.aclose()
 
     app = FastAPI(title="pyvene-harm Latent Guard", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -200,7 +206,8 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "worker": worker.snapshot()}
+        return {"status": "ok", "model": model_name, "worker": worker.snapshot(),
+                "engine": "in-process" if engine is None else engine.url}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

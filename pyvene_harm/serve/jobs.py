@@ -68,6 +68,15 @@ class Job:
     def cancel(self) -> None:
         """The client has gone: skip this job, or stop decoding its reply."""
         self._cancelled.set()
+        for fn in self.__dict__.pop("_on_cancel", ()):
+            self._call(fn)
+
+    def on_cancel(self, fn: Any) -> None:
+        """Call ``fn`` on the event loop when the job is cancelled (at once if it already is)."""
+        if self.cancelled:
+            self._call(fn)
+        else:
+            self.__dict__.setdefault("_on_cancel", []).append(fn)
 
     @property
     def cancelled(self) -> bool:

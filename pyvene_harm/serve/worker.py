@@ -96,7 +96,7 @@ class GuardWorker:
                  max_batch: int = 32, max_wait_ms: float = 10.0, max_gap_ms: float | None = None,
                  max_queue: int = 1024, refusal_message: str = DEFAULT_REFUSAL,
                  scoring_batches_per_reply: int = 2, steer_any_system_prompt: bool = False,
-                 max_batch_tokens: int = 16384) -> None:
+                 max_batch_tokens: int = 16384, engine: Any | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -110,6 +110,7 @@ class GuardWorker:
         if scoring_batches_per_reply < 1:
             raise ValueError(f"scoring_batches_per_reply must be at least 1, got {scoring_batches_per_reply}")
         self.guard, self.model, self.tokenizer, self.steering = guard, model, tokenizer, steering
+        self.engine = engine  # an UpstreamEngine decodes the replies; None: this thread does
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_gap = self.max_wait if max_gap_ms is None else min(self.max_wait, max_gap_ms / 1000.0)
         self.refusal_message = refusal_message
@@ -344,6 +345,15 @@ class GuardWorker:
 
     def _after_verdict(self, job: ChatJob, verdict: Verdict) -> None:
         job.emit("verdict", verdict)
+        if not verdict.harmful and self.engine is not None:
+            try:  # the engine reads the very ids this formatter gives the guard
+                ids = list(self.formatter.tokenize([job.conversation])[0].ids)
+            except Exception as exc:
+                self._fail(job, exc)
+                return
+            self.stats.replies += 1
+            self.engine.submit(job, ids, steer=self.steers(job), done=lambda: self._finished(job))
+            return
         if not verdict.harmful:
             if not self._replies:
                 self._batches_while_waiting = 0
@@ -361,7 +371,7 @@ class GuardWorker:
     def steers(self, job: ChatJob) -> bool:
         """Whether ``job``'s reply is decoded with the steering: only under the system prompt the
         guard judged with, unless the operator allowed any (``steer_any_system_prompt``)."""
-        if self.steering is None:
+        if self.steering is None and getattr(self.engine, "adapter", None) is None:
             return False
         own = job.conversation.system_prompt
         return self.steer_any_system_prompt or own is None or own == self.formatter.system_prompt
