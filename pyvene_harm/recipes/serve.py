@@ -51,6 +51,9 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
 @click.option("--max-gap-ms", type=click.FloatRange(min=0), default=None,
               help="Stop waiting sooner once no request has arrived for this long (default: wait the whole "
                    "--max-wait-ms). Example: --max-wait-ms 250 --max-gap-ms 20 on a CPU.")
+@click.option("--max-reply-batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Most greedy chat replies decoded together in one batch (those waiting when one starts); "
+                   "1 decodes them one at a time.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Most requests waiting or running; more are answered 429 (busy).")
 @click.option("--max-inputs", type=click.IntRange(min=1), default=64, show_default=True,
@@ -94,7 +97,7 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (one line per request at info).")
 def serve(guard_path, model_args, directions_path, host, port, api_key, served_model_name, max_batch, max_batch_tokens,
-          max_wait_ms,
+          max_wait_ms, max_reply_batch,
           max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message,
           request_timeout, read_timeout, limit_concurrency, keep_alive_timeout, graceful_shutdown_timeout,
           steer_any_system_prompt, upstream, upstream_model, upstream_adapter, upstream_timeout, log_level):
@@ -118,6 +121,7 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
         raise click.UsageError(f"{err}: pip install 'pyvene-harm[serve]'") from None
     try:
         limits = Limits(max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_gap_ms=max_gap_ms, max_queue=max_queue,
+                        max_reply_batch=max_reply_batch,
                         max_inputs=max_inputs,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, read_timeout_s=read_timeout)

@@ -84,6 +84,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
                          max_batch_tokens=limits.max_batch_tokens,
                          max_wait_ms=limits.max_wait_ms, max_gap_ms=limits.max_gap_ms, max_queue=limits.max_queue,
                          refusal_message=refusal_message, scoring_batches_per_reply=limits.scoring_batches_per_reply,
+                         max_reply_batch=limits.max_reply_batch,
                          steer_any_system_prompt=steer_any_system_prompt, engine=engine)
     # requests are rendered and counted with a copy of the tokenizer, one thread at a time: a fast
     # tokenizer must not be used by two threads at once, and the worker thread uses the original

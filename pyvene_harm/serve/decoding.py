@@ -27,7 +27,7 @@ from ..conversation import Conversation
 from ..generation import generate_ids, greedy_config
 from ..positions import ChatFormatter
 
-__all__ = ["Reply", "generate_reply"]
+__all__ = ["Reply", "ReplyRequest", "generate_reply", "generate_reply_batch"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +162,70 @@ def generate_reply(
     if on_text is not None and not text.startswith(relay.sent):  # decoding rewrote earlier text (rare)
         text = relay.sent
     return Reply(text=text, prompt_tokens=batch.seq_len, completion_tokens=len(new), finish_reason=reason)
+
+
+@dataclass
+class ReplyRequest:
+    """One greedy reply of a batch (:func:`generate_reply_batch`): its conversation, length,
+    ``stop`` strings, and its own text and stop callbacks."""
+
+    conversation: str | Conversation
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    on_text: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+class _BatchRelay(StoppingCriteria):
+    """Per row of a batch: one :class:`_Relay` and the step at which the row ended, and why."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int, requests: list[ReplyRequest], eos: set[int]) -> None:
+        self.rows = [_Relay(tokenizer, prompt_len, r.on_text, r.should_stop, tuple(r.stop)) for r in requests]
+        self.requests, self.prompt_len, self.eos = requests, prompt_len, eos
+        self.ended: list[tuple[int, str] | None] = [None] * len(requests)  # (tokens, finish_reason)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        n = input_ids.shape[1] - self.prompt_len
+        for i, (relay, req) in enumerate(zip(self.rows, self.requests)):
+            if self.ended[i] is not None:
+                continue
+            if n and int(input_ids[i, -1]) in self.eos:
+                self.ended[i] = (n, "stop")
+            elif relay(input_ids[i:i + 1], scores).all():
+                self.ended[i] = (n, "stop" if relay.stopped_at is not None else "cancelled")
+            elif n >= req.max_new_tokens:
+                self.ended[i] = (n, "length")
+        return torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_reply_batch(model: nn.Module, formatter: ChatFormatter, requests: list[ReplyRequest], *,
+                         steering: Any | None = None) -> list[Reply]:
+    """Decode several greedy replies in one ``generate`` call (left-padded), each streamed and
+    stopped on its own: a row ends at its end of turn, its ``max_new_tokens``, its first ``stop``
+    string or when its ``should_stop()`` says so, while the others go on.
+
+    What a server gains when replies arrive together: on a CPU one batched step costs little
+    more than a single one, on a GPU almost nothing more. Padding changes the order float32 sums
+    are taken in, so a batched greedy reply can differ from the same reply decoded alone where
+    two tokens are within rounding of each other.
+    """
+    tokenizer = formatter.tokenizer
+    device = next(model.parameters()).device
+    batch = formatter.encode([r.conversation for r in requests], padding_side="left").to(device)
+    config = greedy_config(model, tokenizer, max(r.max_new_tokens for r in requests))
+    eos = set(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
+    relay = _BatchRelay(tokenizer, batch.seq_len, requests, eos)
+    ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]))
+    replies = []
+    for i, (row, req) in enumerate(zip(relay.rows, requests)):
+        n, reason = relay.ended[i] or (ids.shape[1] - batch.seq_len, "length")
+        new = ids[i, batch.seq_len:batch.seq_len + n].tolist()
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if row.stopped_at is not None:
+            text = text[:row.stopped_at]
+        row.flush(text, final=True)
+        if req.on_text is not None and not text.startswith(row.sent):
+            text = row.sent
+        prompt_tokens = int(batch.attention_mask[i].sum())
+        replies.append(Reply(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(new), finish_reason=reason))
+    return replies

@@ -27,6 +27,8 @@ class Limits:
         read_timeout_s: longest a client may take to send a request body (408 after; headers are
             bounded by the same time at the protocol level, see :mod:`~pyvene_harm.serve.protocol`).
         scoring_batches_per_reply: most scoring batches run while a chat reply waits.
+        max_reply_batch: most greedy chat replies decoded together in one ``generate`` call
+            (the replies waiting when one starts; 1 decodes one at a time).
     """
 
     max_batch: int = 32
@@ -41,13 +43,14 @@ class Limits:
     request_timeout_s: float = 300.0
     read_timeout_s: float = 10.0
     scoring_batches_per_reply: int = 2
+    max_reply_batch: int = 32
 
     def __post_init__(self) -> None:
         for name in ("request_timeout_s", "read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be more than 0, got {getattr(self, name)}")
         for name in ("max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_prompt_tokens", "max_new_tokens",
-                     "max_body_bytes", "scoring_batches_per_reply"):
+                     "max_body_bytes", "scoring_batches_per_reply", "max_reply_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:

@@ -1,4 +1,4 @@
-"""The one thread that runs the model: guard scoring in bounded batches, then replies one at a time.
+"""The one thread that runs the model: guard scoring in bounded batches, then replies in batches.
 
 Requests arrive on the event loop and become jobs on a queue; each job is a list of reads (every
 input, message and piece the guard judges). The worker takes the first job, keeps taking jobs
@@ -11,7 +11,10 @@ one batch, not for all of it; a job whose client left or whose time ran out is d
 batches, so its remaining reads cost nothing. A job is answered once all its reads are scored.
 A chat job the guard calls harmful gets the refusal at once; one it lets through waits for its
 reply, decoded between scoring batches (scoring goes first, so moderation latency does not wait on
-replies being written). Nothing else touches the model, so two requests never run it at once.
+replies being written). The greedy replies waiting when one starts (without penalties, under the
+same steering; up to ``max_reply_batch``) are decoded together in one ``generate`` call, each
+streamed and stopped on its own; with an upstream engine, replies are the engine's and this
+thread only scores. Nothing else touches the model, so two requests never run it at once.
 
 A chat job is scored as every read of its conversation (each message, and the last user message
 in context); its verdict combines them. Replies never starve behind scoring: once a reply is
@@ -37,7 +40,7 @@ import numpy as np
 
 from ..guard.conversations import combine_parts, score_reads
 from ..guard.guarded import DEFAULT_REFUSAL
-from .decoding import Reply, generate_reply
+from .decoding import Reply, ReplyRequest, generate_reply, generate_reply_batch
 from .errors import ApiError, internal_error
 from .jobs import ChatJob, Job, ScoreJob
 from .schemas import Verdict
@@ -58,6 +61,9 @@ class WorkerStats:
     largest_batch: int = 0
     replies: int = 0
     replies_cancelled: int = 0
+    reply_batches: int = 0
+    """Batched ``generate`` calls (each decoding two or more waiting replies together)."""
+    largest_reply_batch: int = 0
     replies_unsteered: int = 0
     """Replies decoded plainly although steering is on: their system prompt is not the guard's."""
     tokens_generated: int = 0
@@ -96,7 +102,7 @@ class GuardWorker:
                  max_batch: int = 32, max_wait_ms: float = 10.0, max_gap_ms: float | None = None,
                  max_queue: int = 1024, refusal_message: str = DEFAULT_REFUSAL,
                  scoring_batches_per_reply: int = 2, steer_any_system_prompt: bool = False,
-                 max_batch_tokens: int = 16384, engine: Any | None = None) -> None:
+                 max_batch_tokens: int = 16384, engine: Any | None = None, max_reply_batch: int = 1) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -107,10 +113,13 @@ class GuardWorker:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
+        if max_reply_batch < 1:
+            raise ValueError(f"max_reply_batch must be at least 1, got {max_reply_batch}")
         if scoring_batches_per_reply < 1:
             raise ValueError(f"scoring_batches_per_reply must be at least 1, got {scoring_batches_per_reply}")
         self.guard, self.model, self.tokenizer, self.steering = guard, model, tokenizer, steering
         self.engine = engine  # an UpstreamEngine decodes the replies; None: this thread does
+        self.max_reply_batch = max_reply_batch
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_gap = self.max_wait if max_gap_ms is None else min(self.max_wait, max_gap_ms / 1000.0)
         self.refusal_message = refusal_message
@@ -185,7 +194,7 @@ class GuardWorker:
         while True:
             try:
                 if self._replies and self._batches_while_waiting >= self.scoring_batches_per_reply:
-                    self._reply(self._replies.popleft())  # scoring traffic must not starve replies
+                    self._reply_next()  # scoring traffic must not starve replies
                     self._batches_while_waiting = 0
                     continue
                 jobs = self._collect(block=not self._replies and not self._active)
@@ -197,7 +206,7 @@ class GuardWorker:
                     if self._replies:
                         self._batches_while_waiting += 1
                 elif self._replies:
-                    self._reply(self._replies.popleft())
+                    self._reply_next()
                     self._batches_while_waiting = 0
             except Exception:  # a bug must not kill the thread every request waits on
                 logger.exception("the model worker failed")
@@ -376,6 +385,47 @@ class GuardWorker:
         own = job.conversation.system_prompt
         return self.steer_any_system_prompt or own is None or own == self.formatter.system_prompt
 
+    def _reply_next(self) -> None:
+        """Decode the oldest waiting reply, together with the waiting ones that can share its
+        ``generate`` call: greedy, no penalties, the same steering (up to ``max_reply_batch``)."""
+        first = self._replies.popleft()
+        group = [first]
+        if self.max_reply_batch > 1 and _batchable(first):
+            steer = self.steers(first)
+            for job in list(self._replies):
+                if len(group) >= self.max_reply_batch:
+                    break
+                if _batchable(job) and self.steers(job) == steer:
+                    self._replies.remove(job)
+                    group.append(job)
+        for job in [j for j in group if j.cancelled]:
+            group.remove(job)
+            self._skip(job)
+        if len(group) == 1:
+            self._reply(group[0])
+        elif group:
+            self._reply_batch(group)
+
+    def _reply_batch(self, jobs: list[ChatJob]) -> None:
+        self.stats.busy = "generating"
+        steer = self.steers(jobs[0])
+        if self.steering is not None and not steer:
+            self.stats.replies_unsteered += len(jobs)
+        requests = [ReplyRequest(job.conversation, job.max_new_tokens, stop=job.stop,
+                                 on_text=(lambda text, job=job: job.emit("text", text)) if job.stream else None,
+                                 should_stop=lambda job=job: job.cancelled or self._stopped) for job in jobs]
+        try:
+            replies = generate_reply_batch(self.model, self.formatter, requests,
+                                           steering=self.steering if steer else None)
+        except Exception as exc:
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        self.stats.reply_batches += 1
+        self.stats.largest_reply_batch = max(self.stats.largest_reply_batch, len(jobs))
+        for job, reply in zip(jobs, replies):
+            self._deliver(job, reply)
+
     def _reply(self, job: ChatJob) -> None:
         if job.cancelled:
             self._skip(job)
@@ -396,6 +446,9 @@ class GuardWorker:
         except Exception as exc:
             self._fail(job, exc)
             return
+        self._deliver(job, reply)
+
+    def _deliver(self, job: ChatJob, reply: Reply) -> None:
         if reply.finish_reason == "cancelled" and self._stopped and not job.cancelled:
             self._fail(job, ApiError(503, "the server is shutting down: retry on another instance",
                                      type="server_error", code="unavailable"))
@@ -422,6 +475,11 @@ class GuardWorker:
             if job is not None and job is not _STOP:
                 job.fail(gone)
                 self._finished(job)
+
+
+def _batchable(job: ChatJob) -> bool:
+    """Greedy and without penalties: rows of one batched ``generate`` share these settings."""
+    return not job.temperature and not job.frequency_penalty and not job.presence_penalty
 
 
 def _report_rows(rep: Any, a: int, b: int) -> list[dict[str, Any]]:
