@@ -21,6 +21,7 @@ in-process score (Delta_harmful within a float tolerance, the same verdict) or t
 
     python benchmarks/bench_serve.py             # CPU: demo model, 128 prompts
     python benchmarks/bench_serve.py --quick
+    python benchmarks/bench_serve.py --chat      # guarded chat: vLLM-backed and in-process (bench_serve_chat.py)
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ def served_model(bm: C.BenchModel, folder: Path) -> tuple[str, C.BenchModel]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--chat" in argv:  # chat under load has its own contenders and options
+        import bench_serve_chat
+
+        return bench_serve_chat.main([a for a in argv if a != "--chat"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser, name=NAME)
