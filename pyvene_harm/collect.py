@@ -33,6 +33,7 @@ from .pyvene_support import (
 __all__ = [
     "ActivationStats",
     "collect_stats",
+    "drop_unread_layers",
     "collect_states",
     "collect_token_states",
     "fixed_reads",
@@ -167,6 +168,29 @@ def truncated_decoder(decoder: nn.Module, n_layers: int) -> Iterator[nn.Module]:
         yield decoder
     finally:
         setattr(holder, path[-1], layers)
+
+
+def drop_unread_layers(model: nn.Module, states: Sequence[int]) -> int:
+    """Delete the decoder layers that reading ``states`` never runs; returns how many are kept.
+
+    For a model that only scores (a guard server whose replies come from a serving engine): a
+    guard reading states up to 2/3 of the depth keeps 2/3 of the layers, and the rest of their
+    weights are freed. The model can no longer generate. Its provenance still reports the full
+    depth (``pyvene_harm_num_layers``), so artifacts made for the whole model still fit it.
+    """
+    decoder = decoder_of(model)
+    layers = decoder_layers(decoder)
+    n = getattr(model, "pyvene_harm_num_layers", len(layers))
+    keep = layers_to_run(len(layers), states)
+    if keep < len(layers):
+        holder = decoder
+        path = layers_path(decoder).split(".")
+        for part in path[:-1]:
+            holder = getattr(holder, part)
+        setattr(holder, path[-1], nn.ModuleList(list(layers)[:keep]))
+    for mod in {id(model): model, id(decoder): decoder}.values():
+        mod.pyvene_harm_num_layers = n
+    return keep
 
 
 READS = ("t_inst", "t_post_inst", "post:K", "last:K", "scan:K", "mean_inst", "mean_post")

@@ -220,3 +220,23 @@ def test_cli_names_the_url_of_a_missing_engine(tmp_path, parts):
     r = CliRunner().invoke(main, ["serve", "--guard", str(tmp_path / "g"), "-m", str(tmp_path / "m"),
                                   "--upstream", nowhere, "--directions", str(tmp_path)])
     assert r.exit_code == 2 and "--upstream-adapter" in r.output, r.output
+
+
+def test_a_scoring_only_copy_keeps_the_layers_the_guard_reads_and_scores_the_same(parts):
+    from pyvene_harm.collect import drop_unread_layers
+    from pyvene_harm.directions import model_provenance
+    from pyvene_harm.guard.features import check_fits_model
+    from pyvene_harm.pyvene_support import decoder_layers
+
+    _, tok, _ = parts
+    model = make_model("qwen2", num_layers=4)
+    guard = LatentGuard(model, tok, layers=[1, 2], batch_size=4).fit(HARMFUL + HARMLESS, [1] * 4 + [0] * 4)
+    before = guard.report(HARMFUL + HARMLESS)
+    params = sum(p.numel() for p in model.parameters())
+    assert drop_unread_layers(model, guard.states_) == 2
+    assert len(decoder_layers(model)) == 2 and model_provenance(model)["num_layers"] == 4
+    assert sum(p.numel() for p in model.parameters()) < params
+    check_fits_model(guard.metadata_, guard.hidden_size_, guard.states_, model, guard.chat_formatter())
+    after = guard.report(HARMFUL + HARMLESS)
+    assert after.harmful.tolist() == before.harmful.tolist()
+    assert abs(after.delta_harmful - before.delta_harmful).max() < 1e-6

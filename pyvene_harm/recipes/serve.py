@@ -161,6 +161,17 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
                                                    timeout_s=upstream_timeout), loaded.tokenizer)
         except (ValueError, UpstreamError) as err:
             raise click.ClickException(str(err)) from None
+        # this copy only scores now: the layers the guard never runs go, and their weights
+        import gc
+
+        from ..collect import drop_unread_layers
+        from ..pyvene_support import decoder_layers
+
+        total = len(decoder_layers(loaded.model))
+        kept = drop_unread_layers(loaded.model, g.states_)
+        gc.collect()
+        click.echo(f"guard copy of the model: {kept} of {total} decoder layers (up to the deepest state the guard "
+                   "reads); the engine writes the replies", err=True)
     try:  # fails here, with the guard's own message, rather than on the first request
         g.set_params(progress=False).report(["Hello."])
     except ValueError as err:
