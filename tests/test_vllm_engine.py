@@ -6,8 +6,8 @@ vLLM lives in its own virtual environment: ``PYVENE_HARM_VLLM_PYTHON`` names its
 Without one the test is skipped, saying so; with one, vLLM must start and every check must pass.
 
 The replies are compared token for token with this process's decoding of the same prompt: plain
-with ``generate_reply``, steered with ``ablate(..., source_layer=L, where="writes")``, the hook
-form of the adapter's edit. Greedy replies of 24 tokens in float32 match exactly on this model.
+with ``generate_reply``, steered with the same adapter folder applied by peft
+(``AdapterSteering``). Greedy replies of 24 tokens in float32 match exactly on this model.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from openai import OpenAI
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("PYVENE_HARM_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
 SHIPPED = ROOT / "artifacts" / "qwen2.5-coder-0.5b-instruct"
-LAYER = 12
 NEW = 24
 NAME = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 
@@ -37,25 +36,27 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def demo():
+def demo(tmp_path_factory):
+    """The demo model, its guard, the adapter folder, and the same adapter applied here by peft."""
+    from pyvene_harm.directions import DirectionSet
     from pyvene_harm.guard import LatentGuard
+    from pyvene_harm.interventions.adapter import AdapterSteering, export_ablation_adapter
     from pyvene_harm.models import load_model
 
     loaded = load_model("demo", dtype="float32", device="cpu")
     guard = LatentGuard.from_pretrained(str(SHIPPED / "guard"), loaded.model, loaded.tokenizer)
-    return loaded, guard
+    directions = DirectionSet.load(SHIPPED / "directions")
+    adapter = tmp_path_factory.mktemp("adapter") / "no-refusal"
+    export_ablation_adapter(loaded.model, directions, adapter, layer=None)  # before peft wraps the model
+    return loaded, guard, AdapterSteering(loaded.model, directions), adapter
 
 
 @pytest.fixture(scope="module")
-def stack(demo, tmp_path_factory):
+def stack(demo):
     from pyvene_harm.builtin_models import prepare_demo
-    from pyvene_harm.directions import DirectionSet
-    from pyvene_harm.interventions.adapter import export_ablation_adapter
     from pyvene_harm.serve import ServerProcess, VllmProcess
 
-    loaded, _ = demo
-    adapter = tmp_path_factory.mktemp("adapter") / "no-refusal"
-    export_ablation_adapter(loaded.model, DirectionSet.load(SHIPPED / "directions"), adapter, layer=LAYER)
+    adapter = demo[3]
     with VllmProcess(VLLM_PYTHON, prepare_demo(), served_name=NAME, lora_modules={"no-refusal": adapter}) as engine:
         args = ["-m", "demo", "--upstream", engine.url, "--upstream-adapter", "no-refusal", "--log-level", "warning"]
         with ServerProcess(args, startup_timeout=300) as guard_server:
@@ -64,15 +65,11 @@ def stack(demo, tmp_path_factory):
 
 def _reference(demo, messages, steered: bool) -> str:
     from pyvene_harm.conversation import Conversation
-    from pyvene_harm.directions import DirectionSet
-    from pyvene_harm.interventions import ablate
     from pyvene_harm.serve import generate_reply
 
-    loaded, guard = demo
-    steering = ablate(loaded.model, DirectionSet.load(SHIPPED / "directions"), source_layer=LAYER,
-                      where="writes") if steered else None
+    loaded, guard, steering, _ = demo
     return generate_reply(loaded.model, guard.chat_formatter(), Conversation.from_messages(messages),
-                          max_new_tokens=NEW, steering=steering).text
+                          max_new_tokens=NEW, steering=steering if steered else None).text
 
 
 def _running(engine) -> float:

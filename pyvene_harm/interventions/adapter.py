@@ -8,6 +8,12 @@ the base weights alone, so one copy of the model serves plain replies and ablate
 side: ``peft`` loads the folder, and so do ``vllm serve --enable-lora --lora-modules`` and
 ``vllm.LoRARequest``, which batch requests with and without the adapter together.
 
+Two edits are written. With one layer's direction (``layer=L``) the edit is rank 1, as in the
+refusal-direction literature. By default every layer's own direction is kept out of what that
+layer reads: layer ``l``'s writes lose the span of the directions of layers ``l + 1`` and later
+(rank up to the number of layers), the weight form of ablating each layer's direction at its
+input. On the demo model the second undoes far more over-refusal (docs/serving-with-vllm.md).
+
 vLLM (0.32) takes LoRA weights on attention and MLP projections only, not on the embedding, so by
 default the adapter leaves the embedding as it is: the direction is removed from everything the
 layers write, and only the token embedding's own component along it stays in the stream.
@@ -37,7 +43,7 @@ from ..io_utils import atomic_save_tensors, atomic_write_json
 from ..pyvene_support import decoder_layers, layers_path
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_TENSORS", "ablation_adapter_tensors", "check_residual_writers",
-           "export_ablation_adapter", "residual_writers"]
+           "export_ablation_adapter", "per_layer_adapter_tensors", "residual_writers"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_TENSORS = "adapter_model.safetensors"
@@ -97,41 +103,97 @@ def ablation_adapter_tensors(model: nn.Module, direction: torch.Tensor, *,
     (``base_model.model.<module>.lora_A.weight``, ``...lora_embedding_A`` for the embedding).
     """
     check_residual_writers(model)
-    v = direction.detach().to(torch.float32).cpu().flatten()
-    norm = v.norm()
-    if not torch.isfinite(norm) or norm == 0:
+    v = _unit(direction)
+    if v is None:
         raise ValueError("the direction is zero or not finite: pick a layer whose direction is not 0 "
                          "(layer 0's refusal direction is 0 at the last prompt token)")
-    v = v / norm
+    return _lora_tensors(model, lambda layer: v.unsqueeze(1), 1, embedding)
+
+
+def per_layer_adapter_tensors(model: nn.Module, directions: torch.Tensor, *,
+                              embedding: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """LoRA tensors that keep every layer's own direction out of what that layer reads.
+
+    ``directions[k]`` is the direction at the input of layer ``k``. What layer ``l`` writes only
+    reaches the inputs of layers ``l + 1`` and later, so its ``o_proj`` and ``down_proj`` lose the
+    span of ``directions[l + 1:]`` (the embedding, the span of all of them): the input of every
+    layer ``k`` then has no component along ``directions[k]``. The weight form of ablating each
+    layer's own direction at its input; the rank is the span's, at most the number of layers
+    (zero-padded to one rank for all modules, which peft and vLLM need). Returns ``(tensors, rank)``.
+    """
+    check_residual_writers(model)
+    n = len(decoder_layers(model))
+    if directions.shape[0] < n:
+        raise ValueError(f"{directions.shape[0]} directions for {n} layers: use directions made from this model")
+    units = [_unit(directions[k]) for k in range(n)]
+
+    def basis(layer: int) -> torch.Tensor:  # layer -1: the embedding
+        vs = [u for u in units[layer + 1:] if u is not None]
+        return _orthonormal(torch.stack(vs)) if vs else torch.zeros(directions.shape[1], 0)
+
+    rank = max(basis(layer).shape[1] for layer in range(-1 if embedding else 0, n))
+    if rank == 0:
+        raise ValueError("every direction is zero: nothing to remove")
+    return _lora_tensors(model, basis, rank, embedding), rank
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor | None:
+    v = v.detach().to(torch.float32).cpu().flatten()
+    norm = v.norm()
+    return None if not torch.isfinite(norm) or norm == 0 else v / norm
+
+
+def _orthonormal(vectors: torch.Tensor) -> torch.Tensor:
+    """``[d, r]`` orthonormal columns spanning the rows of ``vectors`` (near-parallel ones merged)."""
+    q, r = torch.linalg.qr(vectors.T.double())
+    keep = r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()
+    return q[:, keep].float()
+
+
+def _lora_tensors(model: nn.Module, basis_of, rank: int, embedding: bool) -> dict[str, torch.Tensor]:
+    """``W -> (I - Q Q^T) W`` for each writer, ``Q = basis_of(layer)`` (``[d, r_i]``, orthonormal),
+    as LoRA ``B = -Q``, ``A = Q^T W``, zero-padded to ``rank`` columns."""
     out: dict[str, torch.Tensor] = {}
-    for name, module in residual_writers(model, embedding=embedding):
+    hidden = None
+    for name, module, layer in _writers(model, embedding):
+        q = basis_of(layer)
+        hidden = q.shape[0]
         weight = module.weight.detach().to(torch.float32).cpu()
         key = f"base_model.model.{name}"
+        pad = torch.zeros(hidden, rank)
+        pad[:, :q.shape[1]] = q
         if isinstance(module, nn.Embedding):
-            # peft: delta[token] = A[:, token]^T B^T, so A = (E v)^T and B = -v
-            if weight.shape[1] != v.numel():
-                raise ValueError(f"{name} has width {weight.shape[1]}, the direction {v.numel()}: "
+            # peft: delta[token] = A[:, token]^T B^T, so A = (E Q)^T and B = -Q
+            if weight.shape[1] != hidden:
+                raise ValueError(f"{name} has width {weight.shape[1]}, the directions {hidden}: "
                                  "use directions made from this model")
-            out[f"{key}.lora_embedding_A"] = (weight @ v).unsqueeze(0).contiguous()
-            out[f"{key}.lora_embedding_B"] = (-v).unsqueeze(1).contiguous()
+            out[f"{key}.lora_embedding_A"] = (weight @ pad).T.contiguous()
+            out[f"{key}.lora_embedding_B"] = (-pad).contiguous()
             continue
-        if weight.shape[0] != v.numel():
-            raise ValueError(f"{name} writes {weight.shape[0]} values, the direction has {v.numel()}: "
+        if weight.shape[0] != hidden:
+            raise ValueError(f"{name} writes {weight.shape[0]} values, the directions have {hidden}: "
                              "use directions made from this model")
         bias = getattr(module, "bias", None)
-        if bias is not None and float((bias.detach().float().cpu() @ v).abs()) > 1e-6 * float(bias.norm() + 1):
+        if bias is not None and float((bias.detach().float().cpu() @ pad).abs().max()) > 1e-6 * float(bias.norm() + 1):
             raise ValueError(f"{name} has a bias along the direction, which a LoRA cannot edit: "
                              "ablate with hooks instead")
-        out[f"{key}.lora_A.weight"] = (v @ weight).unsqueeze(0).contiguous()
-        out[f"{key}.lora_B.weight"] = (-v).unsqueeze(1).contiguous()
+        out[f"{key}.lora_A.weight"] = (pad.T @ weight).contiguous()
+        out[f"{key}.lora_B.weight"] = (-pad).contiguous()
     return out
 
 
-def _adapter_config(base: str, embedding: bool) -> dict[str, Any]:
-    # what peft's LoraConfig writes, with the fields vLLM reads; rank 1 and alpha 1: scaling 1
+def _writers(model: nn.Module, embedding: bool) -> Iterator[tuple[str, nn.Module, int]]:
+    """:func:`residual_writers` with each one's layer (-1 for the embedding)."""
+    for name, module in residual_writers(model, embedding=embedding):
+        parts = name.split(".")
+        yield name, module, (int(parts[-3]) if parts[-1] in LAYER_TARGETS else -1)
+
+
+def _adapter_config(base: str, embedding: bool, rank: int = 1) -> dict[str, Any]:
+    # what peft's LoraConfig writes, with the fields vLLM reads; alpha = rank: scaling 1
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-        "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "target_modules": ["embed_tokens", *LAYER_TARGETS] if embedding else list(LAYER_TARGETS), "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
@@ -139,16 +201,18 @@ def _adapter_config(base: str, embedding: bool) -> dict[str, Any]:
 
 
 def export_ablation_adapter(model: nn.Module, directions: DirectionSet, directory: str | os.PathLike, *,
-                            layer: int, direction: str = "refusal", embedding: bool = False,
+                            layer: int | None, direction: str = "refusal", embedding: bool = False,
                             base_model_name_or_path: str | None = None) -> Path:
-    """Write a PEFT LoRA folder that removes one layer's direction from the whole residual stream.
+    """Write a PEFT LoRA folder that removes a direction from the residual stream.
 
     Args:
         model: the model the directions were made from (its weights go into ``A``).
         directions: a :class:`DirectionSet` of this model.
         directory: the folder to write; written beside itself first and renamed, so a folder that
             exists is always whole. An existing adapter folder is replaced.
-        layer: whose direction to remove (everywhere, as ``ablate(..., source_layer=layer)``).
+        layer: whose direction to remove (everywhere, as ``ablate(..., source_layer=layer)``, rank
+            1); ``None``: every layer's own direction kept out of what that layer reads
+            (:func:`per_layer_adapter_tensors`, rank up to the number of layers).
         embedding: also edit the token embedding (exact weight orthogonalisation; vLLM 0.32 does
             not load LoRA weights on the embedding, ``peft`` does).
         base_model_name_or_path: recorded for ``peft``/vLLM; default: the model's name.
@@ -160,8 +224,11 @@ def export_ablation_adapter(model: nn.Module, directions: DirectionSet, director
     from .steering import check_directions_fit, check_layer
 
     check_directions_fit(model, directions)
-    check_layer(layer, model)
-    tensors = ablation_adapter_tensors(model, directions.direction(direction, layer), embedding=embedding)
+    if layer is None:
+        tensors, rank = per_layer_adapter_tensors(model, getattr(directions, direction), embedding=embedding)
+    else:
+        check_layer(layer, model)
+        tensors, rank = ablation_adapter_tensors(model, directions.direction(direction, layer), embedding=embedding), 1
     provenance = model_provenance(model)
     base = base_model_name_or_path or provenance.get("model_id") or ""
     directory = Path(directory)
@@ -174,9 +241,9 @@ def export_ablation_adapter(model: nn.Module, directions: DirectionSet, director
         atomic_write_json(staging / "pyvene_harm.json", {
             "kind": "ablation_adapter", "direction": direction, "source_layer": layer,
             "directions_model_id": directions.metadata.get("model_id"), "model": provenance,
-            "embedding": embedding,
+            "embedding": embedding, "rank": rank,
             "modules": [name for name, _ in residual_writers(model, embedding=embedding)], "versions": library_versions()})
-        atomic_write_json(staging / ADAPTER_CONFIG, _adapter_config(base, embedding))
+        atomic_write_json(staging / ADAPTER_CONFIG, _adapter_config(base, embedding, rank))
         staging.chmod(0o755)
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
@@ -189,3 +256,38 @@ def export_ablation_adapter(model: nn.Module, directions: DirectionSet, director
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+class AdapterSteering:
+    """An ablation adapter applied in this process with ``peft``, only while replies are written.
+
+    The same folder a serving engine loads (written to a temporary directory), wrapped around
+    ``model`` and switched off at once: the guard keeps scoring the plain model, and
+    :meth:`generate_batch` (the hook :func:`~pyvene_harm.generation.generate_replies` and
+    ``guarded_generate`` call) switches it on for one ``generate``. Args as
+    :func:`export_ablation_adapter`.
+    """
+
+    def __init__(self, model: nn.Module, directions: DirectionSet, *, layer: int | None = None,
+                 direction: str = "refusal", embedding: bool = False) -> None:
+        import warnings
+
+        from peft import PeftModel
+
+        with tempfile.TemporaryDirectory(prefix="pyvene-harm-adapter-") as tmp:
+            export_ablation_adapter(model, directions, Path(tmp) / "adapter", layer=layer, direction=direction,
+                                    embedding=embedding)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tied embeddings: peft warns about merging, never done here
+                self.peft = PeftModel.from_pretrained(model, str(Path(tmp) / "adapter")).eval()
+        self.peft.base_model.disable_adapter_layers()
+        self.layer, self.direction = layer, direction
+
+    def generate_batch(self, batch: Any, generation_config: Any, **generate_kwargs: Any) -> torch.Tensor:
+        self.peft.base_model.enable_adapter_layers()
+        try:
+            out = self.peft.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     generation_config=generation_config, **generate_kwargs)
+        finally:
+            self.peft.base_model.disable_adapter_layers()
+        return getattr(out, "sequences", out)

@@ -16,9 +16,11 @@ __all__ = ["export_adapter"]
 @click.option("--directions", "directions_path", required=True,
               help="DirectionSet folder, `extract` run directory or Hub id. "
                    "Example: --directions artifacts/qwen2.5-coder-0.5b-instruct/directions")
-@click.option("--layer", type=int, required=True,
-              help="Whose direction to remove, everywhere in the residual stream (e.g. the best layer of "
-                   "`elicit`; the middle of the model is a good start).")
+@click.option("--layer", type=int, default=None,
+              help="Remove this one layer's direction from everything written to the residual stream (rank 1). "
+                   "Default: keep every layer's own direction out of what that layer reads (rank up to the "
+                   "number of layers; on the demo model it undoes far more over-refusal, see "
+                   "docs/serving-with-vllm.md).")
 @click.option("--direction", type=click.Choice(["refusal", "harmfulness"]), default="refusal", show_default=True,
               help="Which direction to remove.")
 @click.option("--embedding/--no-embedding", default=False, show_default=True,
@@ -29,9 +31,10 @@ __all__ = ["export_adapter"]
 def export_adapter(model, directions_path, layer, direction, embedding, out):
     """Write a rank-1 LoRA adapter that removes one direction from the residual stream.
 
-    The edit is W -> W - v v^T W on every o_proj and down_proj (and the embedding with
-    --embedding), which equals `ablate(model, directions, source_layer=LAYER, where="writes")`
-    (or where="writes+embedding"). It loads with
+    With --layer the edit is W -> W - v v^T W on every o_proj and down_proj (and the embedding
+    with --embedding), which equals `ablate(model, directions, source_layer=LAYER,
+    where="writes")`. Without it each layer's writes lose the directions of every later layer,
+    so no layer reads its own direction (the weight form of `ablate(model, directions)`). It loads with
     `PeftModel.from_pretrained` and with `vllm serve MODEL --enable-lora --lora-modules
     NAME=FOLDER`, where requests with and without it share one batch. Serve it as a LoRA: merging
     it into a model with tied embeddings (the demo model) would also change the output layer.
@@ -39,11 +42,11 @@ def export_adapter(model, directions_path, layer, direction, embedding, out):
     \b
     Example:
       pyvene-harm export-adapter -m demo --directions artifacts/qwen2.5-coder-0.5b-instruct/directions \\
-        --layer 12 -o adapters/no-refusal
+        -o adapters/no-refusal
     """
     check_model_spec(model)
     directions = resolve_directions(directions_path)
-    if not 0 <= layer < directions.n_states:
+    if layer is not None and not 0 <= layer < directions.n_states:
         raise click.BadParameter(f"layer {layer} is out of range: these directions cover layers "
                                  f"0-{directions.n_states - 1}", param_hint="--layer")
     from ..interventions.adapter import export_ablation_adapter
@@ -55,5 +58,16 @@ def export_adapter(model, directions_path, layer, direction, embedding, out):
                                          base_model_name_or_path=loaded.model_id)
     except (ValueError, FileExistsError) as err:
         raise click.ClickException(str(err)) from None
+    import json
+
+    rank = json.loads((folder / "pyvene_harm.json").read_text())["rank"]
     modules = "embed_tokens, o_proj, down_proj" if embedding else "o_proj, down_proj"
-    click.echo(f"wrote {folder}: removes the {direction} direction of layer {layer} (rank 1 on {modules})")
+    what = f"the {direction} direction of layer {layer}" if layer is not None else \
+        f"each layer's own {direction} direction from what it reads"
+    click.echo(f"wrote {folder}: removes {what} (rank {rank} on {modules}; serve it with vLLM's "
+               f"--max-lora-rank {_vllm_rank(rank)} or more)")
+
+
+def _vllm_rank(rank: int) -> int:
+    """The smallest of the ranks vLLM accepts for --max-lora-rank that holds ``rank``."""
+    return next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)

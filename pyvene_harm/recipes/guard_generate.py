@@ -42,10 +42,11 @@ UNDO_REFUSAL = ("ablate", "adapter", "add", "none")
                    "over-refusal on prompts the guard lets through. Required unless --undo-refusal none. "
                    "Example: --directions artifacts/qwen2.5-coder-0.5b-instruct/directions")
 @click.option("--undo-refusal", type=click.Choice(UNDO_REFUSAL), default="ablate", show_default=True,
-              help="ablate: remove the refusal direction at every layer (each layer's own); adapter: remove "
-                   "--layer's refusal direction from what every layer writes (the edit of `export-adapter`, which "
-                   "a vLLM engine serves); add: add --coeff x the refusal direction at --layer; none: generate "
-                   "the let-through prompts plainly.")
+              help="ablate: remove the refusal direction at every layer (each layer's own); adapter: the edit "
+                   "of `export-adapter`, which a vLLM engine serves (with --layer: that layer's direction removed "
+                   "from what every layer writes; without: every layer's own direction kept out of what it "
+                   "reads); add: add --coeff x the refusal direction at --layer; none: generate the let-through "
+                   "prompts plainly.")
 @click.option("--layer", type=int, default=None,
               help="Layer for --undo-refusal add or adapter (e.g. the best layer of `elicit`).")
 @click.option("--coeff", type=float, default=-1.0, show_default=True, help="Strength for --undo-refusal add.")
@@ -109,15 +110,14 @@ def _check_undo(undo_refusal: str, directions_path: str | None, layer: int | Non
         return None
     if directions_path is None:
         raise click.UsageError(f"--undo-refusal {undo_refusal} needs --directions (or pass --undo-refusal none)")
-    if undo_refusal in ("add", "adapter") and layer is None:
-        raise click.UsageError(f"--undo-refusal {undo_refusal} needs --layer (e.g. the best refusal layer of "
-                               "`elicit`)")
+    if undo_refusal == "add" and layer is None:
+        raise click.UsageError("--undo-refusal add needs --layer (e.g. the best refusal layer of `elicit`)")
     directions = resolve_directions(directions_path)
     if directions.num_layers != g.metadata_.get("num_layers", directions.num_layers):
         raise click.BadParameter(f"these directions come from a model with {directions.num_layers} layers, the guard "
                                  f"from one with {g.metadata_.get('num_layers')}: pass directions of the guard's model",
                                  param_hint="--directions")
-    if undo_refusal in ("add", "adapter"):
+    if layer is not None and undo_refusal in ("add", "adapter"):
         parse_layers(str(layer), directions.num_layers)
     return directions
 
@@ -141,8 +141,12 @@ def _guarded_unit(g, lazy: Lazy, ps, directions, undo_refusal: str, layer: int |
     steering = None
     if undo_refusal == "ablate":
         steering = ablate(loaded.model, directions, direction="refusal")
-    elif undo_refusal == "adapter":
+    elif undo_refusal == "adapter" and layer is not None:
         steering = ablate(loaded.model, directions, direction="refusal", source_layer=layer, where="writes")
+    elif undo_refusal == "adapter":  # the per-layer adapter, through peft (what an engine serves)
+        from ..interventions.adapter import AdapterSteering
+
+        steering = AdapterSteering(loaded.model, directions)
     elif undo_refusal == "add":
         steering = steer(loaded.model, directions, direction="refusal", layer=layer, coeff=coeff)
     out = guarded_generate(loaded.model, loaded.tokenizer, ps.prompts, g, refusal_steering=steering,

@@ -122,14 +122,18 @@ class VllmProcess:
         model: a model folder or Hub id (e.g. the demo model's folder: ``prepare_demo()``).
         served_name: the name clients use for the plain model.
         lora_modules: ``{name: adapter folder}``, served beside it (``--enable-lora``).
+        max_lora_rank: vLLM's ``--max-lora-rank`` (one of 1, 8, 16, 32, 64, ...): at least the
+            adapters' rank (``export-adapter`` prints it; 23 for the demo model's per-layer one).
         extra_args: more ``api_server`` options. The defaults suit a CPU: float32, eager mode,
             a quarter of the RAM (``--gpu-memory-utilization`` is a share of RAM there).
     """
 
     def __init__(self, python: str | os.PathLike, model: str | os.PathLike, *, served_name: str,
                  lora_modules: Mapping[str, str | os.PathLike] | None = None, extra_args: Sequence[str] = (),
-                 startup_timeout: float = 600.0, env: Mapping[str, str] | None = None) -> None:
+                 startup_timeout: float = 600.0, env: Mapping[str, str] | None = None,
+                 max_lora_rank: int = 32) -> None:
         self.python, self.model, self.served_name = str(python), str(model), served_name
+        self.max_lora_rank = max_lora_rank
         self.lora_modules = dict(lora_modules or {})
         self.extra_args, self.startup_timeout = list(extra_args), startup_timeout
         self.env = {"VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
@@ -154,7 +158,7 @@ class VllmProcess:
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
                "--gpu-memory-utilization", "0.25", *self.extra_args]
         if self.lora_modules:
-            cmd += ["--enable-lora", "--max-lora-rank", "8", "--lora-modules",
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules",
                     *(f"{k}={v}" for k, v in self.lora_modules.items())]
         return cmd
 
