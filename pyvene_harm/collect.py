@@ -159,15 +159,20 @@ def truncated_decoder(decoder: nn.Module, n_layers: int) -> Iterator[nn.Module]:
     if n_layers >= len(layers):
         yield decoder
         return
+    _set_layers(decoder, nn.ModuleList(list(layers)[:n_layers]))
+    try:
+        yield decoder
+    finally:
+        _set_layers(decoder, layers)
+
+
+def _set_layers(decoder: nn.Module, layers: nn.ModuleList) -> None:
+    """Put ``layers`` where the decoder keeps its layer list."""
     holder = decoder
     path = layers_path(decoder).split(".")
     for part in path[:-1]:
         holder = getattr(holder, part)
-    setattr(holder, path[-1], nn.ModuleList(list(layers)[:n_layers]))
-    try:
-        yield decoder
-    finally:
-        setattr(holder, path[-1], layers)
+    setattr(holder, path[-1], layers)
 
 
 def drop_unread_layers(model: nn.Module, states: Sequence[int]) -> int:
@@ -183,11 +188,7 @@ def drop_unread_layers(model: nn.Module, states: Sequence[int]) -> int:
     n = getattr(model, "pyvene_harm_num_layers", len(layers))
     keep = layers_to_run(len(layers), states)
     if keep < len(layers):
-        holder = decoder
-        path = layers_path(decoder).split(".")
-        for part in path[:-1]:
-            holder = getattr(holder, part)
-        setattr(holder, path[-1], nn.ModuleList(list(layers)[:keep]))
+        _set_layers(decoder, nn.ModuleList(list(layers)[:keep]))
     for mod in {id(model): model, id(decoder): decoder}.values():
         mod.pyvene_harm_num_layers = n
     return keep

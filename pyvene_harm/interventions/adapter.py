@@ -40,7 +40,7 @@ from torch import nn
 
 from ..directions import DirectionSet, library_versions, model_provenance
 from ..io_utils import atomic_save_tensors, atomic_write_json
-from ..pyvene_support import decoder_layers, layers_path
+from ..pyvene_support import _get_path, decoder_layers, layers_path
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_TENSORS", "ablation_adapter_tensors", "check_residual_writers",
            "export_ablation_adapter", "per_layer_adapter_tensors", "residual_writers"]
@@ -50,15 +50,6 @@ ADAPTER_TENSORS = "adapter_model.safetensors"
 LAYER_TARGETS = ("o_proj", "down_proj")
 # every module whose output is added to the residual stream, relative to one decoder layer
 _LAYER_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-
-
-def _get(root: nn.Module, dotted: str) -> nn.Module | None:
-    mod: Any = root
-    for part in dotted.split("."):
-        mod = getattr(mod, part, None)
-        if mod is None:
-            return None
-    return mod
 
 
 def check_residual_writers(model: nn.Module) -> None:
@@ -81,14 +72,14 @@ def residual_writers(model: nn.Module, *, embedding: bool = True) -> Iterator[tu
     ``o_proj`` and ``down_proj``."""
     prefix = layers_path(model)
     embed_name = prefix.rsplit(".", 1)[0] + ".embed_tokens" if "." in prefix else "embed_tokens"
-    embed = _get(model, embed_name)
+    embed = _get_path(model, embed_name)
     if embed is None:
         raise ValueError(f"cannot find the token embedding of {type(model).__name__} at {embed_name}")
     if embedding:
         yield embed_name, embed
     for i, layer in enumerate(decoder_layers(model)):
         for sub in _LAYER_WRITERS:
-            module = _get(layer, sub)
+            module = _get_path(layer, sub)
             if module is None:
                 raise ValueError(f"decoder layer {i} of {type(model).__name__} has no {sub}: "
                                  "this architecture's residual writers are not known")

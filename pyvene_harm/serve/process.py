@@ -25,34 +25,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class ServerProcess:
-    """``pyvene-harm serve ARGS`` on a free localhost port, as a context manager.
+class _ChildServer:
+    """A child process serving HTTP on a free localhost port: its log, start, readiness and stop.
 
-    Entering starts the server and waits until ``GET /health`` answers (loading a model takes a
-    while); leaving stops it. The server's output goes to ``log`` (by default a temp file,
-    removed on exit; :meth:`output` reads it).
-
-    Args:
-        args: ``serve`` options, e.g. ``["--guard", "runs/guard", "-m", "demo"]`` (not --host/--port).
-        env: extra environment variables (e.g. ``PYVENE_HARM_API_KEY``).
-        startup_timeout: seconds to wait for the first answer.
-
-    Example:
-        >>> with ServerProcess(["--guard", "runs/guard"]) as server:  # doctest: +SKIP
-        ...     OpenAI(base_url=server.url + "/v1", api_key="-").moderations.create(input="hi")
+    Subclasses give :meth:`command` (for a port), ``name`` (for errors) and ``ready_path`` (the
+    route that answers 200 once the server is up).
     """
 
-    def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None,
-                 startup_timeout: float = 600.0, log: str | os.PathLike | None = None) -> None:
-        self.args, self.env, self.startup_timeout = list(args), dict(env or {}), startup_timeout
+    name = "server"
+    ready_path = "/health"
+    log_prefix = "server-"
+
+    def __init__(self, *, env: Mapping[str, str] | None, startup_timeout: float,
+                 log: str | os.PathLike | None) -> None:
+        self.env, self.startup_timeout = dict(env or {}), startup_timeout
         self._own_log = log is None  # a temp file of ours, removed on exit
         if log is None:
-            fd, name = tempfile.mkstemp(prefix="pyvene-harm-serve-", suffix=".log")
+            fd, name = tempfile.mkstemp(prefix=self.log_prefix, suffix=".log")
             os.close(fd)
             log = name
         self.log = Path(log)
         self.port = 0
         self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     @property
     def url(self) -> str:
@@ -64,22 +61,20 @@ class ServerProcess:
             return self.log.read_text(errors="replace")[-tail:]
         return ""
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self):
         for _ in range(3):  # another process may take the free port first
             self.port = free_port()
-            cmd = [sys.executable, "-m", "pyvene_harm.cli", "serve", *self.args, "--host", "127.0.0.1",
-                   "--port", str(self.port)]
             with open(self.log, "wb") as out:
-                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
                                              env={**os.environ, **self.env})
             if self._wait_ready():
                 return self
             if "address already in use" not in self.output().lower():
                 break
         code = self.proc.poll() if self.proc else None
-        output = self.output()
+        output = self.output(6000)
         self.__exit__()
-        raise RuntimeError(f"pyvene-harm serve did not start (exit code {code}); its output:\n{output}")
+        raise RuntimeError(f"{self.name} did not start (exit code {code}); its output:\n{output}")
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.startup_timeout
@@ -87,7 +82,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 return False
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=5) as r:
                     if r.status == 200:
                         return True
             except (urllib.error.URLError, OSError):
@@ -110,7 +105,37 @@ class ServerProcess:
             self.log.unlink(missing_ok=True)
 
 
-class VllmProcess:
+class ServerProcess(_ChildServer):
+    """``pyvene-harm serve ARGS`` on a free localhost port, as a context manager.
+
+    Entering starts the server and waits until ``GET /health`` answers (loading a model takes a
+    while); leaving stops it. The server's output goes to ``log`` (by default a temp file,
+    removed on exit; :meth:`output` reads it).
+
+    Args:
+        args: ``serve`` options, e.g. ``["--guard", "runs/guard", "-m", "demo"]`` (not --host/--port).
+        env: extra environment variables (e.g. ``PYVENE_HARM_API_KEY``).
+        startup_timeout: seconds to wait for the first answer.
+
+    Example:
+        >>> with ServerProcess(["--guard", "runs/guard"]) as server:  # doctest: +SKIP
+        ...     OpenAI(base_url=server.url + "/v1", api_key="-").moderations.create(input="hi")
+    """
+
+    name = "pyvene-harm serve"
+    log_prefix = "pyvene-harm-serve-"
+
+    def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None,
+                 startup_timeout: float = 600.0, log: str | os.PathLike | None = None) -> None:
+        super().__init__(env=env, startup_timeout=startup_timeout, log=log)
+        self.args = list(args)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "pyvene_harm.cli", "serve", *self.args, "--host", "127.0.0.1",
+                "--port", str(self.port)]
+
+
+class VllmProcess(_ChildServer):
     """An OpenAI-compatible vLLM server (``vllm.entrypoints.openai.api_server``) on a free port.
 
     vLLM lives in its own virtual environment (its pins clash with this project's), so it runs as
@@ -128,29 +153,19 @@ class VllmProcess:
             a quarter of the RAM (``--gpu-memory-utilization`` is a share of RAM there).
     """
 
+    name = "vLLM"
+    ready_path = "/v1/models"
+    log_prefix = "vllm-"
+
     def __init__(self, python: str | os.PathLike, model: str | os.PathLike, *, served_name: str,
                  lora_modules: Mapping[str, str | os.PathLike] | None = None, extra_args: Sequence[str] = (),
                  startup_timeout: float = 600.0, env: Mapping[str, str] | None = None,
-                 max_lora_rank: int = 32) -> None:
+                 max_lora_rank: int = 32, log: str | os.PathLike | None = None) -> None:
+        super().__init__(env={"VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}, startup_timeout=startup_timeout,
+                         log=log)
         self.python, self.model, self.served_name = str(python), str(model), served_name
-        self.max_lora_rank = max_lora_rank
-        self.lora_modules = dict(lora_modules or {})
-        self.extra_args, self.startup_timeout = list(extra_args), startup_timeout
-        self.env = {"VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
-        fd, name = tempfile.mkstemp(prefix="vllm-", suffix=".log")
-        os.close(fd)
-        self.log = Path(name)
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self, tail: int = 6000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log.read_text(errors="replace")[-tail:]
-        return ""
+        self.lora_modules, self.max_lora_rank = dict(lora_modules or {}), max_lora_rank
+        self.extra_args = list(extra_args)
 
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
@@ -161,31 +176,3 @@ class VllmProcess:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules",
                     *(f"{k}={v}" for k, v in self.lora_modules.items())]
         return cmd
-
-    def __enter__(self) -> VllmProcess:
-        self.port = free_port()
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **self.env})
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        code, output = self.proc.poll(), self.output()
-        self.__exit__()
-        raise RuntimeError(f"vLLM did not start (exit code {code}); its output:\n{output}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.unlink(missing_ok=True)
