@@ -122,10 +122,11 @@ def per_layer_adapter_tensors(model: nn.Module, directions: torch.Tensor, *,
         vs = [u for u in units[layer + 1:] if u is not None]
         return _orthonormal(torch.stack(vs)) if vs else torch.zeros(directions.shape[1], 0)
 
-    rank = max(basis(layer).shape[1] for layer in range(-1 if embedding else 0, n))
+    bases = {layer: basis(layer) for layer in range(-1 if embedding else 0, n)}  # each span once
+    rank = max(q.shape[1] for q in bases.values())
     if rank == 0:
         raise ValueError("every direction is zero: nothing to remove")
-    return _lora_tensors(model, basis, rank, embedding), rank
+    return _lora_tensors(model, bases.__getitem__, rank, embedding), rank
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor | None:

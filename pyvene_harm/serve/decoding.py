@@ -67,6 +67,16 @@ class _Relay(StoppingCriteria):
             self.on_text(text[len(self.sent):])
             self.sent = text
 
+    def finish(self, new_ids: list[int]) -> str:
+        """The reply's final text from its token ids: cut at the stop string, the rest streamed."""
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        if self.stopped_at is not None:
+            text = text[:self.stopped_at]
+        self.flush(text, final=True)
+        if self.on_text is not None and not text.startswith(self.sent):  # decoding rewrote earlier text (rare)
+            text = self.sent
+        return text
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         done = False
         if self.on_text is not None or self.stop:
@@ -146,8 +156,7 @@ def generate_reply(
         extra["logits_processor"] = LogitsProcessorList([_Penalties(batch.seq_len, frequency_penalty, presence_penalty)])
     ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]), **extra)
     new = ids[0, batch.seq_len:].tolist()
-    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    if relay.stopped_at is not None or (new and new[-1] in eos):
+    if relay.stopped_at is not None or (new and new[-1] in _eos_ids(config)):
         reason = "stop"
     elif should_stop is not None and should_stop():
         reason = "cancelled"
@@ -155,13 +164,12 @@ def generate_reply(
         reason = "length"
     else:
         reason = "stop"
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    if relay.stopped_at is not None:
-        text = text[:relay.stopped_at]
-    relay.flush(text, final=True)
-    if on_text is not None and not text.startswith(relay.sent):  # decoding rewrote earlier text (rare)
-        text = relay.sent
-    return Reply(text=text, prompt_tokens=batch.seq_len, completion_tokens=len(new), finish_reason=reason)
+    return Reply(text=relay.finish(new), prompt_tokens=batch.seq_len, completion_tokens=len(new),
+                 finish_reason=reason)
+
+
+def _eos_ids(config: Any) -> set[int]:
+    return set(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
 
 
 @dataclass
@@ -213,19 +221,12 @@ def generate_reply_batch(model: nn.Module, formatter: ChatFormatter, requests: l
     device = next(model.parameters()).device
     batch = formatter.encode([r.conversation for r in requests], padding_side="left").to(device)
     config = greedy_config(model, tokenizer, max(r.max_new_tokens for r in requests))
-    eos = set(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
-    relay = _BatchRelay(tokenizer, batch.seq_len, requests, eos)
+    relay = _BatchRelay(tokenizer, batch.seq_len, requests, _eos_ids(config))
     ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]))
     replies = []
-    for i, (row, req) in enumerate(zip(relay.rows, requests)):
+    for i, row in enumerate(relay.rows):
         n, reason = relay.ended[i] or (ids.shape[1] - batch.seq_len, "length")
         new = ids[i, batch.seq_len:batch.seq_len + n].tolist()
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if row.stopped_at is not None:
-            text = text[:row.stopped_at]
-        row.flush(text, final=True)
-        if req.on_text is not None and not text.startswith(row.sent):
-            text = row.sent
-        prompt_tokens = int(batch.attention_mask[i].sum())
-        replies.append(Reply(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(new), finish_reason=reason))
+        replies.append(Reply(text=row.finish(new), prompt_tokens=int(batch.attention_mask[i].sum()),
+                             completion_tokens=len(new), finish_reason=reason))
     return replies

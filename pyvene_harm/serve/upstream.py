@@ -70,13 +70,15 @@ class UpstreamEngine:
 
     # --- start and stop ------------------------------------------------------------------------
 
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def client(self) -> Any:
         import httpx
 
         if self._client is None:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
             self._client = httpx.AsyncClient(
-                base_url=self.url, headers=headers,
+                base_url=self.url, headers=self.headers(),
                 timeout=httpx.Timeout(self.timeout_s, connect=10.0),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         return self._client
@@ -203,9 +205,8 @@ def check_upstream(engine: UpstreamEngine, tokenizer: Any, *, timeout_s: float =
     as ``tokenizer`` does (the guard's model); fills in ``engine.model``. Raises UpstreamError."""
     import httpx
 
-    headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
     try:
-        with httpx.Client(base_url=engine.url, headers=headers, timeout=timeout_s) as http:
+        with httpx.Client(base_url=engine.url, headers=engine.headers(), timeout=timeout_s) as http:
             r = http.get("/v1/models")
             if r.status_code != 200:
                 raise UpstreamError(f"the generation engine at {engine.url} answered {r.status_code} to GET /v1/models: "
