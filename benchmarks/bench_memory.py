@@ -12,6 +12,11 @@ prompt - and the total peak.
   its peak should not grow with the number of prompts (target: within 10%).
 * guard: ``LatentGuard.decision_function`` (states 0..2L/3) vs the same batches through a full
   forward with ``output_hidden_states=True`` (which also materialises the logits).
+* guard copy (``--guard-copy``, the demo model and its shipped guard): the peak of *starting* a
+  scoring-only copy, as ``serve --upstream`` does: the model loaded with only the layers the
+  guard reads (``load_model(keep_layers=...)``), vs the whole model loaded and the unread layers
+  dropped after. Measured from the first byte loaded to the first prompt scored, in float32 (the
+  file's dtype: weights stay memory-mapped) and bfloat16 (every weight is converted on load).
 
     python benchmarks/bench_memory.py            # CPU: demo model, N = 100 (10N = 1,000)
     python benchmarks/bench_memory.py --n 200    # issue 3's 200 vs 2,000 (about 7 min on 2 cores)
@@ -107,6 +112,58 @@ def full_forward_job(*, model: str, device: str, dtype: str, n: int, batch_size:
     return run
 
 
+def guard_copy_job(*, device: str, dtype: str, keep: bool, **_: Any) -> Callable[[], Any]:
+    """Load the demo model for its shipped guard, cut to the layers it reads, and score once."""
+    import gc
+
+    from pyvene_harm.collect import drop_unread_layers, layers_to_run
+    from pyvene_harm.guard import LatentGuard
+    from pyvene_harm.models import load_model
+    from pyvene_harm.pyvene_support import decoder_layers
+
+    guard = LatentGuard.load(C.ROOT / "artifacts" / "qwen2.5-coder-0.5b-instruct" / "guard")
+    full = int(guard.metadata_["num_layers"])
+    needed = layers_to_run(full, guard.states_)
+
+    def run() -> dict[str, Any]:
+        loaded = load_model("demo", dtype=dtype, device=device, keep_layers=needed if keep else None)
+        built = len(decoder_layers(loaded.model))
+        loaded_bytes = _parameter_bytes(loaded.model)
+        if not keep:
+            drop_unread_layers(loaded.model, guard.states_)
+            gc.collect()
+        guard.set_params(model=loaded.model, tokenizer=loaded.tokenizer, progress=False)
+        score = float(guard.decision_function(["How do I bake bread?"])[0])
+        return {"layers_built": built, "layers_read": needed, "score": score, "parameter_bytes_built": loaded_bytes,
+                "parameter_bytes_kept": _parameter_bytes(loaded.model)}
+
+    return run
+
+
+def _parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def guard_copy(common: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Both ways of starting a scoring-only copy, in float32 and bfloat16, one process each."""
+    script = Path(__file__)
+    runs, targets = {}, []
+    for dtype in ("float32", "bfloat16"):
+        pair = {}
+        for keep in (False, True):
+            label = f"guard copy, {dtype}, {'keep_layers at load' if keep else 'whole model, then dropped'}"
+            print(f"measuring {label} ...", flush=True)
+            pair[keep] = runs[label] = C.measure_peak_memory(script, "guard_copy_job",
+                                                             {**common, "dtype": dtype, "keep": keep})
+        ratio = pair[True]["peak_above_baseline_bytes"] / max(1, pair[False]["peak_above_baseline_bytes"])
+        same = abs(pair[True]["result"]["score"] - pair[False]["result"]["score"]) < 1e-4
+        targets.append(C.check_target(f"guard copy start peak, keep_layers / load-then-drop ({dtype})",
+                                      round(ratio, 3), 1.0, "<=",
+                                      note=f"same score both ways: {same}; layers read "
+                                           f"{pair[True]['result']['layers_read']} of the model's"))
+    return runs, targets
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -122,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=None,
                         help="measuring processes at a time on CPU (default 2 with --quick, else 1: "
                              "each holds a copy of the model)")
+    parser.add_argument("--guard-copy", action="store_true",
+                        help="measure only the start of a scoring-only guard copy (demo model, shipped guard)")
     args = parser.parse_args(argv)
     s = C.resolve_settings(args, repeats=1)
     n = args.n or (4 if s.quick else 100)
@@ -130,6 +189,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     common = {"model": s.model, "device": str(s.device), "dtype": str(s.dtype).removeprefix("torch."),
               "batch_size": batch_size}
     script = Path(__file__)
+    if args.guard_copy:
+        runs, targets = guard_copy({"device": str(s.device)})
+        rows = [[k, C.mib(v["peak_above_baseline_bytes"]), v["result"]["layers_built"],
+                 C.mib(v["result"]["parameter_bytes_built"]), C.mib(v["result"]["parameter_bytes_kept"])]
+                for k, v in runs.items()]
+        C.print_table(f"starting a guard copy: demo model ({s.device}, {next(iter(runs.values()))['kind']})",
+                      ["start", "peak MiB", "layers built", "parameters built MiB", "parameters kept MiB"], rows)
+        C.print_targets(targets)
+        results = {"runs": {k: {**v, "peak_mib": round(C.mib(v["peak_above_baseline_bytes"]), 1)}
+                            for k, v in runs.items()}}
+        out = args.out if args.out.name != f"{NAME}.json" else args.out.with_name(f"{NAME}_guard_copy.json")
+        payload = C.write_results(out, benchmark=NAME + "_guard_copy", settings=s, model={"name": "demo"},
+                                  results=results, targets=targets)
+        print(f"wrote {out}")
+        return payload
 
     jobs = [
         (f"extraction, N={n}", "extraction_job", {"n": n}),

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,7 @@ def load_model(
     device_map: str | dict | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool | None = None,
+    keep_layers: int | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for collection and steering.
 
@@ -222,6 +224,11 @@ def load_model(
             Hub cache folder.
         progress: show rich progress for the slow first load of a built-in model (None: when
             stderr is a terminal).
+        keep_layers: build and load only the first ``keep_layers`` decoder layers, for a copy
+            that only reads states up to that depth (a guard whose replies come from a serving
+            engine): the other layers' weights are never read from disk, so the peak memory is
+            that of the kept part. The model cannot generate; its provenance still reports the
+            full depth (``pyvene_harm_num_layers``), so artifacts made for the whole model fit it.
 
     Example:
         >>> loaded = load_model("demo", dtype="float32", device="cpu")  # doctest: +SKIP
@@ -251,10 +258,15 @@ def load_model(
     )
 
     model_kwargs = _dense_gguf_kwargs() if source.gguf_file else {}
+    full_depth = None
+    if keep_layers is not None:
+        model_kwargs["config"], full_depth = _config_with_layers(source.location, keep_layers, kwargs, spec_str,
+                                                                  source)
     # a built-in model loads from its converted folder in a second: transformers' bar says nothing
     quiet = quiet_transformers_bars() if builtin_spec(spec_str) else contextlib.nullcontext()
+    dropped = _ignoring_dropped_layers(model_kwargs.get("config"), full_depth)
     try:
-        with quiet:
+        with quiet, dropped:
             model = AutoModelForCausalLM.from_pretrained(
                 source.location, dtype=torch_dtype, device_map=device_map, **kwargs, **model_kwargs
             )
@@ -267,6 +279,9 @@ def load_model(
 
     if source.gguf_file:
         _drop_gguf_quantizer(model)
+    if full_depth is not None:
+        for mod in (model, getattr(model, "model", model)):
+            mod.pyvene_harm_num_layers = full_depth
     if target is not None:
         model.to(target)
     model.eval()
@@ -276,6 +291,65 @@ def load_model(
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec_str, model_id=source.model_id)
+
+
+def _config_with_layers(location: str, keep: int, kwargs: dict[str, Any], spec: str, source: Any):
+    """The model's config cut to its first ``keep`` decoder layers, and the full depth.
+
+    Per-layer lists in the config (``layer_types``, sliding-window flags) are cut with it, or
+    the model would be built with one layer kind per layer it no longer has.
+    """
+    from transformers import AutoConfig
+
+    if keep < 1:
+        raise ValueError(f"keep_layers must be at least 1, got {keep}")
+    try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_error(spec, source, err, "model") from err
+    text = getattr(config, "text_config", None) or config
+    full = text.num_hidden_layers
+    if keep < full:
+        for name, value in list(vars(text).items()):
+            if isinstance(value, list) and len(value) == full:
+                setattr(text, name, value[:keep])
+        text.num_hidden_layers = keep
+    return config, full
+
+
+@contextlib.contextmanager
+def _ignoring_dropped_layers(config: Any, full: int | None) -> Iterator[None]:
+    """Keep transformers from reporting the dropped layers' weights as unexpected.
+
+    Without it, loading a cut model prints a table of every weight of every dropped layer, a
+    warning about a choice the caller made. The model class's own ignore list is extended for
+    the duration of the load only; every other unexpected weight is still reported.
+    """
+    if config is None or full is None:
+        yield
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    keep = (getattr(config, "text_config", None) or config).num_hidden_layers
+    if keep >= full:
+        yield
+        return
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # a class transformers does not map: its report shows, nothing breaks
+        yield
+        return
+    had = "_keys_to_ignore_on_load_unexpected" in vars(cls)
+    before = cls._keys_to_ignore_on_load_unexpected
+    pattern = r"layers\.(" + "|".join(str(i) for i in range(keep, full)) + r")\."
+    cls._keys_to_ignore_on_load_unexpected = [*(before or []), pattern]
+    try:
+        yield
+    finally:
+        if had:
+            cls._keys_to_ignore_on_load_unexpected = before
+        else:
+            del cls._keys_to_ignore_on_load_unexpected
 
 
 # ---------------------------------------------------------------------------- config readers

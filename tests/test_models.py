@@ -519,3 +519,43 @@ def test_builtin_specs_name_their_parts_and_extras() -> None:
     assert len(DEMO_1_5B.parts) == 22 and sum(p.size for p in DEMO_1_5B.parts) == DEMO_1_5B.size
     assert DEMO_1_5B.parts[9].relpath == "data/part10.bin" and DEMO_1_5B.extra == "demo-1-5b"
     assert demo_cache_dir("/c", DEMO_1_5B).name == "qwen2.5-coder-1.5b-instruct"
+
+
+@pytest.mark.parametrize("arch", sorted(__import__("tiny").ARCHITECTURES))
+def test_keep_layers_loads_a_cut_model_whose_states_equal_the_whole_models(
+    arch: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scoring-only copy: only the first layers are built and read from disk, quietly, and the
+    states it computes are the whole model's; its provenance still names the full depth."""
+    import logging
+
+    from pyvene_harm.directions import model_provenance
+    from pyvene_harm.pyvene_support import decoder_layers
+
+    from tiny import make_model, make_tokenizer
+
+    make_model(arch, num_layers=4).save_pretrained(tmp_path / "m")
+    make_tokenizer("qwen2.5").save_pretrained(tmp_path / "m")
+    whole = load_model(tmp_path / "m", device="cpu", dtype="float32").model
+    with caplog.at_level(logging.WARNING):
+        cut = load_model(tmp_path / "m", device="cpu", dtype="float32", keep_layers=2).model
+    assert not [r for r in caplog.records if "UNEXPECTED" in r.getMessage()], caplog.text
+    assert len(decoder_layers(cut)) == 2 and model_provenance(cut)["num_layers"] == 4
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        a = whole(ids, output_hidden_states=True).hidden_states
+        b = cut.model(ids, output_hidden_states=True).hidden_states
+    # the last state of the cut model went through its final norm, as every model's last state does
+    for k in range(2):
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    # the class's ignore list is back as it was: a whole model loaded later still reports strays
+    assert not any("layers\\.(" in str(p) for p in (type(whole)._keys_to_ignore_on_load_unexpected or []))
+
+
+def test_keep_layers_below_one_is_refused(tmp_path: Path) -> None:
+    from tiny import make_model, make_tokenizer
+
+    make_model("qwen2").save_pretrained(tmp_path / "m")
+    make_tokenizer("qwen2.5").save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="keep_layers must be at least 1"):
+        load_model(tmp_path / "m", device="cpu", keep_layers=0)

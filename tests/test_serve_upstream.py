@@ -240,3 +240,25 @@ def test_a_scoring_only_copy_keeps_the_layers_the_guard_reads_and_scores_the_sam
     after = guard.report(HARMFUL + HARMLESS)
     assert after.harmful.tolist() == before.harmful.tolist()
     assert abs(after.delta_harmful - before.delta_harmful).max() < 1e-6
+
+
+def test_a_copy_loaded_with_only_the_read_layers_scores_as_the_whole_model(parts, tmp_path):
+    from pyvene_harm.collect import layers_to_run
+    from pyvene_harm.guard.features import check_fits_model
+    from pyvene_harm.models import load_model
+    from pyvene_harm.pyvene_support import decoder_layers
+
+    _, tok, _ = parts
+    make_model("qwen2", num_layers=4).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    whole = load_model(tmp_path / "m", device="cpu", dtype="float32")
+    guard = LatentGuard(whole.model, whole.tokenizer, layers=[1, 2], batch_size=4).fit(HARMFUL + HARMLESS,
+                                                                                      [1] * 4 + [0] * 4)
+    before = guard.report(HARMFUL + HARMLESS)
+    keep = layers_to_run(4, guard.states_)
+    cut = load_model(tmp_path / "m", device="cpu", dtype="float32", keep_layers=keep)
+    assert keep == 2 and len(decoder_layers(cut.model)) == 2
+    check_fits_model(guard.metadata_, guard.hidden_size_, guard.states_, cut.model, guard.chat_formatter())
+    after = guard.set_params(model=cut.model, tokenizer=cut.tokenizer).report(HARMFUL + HARMLESS)
+    assert after.harmful.tolist() == before.harmful.tolist()
+    assert abs(after.delta_harmful - before.delta_harmful).max() < 1e-5

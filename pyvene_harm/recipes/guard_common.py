@@ -109,11 +109,14 @@ def resolve_model_options(model_args: dict[str, Any], guard_obj, guard_path: str
                         guard_obj.system_prompt, template=guard_obj.template)
 
 
-def bind_model(guard_obj, mopts: ModelOptions):
-    """Load the model (the slow step, last) and give it to the guard."""
+def bind_model(guard_obj, mopts: ModelOptions, keep_layers: int | None = None):
+    """Load the model (the slow step, last) and give it to the guard.
+
+    ``keep_layers``: load only that many decoder layers (a copy that only scores).
+    """
     from ..guard import GuardMismatch
 
-    loaded, _ = load_for_recipe(mopts)
+    loaded, _ = load_for_recipe(mopts, keep_layers=keep_layers)
     guard_obj.set_params(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=mopts.batch_size,
                          progress=True)
     try:

@@ -200,7 +200,7 @@ def check_model_spec(spec: str) -> None:
         raise click.BadParameter(f"{spec} does not exist", param_hint="--model")
 
 
-def load_for_recipe(mopts: ModelOptions):
+def load_for_recipe(mopts: ModelOptions, keep_layers: int | None = None):
     """Load the model and its chat formatter (the slow step, after every check has passed)."""
     from ..distributed import device_for
     from ..models import load_model
@@ -208,7 +208,8 @@ def load_for_recipe(mopts: ModelOptions):
 
     # under torchrun each rank loads its own copy on cuda:LOCAL_RANK (or the CPU)
     device, device_map = (None, "auto") if mopts.device == "auto" else (device_for(mopts.device), None)
-    loaded = load_model(mopts.model, dtype=mopts.dtype, device=device, device_map=device_map)
+    loaded = load_model(mopts.model, dtype=mopts.dtype, device=device, device_map=device_map,
+                        keep_layers=keep_layers)
     try:
         fmt = make_formatter(loaded.tokenizer, system_prompt=mopts.system_prompt, template=mopts.template,
                              prompt_format=mopts.prompt_format, no_system_prompt=mopts.no_system_prompt)

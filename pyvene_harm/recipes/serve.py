@@ -143,7 +143,12 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
     g = load_guard(guard_path, model_args["revision"])
     mopts = resolve_model_options(model_args, g, guard_path)
     directions = resolve_directions(directions_path)
-    loaded = bind_model(g, mopts)
+    keep = None
+    if upstream:  # this copy only scores: the layers the guard never runs are not even loaded
+        from ..collect import layers_to_run
+
+        keep = layers_to_run(int(g.metadata_["num_layers"]), g.states_)
+    loaded = bind_model(g, mopts, keep_layers=keep)
     steering = None
     if directions is not None:
         from ..interventions import ablate
@@ -161,17 +166,8 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
                                                    timeout_s=upstream_timeout), loaded.tokenizer)
         except (ValueError, UpstreamError) as err:
             raise click.ClickException(str(err)) from None
-        # this copy only scores now: the layers the guard never runs go, and their weights
-        import gc
-
-        from ..collect import drop_unread_layers
-        from ..pyvene_support import decoder_layers
-
-        total = len(decoder_layers(loaded.model))
-        kept = drop_unread_layers(loaded.model, g.states_)
-        gc.collect()
-        click.echo(f"guard copy of the model: {kept} of {total} decoder layers (up to the deepest state the guard "
-                   "reads); the engine writes the replies", err=True)
+        click.echo(f"guard copy of the model: {keep} of {g.metadata_['num_layers']} decoder layers loaded (up to "
+                   "the deepest state the guard reads); the engine writes the replies", err=True)
     try:  # fails here, with the guard's own message, rather than on the first request
         g.set_params(progress=False).report(["Hello."])
     except ValueError as err:
