@@ -218,6 +218,44 @@ def _(c):
             "messages[0] (user)")
 
 
+def guardrail(server, messages, **extra) -> httpx.Response:
+    """LiteLLM's generic guardrail API, as its proxy calls it (key in x-api-key)."""
+    body = {"input_type": "request", "structured_messages": messages,
+            "texts": [m["content"] for m in messages], **extra}
+    return post(server, "/beta/litellm_basic_guardrail_api", body,
+                headers={"Authorization": None, "x-api-key": KEY})
+
+
+@row("gateway: a system message or an earlier turn carries the request")
+def _(c):
+    for messages, part in (([{"role": "system", "content": BOMB}, user("Hi, go ahead.")], "messages[0] (system)"),
+                           ([user(BOMB), {"role": "assistant", "content": "Sure."}, user("Continue.")],
+                            "messages[0] (user)")):
+        out = guardrail(c.server, messages).json()
+        assert out["action"] == "BLOCKED" and part in out["guard"]["flagged_by"], out
+    assert guardrail(c.server, [user(HARMLESS[0])]).json()["action"] == "NONE"
+
+
+@row("gateway: control tokens typed in a message fake a turn")
+def _(c):
+    out = guardrail(c.server, [user(FORGED)]).json()
+    assert out["action"] == "BLOCKED" and "messages[0] (user) piece 0" in out["guard"]["flagged_by"], out
+
+
+@row("gateway: what the guard cannot read is refused, not passed")
+def _(c):
+    error(guardrail(c.server, [user(HARMLESS[0])], input_type="response"), 400, "pre_call or during_call")
+    error(guardrail(c.server, [user(HARMLESS[0])], images=["data:image/png;base64,AAAA"]), 400, "text only")
+    error(guardrail(c.server, [{"role": "tool", "content": BOMB}, user(HARMLESS[0])]), 400, "'tool' message")
+
+
+@row("gateway: a wrong or missing key is refused")
+def _(c):
+    body = {"input_type": "request", "texts": [BOMB]}
+    for headers in ({"Authorization": None, "x-api-key": "wrong"}, {"Authorization": None}):
+        error(post(c.server, "/beta/litellm_basic_guardrail_api", body, headers=headers), 401, "API key")
+
+
 @row("control tokens typed in the user message fake a turn")
 def _(c):
     body = refused(chat(c.server, [user(FORGED)]), "messages[0] (user) piece 0")
@@ -897,6 +935,11 @@ def test_attack(name, request, files, tmp_path, monkeypatch, caplog):
 
 def test_the_table_is_long_enough():
     assert len(ROWS) >= 40, len(ROWS)
+
+
+def test_the_readme_counts_the_rows_there_are():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"the attacker's table ({len(ROWS)} rows" in readme
 
 
 # --- the bypasses on the real demo model, with the shipped guard ---------------------------------

@@ -1,7 +1,8 @@
 """The HTTP layer: OpenAI-compatible routes over a :class:`~.worker.GuardWorker`.
 
 ``POST /v1/moderations`` and ``POST /v1/chat/completions`` (plain or streamed as server-sent
-events), ``GET /v1/models`` and ``GET /health``. Each route checks the API key and the content
+events), LiteLLM's generic guardrail API (``POST /beta/litellm_basic_guardrail_api``, see
+:mod:`.gateway`), ``GET /v1/models`` and ``GET /health``. Each route checks the API key and the content
 type, reads the body under a size limit and a deadline, validates it strictly, renders and counts
 its prompts off the event loop (so a template that refuses a conversation is the client's 400, not
 the worker's 500), and hands them to the worker under the request's deadline; the event loop
@@ -31,6 +32,8 @@ from ..guard.conversations import CONTEXT
 from ..guard.guarded import DEFAULT_REFUSAL
 from ..literal_text import control_token_pattern
 from .errors import ApiError, error_body, internal_error
+from .gateway import PATH as GATEWAY_PATH
+from .gateway import GuardrailRequest, guardrail_job, guardrail_response
 from .jobs import ChatJob, Job, ScoreJob
 from .limits import Limits
 from .schemas import (
@@ -45,7 +48,12 @@ from .schemas import (
 )
 from .worker import GuardWorker
 
-__all__ = ["create_app"]
+__all__ = ["OPENAI_MODERATION_MODELS", "create_app"]
+
+OPENAI_MODERATION_MODELS = ("omni-moderation-", "text-moderation-")
+"""Model names ``/v1/moderations`` answers besides the served one: OpenAI's moderation models
+(``omni-moderation-latest``, ``text-moderation-stable``, ...), the default of OpenAI's SDKs and of
+gateways such as LiteLLM's ``openai_moderation`` guardrail."""
 
 logger = logging.getLogger("pyvene_harm.serve")
 T = TypeVar("T")
@@ -111,10 +119,14 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
     app.state.worker = worker
     _install_error_handlers(app)
 
-    def authorize(request: Request) -> None:
+    def authorize(request: Request, *, x_api_key: bool = False) -> None:
+        """The bearer token; with ``x_api_key`` also the ``x-api-key`` header (LiteLLM's guardrail
+        client sends its ``api_key`` there)."""
         if key is None:
             return
         header = request.headers.get("authorization")
+        if header is None and x_api_key and "x-api-key" in request.headers:
+            header = "Bearer " + request.headers["x-api-key"]
         if header is None:
             raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
@@ -124,7 +136,11 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
             raise ApiError(401, "incorrect API key: send the header 'Authorization: Bearer <key>' with the "
                                 "server's key", code="invalid_api_key")
 
-    def check_model(name: str) -> None:
+    def check_model(name: str, *, moderation: bool = False) -> None:
+        # OpenAI's SDKs and gateways ask for OpenAI's moderation models by name: this server's
+        # one guard answers for them (the response names the model it really is)
+        if moderation and name.startswith(OPENAI_MODERATION_MODELS):
+            return
         if name != model_name:
             raise ApiError(404, f"the model {name!r} does not exist here: this server serves {model_name!r} "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
@@ -168,6 +184,11 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         (counts,) = prepare(job, "messages")
         if sum(counts) > limits.max_prompt_tokens:
             raise too_long(sum(counts), "messages", len(counts) - len(job.conversation.messages))
+
+    def check_request(job: ScoreJob) -> None:
+        (counts,) = prepare(job, "structured_messages")
+        if sum(counts) > limits.max_prompt_tokens:
+            raise too_long(sum(counts), "the request")
 
     def require_json(request: Request) -> None:
         # a browser page can POST text/plain cross-site without asking; it cannot POST JSON
@@ -227,21 +248,37 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         authorize(request)
         req = parse_request(ModerationRequest, await read_body(request))
         if req.model is not None:
-            check_model(req.model)
+            check_model(req.model, moderation=True)
         prompts = req.prompts()
         if len(prompts) > limits.max_inputs:
             raise ApiError(400, f"{len(prompts)} inputs in one request, over this server's limit of "
                                 f"{limits.max_inputs} (--max-inputs): split the request", param="input")
         job = ScoreJob(asyncio.get_running_loop(), prompts, split_at)
         await asyncio.to_thread(check_inputs, job)
+        verdicts = await scored(job, request, deadline)
+        return JSONResponse(moderation_response(verdicts, model=model_name, categories=worker.categories))
+
+    @app.post(GATEWAY_PATH)
+    async def litellm_guardrail(request: Request) -> JSONResponse:
+        deadline = time.monotonic() + limits.request_timeout_s
+        authorize(request, x_api_key=True)
+        req = parse_request(GuardrailRequest, await read_body(request))
+        job = guardrail_job(asyncio.get_running_loop(), req, split_at)
+        if job is None:
+            return JSONResponse(guardrail_response(None))
+        await asyncio.to_thread(check_request, job)
+        (verdict,) = await scored(job, request, deadline)
+        return JSONResponse(guardrail_response(verdict))
+
+    async def scored(job: ScoreJob, request: Request, deadline: float) -> list[Verdict]:
+        """Hand ``job`` to the worker; its verdicts, or 504 once the request's time is up."""
         worker.submit(job)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
-            verdicts = await before(deadline, job.future, job)
+            return await before(deadline, job.future, job)
         finally:
             job.cancel()  # a no-op once answered
             watcher.cancel()
-        return JSONResponse(moderation_response(verdicts, model=model_name, categories=worker.categories))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -367,7 +404,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             message = (f"no route {request.method} {request.url.path}: this server has POST /v1/moderations, "
-                       "POST /v1/chat/completions, GET /v1/models and GET /health")
+                       f"POST /v1/chat/completions, POST {GATEWAY_PATH}, GET /v1/models and GET /health")
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:

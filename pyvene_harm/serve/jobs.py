@@ -102,6 +102,14 @@ class ScoreJob(Job):
         self.groups = [text_parts("input", t, split_at) for t in texts]
         self.future: asyncio.Future = loop.create_future()
 
+    @classmethod
+    def of_reads(cls, loop: asyncio.AbstractEventLoop, reads: list[tuple[str, Any]]) -> ScoreJob:
+        """One verdict from ``reads`` (``(label, prompt)`` pairs, as a conversation's are),
+        flagged when any read is: what a gateway asks of the guard for one whole request."""
+        job = cls(loop, [])
+        job.groups = [list(reads)]
+        return job
+
     def finish(self, verdicts: list[Verdict]) -> None:
         self._call(_set_result, self.future, verdicts)
 
