@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -278,7 +279,10 @@ def lora_finetune(
             p.requires_grad_(False)
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                             bias="none", task_type="CAUSAL_LM")
-        peft_model = get_peft_model(tuned, config)
+        with warnings.catch_warnings():
+            # peft asks transformers' deprecated `is_gradient_checkpointing`: nothing a user can change
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(tuned, config)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         order_rng = torch.Generator().manual_seed(seed)
