@@ -109,6 +109,9 @@ def test_text_parts_and_texts_that_are_not_messages_are_read(parts, url):
      "'tool' message"),
     (litellm_body([{"role": "user", "content": "Hi."}], tool_calls=[{"id": "a", "type": "function"}]),
      "tool calls"),
+    (litellm_body([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "user", "content": "Go on."}]), "carries tool calls"),
     ({"texts": ["Hi."]}, "input_type"),
     ({"input_type": "request", "texts": "Hi."}, "texts"),
 ])

@@ -46,6 +46,8 @@ class _Part(_Lenient):
 class GuardrailMessage(_Lenient):
     role: str
     content: str | list[_Part] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
 
 
 class GuardrailRequest(_Lenient):
@@ -68,6 +70,9 @@ def _messages(req: GuardrailRequest) -> list[tuple[str, str]]:
         if m.role not in _ROLES:
             raise ApiError(400, f"structured_messages[{i}] is a {m.role!r} message: this guard judges system, user "
                                 "and assistant text only", param=f"structured_messages[{i}].role")
+        if m.tool_calls or m.function_call:  # their arguments are text the model reads, unjudged here
+            raise ApiError(400, f"structured_messages[{i}] carries tool calls: this guard judges text messages "
+                                "only", param=f"structured_messages[{i}].tool_calls")
         parts = [m.content] if isinstance(m.content, str) else (m.content or [])
         texts = []
         for j, p in enumerate(parts):
