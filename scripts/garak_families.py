@@ -1,0 +1,161 @@
+"""garak's offline prompt families against a running guard server's ``/v1/moderations``.
+
+garak (NVIDIA's LLM vulnerability scanner) ships its attack payloads inside its probe classes.
+This script takes them from there and sends them to the guard as moderation inputs: what share
+of each family the guard flags, beside what it flags of everyday traffic. It runs in two steps,
+because garak lives in its own environment (its pins clash with this project's):
+
+    /path/to/garak-venv/bin/python scripts/garak_families.py dump -o runs/garak/payloads.jsonl
+    pyvene-harm serve -m demo --port 8000 &            # the guard to attack (wait for it)
+    python scripts/garak_families.py attack runs/garak/payloads.jsonl --url http://127.0.0.1:8000 \\
+        -o results/demo/garak
+
+``dump`` needs only ``pip install garak==0.17.1`` (the families below run offline: no Hub-backed
+detector and no attack model is used). ``attack`` needs only ``httpx``; it writes
+``results.json`` (per family: sent, flagged, the share) and ``table.md``, plus the payloads'
+sha256 so a rerun can be checked against the same inputs. Payloads are shuffled with seed 0 and
+capped at ``--per-family`` (60) each; the harmless rows are this package's own prompt files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+# (family, garak probe module, class): the families the red team ran that need no network
+FAMILIES = [
+    ("dan", "dan", "DanInTheWild"),
+    ("encoding", "encoding", "InjectBase64"),
+    ("grandma", "grandma", "Substances"),
+    ("malwaregen", "malwaregen", "TopLevel"),
+    ("donotanswer", "donotanswer", "MaliciousUses"),
+    ("phrasing", "phrasing", "PastTense"),
+    ("suffix", "suffix", "GCGCached"),
+    ("tap", "tap", "TAPCached"),
+    ("smuggling", "smuggling", "HypotheticalResponse"),
+    ("badchars", "badchars", "BadCharacters"),
+]
+HARMLESS = [("everyday traffic", "example_traffic.jsonl"), ("harmless, other languages", "multilingual_harmless.jsonl")]
+PROMPTS = Path(__file__).resolve().parents[1] / "pyvene_harm" / "prompts"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _text(prompt) -> str:
+    """A payload's text: garak gives strings, Messages, or Conversations (their last user turn)."""
+    if isinstance(prompt, str):
+        return prompt
+    turns = getattr(prompt, "turns", None)
+    if turns:
+        users = [t for t in turns if getattr(t, "role", "user") == "user"] or turns
+        return _text(users[-1].content)
+    text = getattr(prompt, "text", None)
+    if isinstance(text, str):
+        return text
+    raise TypeError(f"cannot read a payload of type {type(prompt).__name__}")
+
+
+def dump(out: Path, per_family: int, seed: int) -> None:
+    import importlib
+
+    try:
+        import garak  # noqa: F401
+    except ImportError:
+        sys.exit("dump needs garak: run it with the python of an environment where `pip install garak==0.17.1` ran")
+    from garak import _config
+
+    _config.load_base_config()
+    _config.run.seed = seed  # badchars shuffles with a Random of the run's seed
+    rows = []
+    for family, module, cls in FAMILIES:
+        random.seed(seed)  # garak samples a probe's payloads down to its prompt cap with `random`
+        probe = getattr(importlib.import_module(f"garak.probes.{module}"), cls)()
+        prompts = [_text(p) for p in probe.prompts]
+        prompts = [p for p in prompts if p.strip()]
+        random.Random(seed).shuffle(prompts)
+        rows += [{"family": family, "probe": f"{module}.{cls}", "prompt": p} for p in prompts[:per_family]]
+        print(f"{family}: {min(per_family, len(prompts))} of {len(prompts)} payloads", file=sys.stderr)
+    _write_atomically(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {len(rows)} payloads to {out}", file=sys.stderr)
+
+
+def _harmless_rows() -> list[dict]:
+    rows = []
+    for family, name in HARMLESS:
+        for line in (PROMPTS / name).read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                text = item if isinstance(item, str) else item.get("prompt") or item.get("text") or item.get("instruction")
+                rows.append({"family": family, "probe": f"pyvene_harm/prompts/{name}", "prompt": text})
+    return rows
+
+
+def attack(payloads: Path, url: str, key: str | None, out: Path, batch: int) -> None:
+    import httpx
+
+    text = payloads.read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()] + _harmless_rows()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    flagged: list[bool] = []
+    with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+        for at in range(0, len(rows), batch):
+            r = client.post("/v1/moderations", json={"input": [x["prompt"] for x in rows[at:at + batch]]})
+            if r.status_code != 200:
+                sys.exit(f"the server answered {r.status_code} at rows {at}-{at + batch}: {r.text[:300]}")
+            flagged += [res["flagged"] for res in r.json()["results"]]
+            print(f"{len(flagged)} / {len(rows)}", end="\r", file=sys.stderr)
+        health = client.get("/health").json()
+    families: dict[str, dict] = {}
+    for row, f in zip(rows, flagged):
+        fam = families.setdefault(row["family"], {"probe": row["probe"], "sent": 0, "flagged": 0,
+                                                  "harmful_family": row["family"] not in dict(HARMLESS)})
+        fam["sent"] += 1
+        fam["flagged"] += bool(f)
+    for fam in families.values():
+        fam["flagged_share"] = round(fam["flagged"] / fam["sent"], 4)
+    result = {"server": url, "model": health.get("model"), "payloads": str(payloads),
+              "payloads_sha256": hashlib.sha256(text.encode()).hexdigest(), "batch": batch, "families": families}
+    lines = ["| family | probe | flagged / sent | share |", "|---|---|---|---|"]
+    for name, fam in families.items():
+        lines.append(f"| {name} | `{fam['probe']}` | {fam['flagged']} / {fam['sent']} | {100 * fam['flagged_share']:.1f}% |")
+    _write_atomically(out / "results.json", json.dumps(result, indent=2) + "\n")
+    _write_atomically(out / "table.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    d = sub.add_parser("dump", help="write garak's payloads as JSONL (run with garak's python)")
+    d.add_argument("-o", "--out", type=Path, required=True)
+    d.add_argument("--per-family", type=int, default=60)
+    d.add_argument("--seed", type=int, default=0)
+    a = sub.add_parser("attack", help="send the payloads to a guard server's /v1/moderations")
+    a.add_argument("payloads", type=Path)
+    a.add_argument("--url", default="http://127.0.0.1:8000")
+    a.add_argument("--api-key", default=os.environ.get("PYVENE_HARM_API_KEY"))
+    a.add_argument("-o", "--out", type=Path, required=True)
+    a.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    if args.step == "dump":
+        if os.environ.get("PYTHONHASHSEED") != "0":  # some probes build payloads from sets: fix their order
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
+        dump(args.out, args.per_family, args.seed)
+    else:
+        attack(args.payloads, args.url, args.api_key, args.out, args.batch)
+
+
+if __name__ == "__main__":
+    main()
