@@ -34,6 +34,7 @@ __all__ = [
     "ActivationStats",
     "collect_stats",
     "drop_unread_layers",
+    "mark_full_depth",
     "collect_states",
     "collect_token_states",
     "fixed_reads",
@@ -189,9 +190,17 @@ def drop_unread_layers(model: nn.Module, states: Sequence[int]) -> int:
     keep = layers_to_run(len(layers), states)
     if keep < len(layers):
         _set_layers(decoder, nn.ModuleList(list(layers)[:keep]))
-    for mod in {id(model): model, id(decoder): decoder}.values():
-        mod.pyvene_harm_num_layers = n
+    mark_full_depth(model, n)
     return keep
+
+
+def mark_full_depth(model: nn.Module, n_layers: int) -> None:
+    """Record that ``model`` stands for a model of ``n_layers`` decoder layers, whatever it
+    holds now: provenance (:func:`~pyvene_harm.directions.model_provenance`) reports that depth,
+    so a guard or directions made for the whole model still fit a copy cut short."""
+    decoder = decoder_of(model)
+    for mod in {id(model): model, id(decoder): decoder}.values():
+        mod.pyvene_harm_num_layers = n_layers
 
 
 READS = ("t_inst", "t_post_inst", "post:K", "last:K", "scan:K", "mean_inst", "mean_post")

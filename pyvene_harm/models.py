@@ -227,7 +227,8 @@ def load_model(
         keep_layers: build and load only the first ``keep_layers`` decoder layers, for a copy
             that only reads states up to that depth (a guard whose replies come from a serving
             engine): the other layers' weights are never read from disk, so the peak memory is
-            that of the kept part. The model cannot generate; its provenance still reports the
+            that of the kept part (for the model types in :data:`CUT_AT_LOAD`; others are loaded
+            whole and cut after). The model cannot generate; its provenance still reports the
             full depth (``pyvene_harm_num_layers``), so artifacts made for the whole model fit it.
 
     Example:
@@ -260,8 +261,9 @@ def load_model(
     model_kwargs = _dense_gguf_kwargs() if source.gguf_file else {}
     full_depth = None
     if keep_layers is not None:
-        model_kwargs["config"], full_depth = _config_with_layers(source.location, keep_layers, kwargs, spec_str,
-                                                                  source)
+        config, full_depth = _config_with_layers(source.location, keep_layers, kwargs, spec_str, source)
+        if config is not None:
+            model_kwargs["config"] = config
     # a built-in model loads from its converted folder in a second: transformers' bar says nothing
     quiet = quiet_transformers_bars() if builtin_spec(spec_str) else contextlib.nullcontext()
     dropped = _ignoring_dropped_layers(model_kwargs.get("config"), full_depth)
@@ -279,9 +281,13 @@ def load_model(
 
     if source.gguf_file:
         _drop_gguf_quantizer(model)
-    if full_depth is not None:
-        for mod in (model, getattr(model, "model", model)):
-            mod.pyvene_harm_num_layers = full_depth
+    if keep_layers is not None:
+        from .collect import drop_unread_layers, mark_full_depth
+
+        if full_depth is None:  # not cut at load (see CUT_AT_LOAD): cut now, the same model in the end
+            drop_unread_layers(model, [keep_layers])
+        else:
+            mark_full_depth(model, full_depth)
     if target is not None:
         model.to(target)
     model.eval()
@@ -293,8 +299,16 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec_str, model_id=source.model_id)
 
 
+CUT_AT_LOAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"})
+"""Model types whose layers do not depend on ``num_hidden_layers`` (checked against the whole
+model in the tests), so a config cut short builds the first layers exactly. Elsewhere a layer
+can (MiniMax's decay, Gemma 3n's per-layer embeddings, Gemma 4's shared-KV layers), and
+``keep_layers`` loads the whole model and drops the rest after."""
+
+
 def _config_with_layers(location: str, keep: int, kwargs: dict[str, Any], spec: str, source: Any):
-    """The model's config cut to its first ``keep`` decoder layers, and the full depth.
+    """The model's config cut to its first ``keep`` decoder layers and the full depth, or
+    ``(None, None)`` for a model type not in :data:`CUT_AT_LOAD`.
 
     Per-layer lists in the config (``layer_types``, sliding-window flags) are cut with it, or
     the model would be built with one layer kind per layer it no longer has.
@@ -307,13 +321,14 @@ def _config_with_layers(location: str, keep: int, kwargs: dict[str, Any], spec: 
         config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error(spec, source, err, "model") from err
-    text = getattr(config, "text_config", None) or config
-    full = text.num_hidden_layers
+    if config.model_type not in CUT_AT_LOAD:
+        return None, None
+    full = config.num_hidden_layers
     if keep < full:
-        for name, value in list(vars(text).items()):
+        for name, value in list(vars(config).items()):
             if isinstance(value, list) and len(value) == full:
-                setattr(text, name, value[:keep])
-        text.num_hidden_layers = keep
+                setattr(config, name, value[:keep])
+        config.num_hidden_layers = keep
     return config, full
 
 
@@ -330,7 +345,7 @@ def _ignoring_dropped_layers(config: Any, full: int | None) -> Iterator[None]:
         return
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    keep = (getattr(config, "text_config", None) or config).num_hidden_layers
+    keep = config.num_hidden_layers
     if keep >= full:
         yield
         return
@@ -341,7 +356,7 @@ def _ignoring_dropped_layers(config: Any, full: int | None) -> Iterator[None]:
         return
     had = "_keys_to_ignore_on_load_unexpected" in vars(cls)
     before = cls._keys_to_ignore_on_load_unexpected
-    pattern = r"layers\.(" + "|".join(str(i) for i in range(keep, full)) + r")\."
+    pattern = r"^model\.layers\.(" + "|".join(str(i) for i in range(keep, full)) + r")\."
     cls._keys_to_ignore_on_load_unexpected = [*(before or []), pattern]
     try:
         yield

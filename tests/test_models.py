@@ -559,3 +559,26 @@ def test_keep_layers_below_one_is_refused(tmp_path: Path) -> None:
     make_tokenizer("qwen2.5").save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="keep_layers must be at least 1"):
         load_model(tmp_path / "m", device="cpu", keep_layers=0)
+
+
+def test_keep_layers_on_a_model_type_not_cut_at_load_cuts_after_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyvene_harm import models as models_module
+    from pyvene_harm.directions import model_provenance
+    from pyvene_harm.pyvene_support import decoder_layers
+
+    from tiny import make_model, make_tokenizer
+
+    make_model("llama", num_layers=4).save_pretrained(tmp_path / "m")
+    make_tokenizer("qwen2.5").save_pretrained(tmp_path / "m")
+    whole = load_model(tmp_path / "m", device="cpu", dtype="float32").model
+    monkeypatch.setattr(models_module, "CUT_AT_LOAD", frozenset())
+    cut = load_model(tmp_path / "m", device="cpu", dtype="float32", keep_layers=2).model
+    assert cut.config.num_hidden_layers == 4  # built whole ...
+    assert len(decoder_layers(cut)) == 2 and model_provenance(cut)["num_layers"] == 4  # ... then cut
+    ids = torch.tensor([[5, 17, 42, 7]])
+    with torch.no_grad():
+        a = whole(ids, output_hidden_states=True).hidden_states
+        b = cut.model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(b[1], a[1], rtol=0, atol=1e-5)
