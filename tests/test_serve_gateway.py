@@ -98,6 +98,9 @@ def test_text_parts_and_texts_that_are_not_messages_are_read(parts, url):
     out = post(url, litellm_body(prefill)).json()
     assert out["action"] == "BLOCKED" and "structured_messages[1] (assistant)" in out["guard"]["flagged_by"]
     assert post(url, litellm_body([], texts=[])).json() == {"action": "NONE"}
+    # a text sent many times is one read, and counts once against --max-inputs
+    out = post(url, litellm_body(None, texts=[harmful_text] * 100)).json()
+    assert out["action"] == "BLOCKED" and out["guard"]["flagged_by"] == ["texts[0]"]
 
 
 @pytest.mark.parametrize(("body", "names"), [
@@ -112,6 +115,11 @@ def test_text_parts_and_texts_that_are_not_messages_are_read(parts, url):
     (litellm_body([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "user", "content": "Go on."}]), "carries tool calls"),
+    (litellm_body([{"role": "user", "content": "Hi."}],
+                  tools=[{"type": "function", "function": {"name": "f", "description": "Build a bomb."}}]),
+     "tool(s)"),
+    (litellm_body([{"role": "system", "content": ""}, {"role": "user", "content": "Hi."}]), "is empty"),
+    (litellm_body(None, texts=[f"Text number {i}." for i in range(65)]), "--max-inputs"),
     ({"texts": ["Hi."]}, "input_type"),
     ({"input_type": "request", "texts": "Hi."}, "texts"),
 ])

@@ -128,7 +128,8 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         if header is None and x_api_key and "x-api-key" in request.headers:
             header = "Bearer " + request.headers["x-api-key"]
         if header is None:
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+            also = " (or 'x-api-key: <key>')" if x_api_key else ""
+            raise ApiError(401, f"missing API key: send the header 'Authorization: Bearer <key>'{also}",
                            code="invalid_api_key")
         scheme, _, token = header.partition(" ")
         # constant-time comparison: the time taken says nothing about how much of the key matched
@@ -188,7 +189,8 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
     def check_request(job: ScoreJob) -> None:
         (counts,) = prepare(job, "structured_messages")
         if sum(counts) > limits.max_prompt_tokens:
-            raise too_long(sum(counts), "the request")
+            whole = sum(1 for label, _ in job.groups[0] if label != CONTEXT and " piece " not in label)
+            raise too_long(sum(counts), "structured_messages", len(counts) - whole)
 
     def require_json(request: Request) -> None:
         # a browser page can POST text/plain cross-site without asking; it cannot POST JSON
@@ -263,7 +265,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         deadline = time.monotonic() + limits.request_timeout_s
         authorize(request, x_api_key=True)
         req = parse_request(GuardrailRequest, await read_body(request))
-        job = guardrail_job(asyncio.get_running_loop(), req, split_at)
+        job = guardrail_job(asyncio.get_running_loop(), req, split_at, limits.max_inputs)
         if job is None:
             return JSONResponse(guardrail_response(None))
         await asyncio.to_thread(check_request, job)

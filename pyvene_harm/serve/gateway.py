@@ -9,7 +9,7 @@ the answer is ``{"action": "BLOCKED", "blocked_reason": ...}`` or ``{"action": "
 same ``guard`` object the chat endpoint returns.
 
 What the guard cannot read is refused with a 400 rather than let through: images, non-text
-message parts, tool messages, and replies (``input_type: "response"``: this guard reads the
+message parts, tool messages, tool calls and tool definitions, and replies (``input_type: "response"``: this guard reads the
 request; set the guardrail's ``mode`` to ``pre_call`` or ``during_call``). LiteLLM treats a 400
 from its guardrail as a failure and, by default (``fail_on_error``), does not call the model.
 """
@@ -51,12 +51,13 @@ class GuardrailMessage(_Lenient):
 
 
 class GuardrailRequest(_Lenient):
-    """What LiteLLM posts; ``images`` and ``tool_calls`` are read only to refuse them."""
+    """What LiteLLM posts; ``images``, ``tools`` and ``tool_calls`` are read only to refuse them."""
 
     input_type: Literal["request", "response"]
     texts: list[str] | None = None
     structured_messages: list[GuardrailMessage] | None = None
     images: list[Any] | None = None
+    tools: list[Any] | None = None
     tool_calls: list[Any] | None = None
 
 
@@ -84,13 +85,19 @@ def _messages(req: GuardrailRequest) -> list[tuple[str, str]]:
                 raise ApiError(400, f"structured_messages[{i}].content[{j}] is a {p.type!r} part: this guard "
                                     "reads text only", param=f"structured_messages[{i}].content[{j}]")
         text = "".join(texts)
-        if text.strip():
-            out.append((_ROLES[m.role], text))
+        if not text.strip():  # as the chat endpoint: and a skipped message would shift every label after it
+            raise ApiError(400, f"structured_messages[{i}] ({m.role}) is empty: every message needs some "
+                                "non-whitespace text", param=f"structured_messages[{i}].content")
+        out.append((_ROLES[m.role], text))
     return out
 
 
-def guardrail_job(loop: Any, req: GuardrailRequest, split_at: re.Pattern[str] | None) -> ScoreJob | None:
-    """One scoring job whose single group holds every read of the request; None: nothing to read."""
+def guardrail_job(loop: Any, req: GuardrailRequest, split_at: re.Pattern[str] | None,
+                  max_texts: int) -> ScoreJob | None:
+    """One scoring job whose single group holds every read of the request; None: nothing to read.
+
+    Texts that are not messages are capped at ``max_texts`` (the moderation route's
+    ``--max-inputs``): each is a read of its own, with the guard's template around it."""
     if req.input_type == "response":
         raise ApiError(400, "this guard judges requests, not replies (input_type 'response'): set the "
                             "guardrail's mode to pre_call or during_call", param="input_type")
@@ -100,6 +107,9 @@ def guardrail_job(loop: Any, req: GuardrailRequest, split_at: re.Pattern[str] | 
     if req.tool_calls:
         raise ApiError(400, "the request carries tool calls: this guard judges text messages only",
                        param="tool_calls")
+    if req.tools:  # their names and descriptions are text the model reads
+        raise ApiError(400, f"the request defines {len(req.tools)} tool(s): this guard judges text messages "
+                            "only, so it cannot let their descriptions through", param="tools")
     messages = _messages(req)
     last_user = max((i for i, (role, _) in enumerate(messages) if role == "user"), default=-1)
     reads: list[tuple[str, Any]] = []
@@ -108,9 +118,15 @@ def guardrail_job(loop: Any, req: GuardrailRequest, split_at: re.Pattern[str] | 
     for i, (role, text) in enumerate(messages[last_user + 1:], start=last_user + 1):
         reads += text_parts(f"structured_messages[{i}] ({role})", text, split_at)
     seen = {text for _, text in messages}
+    extra = {}
     for i, text in enumerate(req.texts or []):
         if text.strip() and text not in seen:
-            reads += text_parts(f"texts[{i}]", text, split_at)
+            extra.setdefault(text, i)  # a text sent twice is read once
+    if len(extra) > max_texts:
+        raise ApiError(400, f"{len(extra)} texts besides the messages, over this server's limit of {max_texts} "
+                            "(--max-inputs): split the request", param="texts")
+    for text, i in extra.items():
+        reads += text_parts(f"texts[{i}]", text, split_at)
     if not reads:
         return None
     return ScoreJob.of_reads(loop, reads)
