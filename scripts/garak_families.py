@@ -98,6 +98,8 @@ def _harmless_rows() -> list[dict]:
             if line.strip():
                 item = json.loads(line)
                 text = item if isinstance(item, str) else item.get("prompt") or item.get("text") or item.get("instruction")
+                if not isinstance(text, str) or not text.strip():
+                    sys.exit(f"{name}: a line without a prompt: {line[:120]}")
                 rows.append({"family": family, "probe": f"pyvene_harm/prompts/{name}", "prompt": text})
     return rows
 
@@ -114,7 +116,10 @@ def attack(payloads: Path, url: str, key: str | None, out: Path, batch: int) -> 
             r = client.post("/v1/moderations", json={"input": [x["prompt"] for x in rows[at:at + batch]]})
             if r.status_code != 200:
                 sys.exit(f"the server answered {r.status_code} at rows {at}-{at + batch}: {r.text[:300]}")
-            flagged += [res["flagged"] for res in r.json()["results"]]
+            results = r.json()["results"]
+            if len(results) != len(rows[at:at + batch]):
+                sys.exit(f"the server answered {len(results)} results for {len(rows[at:at + batch])} inputs")
+            flagged += [res["flagged"] for res in results]
             print(f"{len(flagged)} / {len(rows)}", end="\r", file=sys.stderr)
         health = client.get("/health").json()
     families: dict[str, dict] = {}
