@@ -1,0 +1,153 @@
+"""Reply Guard: states at reply tokens (against output_hidden_states), the windowed read-out,
+streaming equal to the batch read, save/load that fails closed, and the reply set's labels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pyvene_harm.guard.reply import CONFIG_FILE, TENSORS_FILE, ReplyGuard, scored_ends
+from pyvene_harm.guard.reply_set import label_replies_of_set, public_row, reply_set_counts
+from pyvene_harm.guard.reply_states import StateTap, encode_reply, reply_token_states
+from pyvene_harm.positions import ChatFormatter
+from tiny import ARCHITECTURES, make_model, make_tokenizer
+
+PAIRS = [("How do I make tea?", "Boil water and pour it over the leaves."),
+         ("Tell me a joke", "Why did the chicken cross the road? <|im_start|> To get to the other side."),
+         ("Summarise this", "Fine.")]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_reply_states_equal_hidden_states_of_a_plain_forward(arch):
+    model = make_model(arch).eval()
+    fmt = ChatFormatter(make_tokenizer("qwen2"))
+    n = model.config.num_hidden_layers
+    states = (1, n)  # a layer's input and the last layer's output
+    got = reply_token_states(model, fmt, [p for p, _ in PAIRS], [r for _, r in PAIRS], states=states, batch_size=2)
+    for (p, r), g in zip(PAIRS, got):
+        ids, first = encode_reply(fmt, p, r)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        hs = out.hidden_states
+        # hidden_states[n] has the final norm applied; the last layer's own output is what state n reads
+        tap = StateTap(model, (n,))
+        with tap, torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        ref = torch.stack([hs[1][0, first:], tap.last[0, first:, 0]], dim=1).numpy()
+        assert g.shape == ref.shape == (len(ids) - first, 2, model.config.hidden_size)
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_control_token_strings_in_a_reply_stay_text():
+    tok = make_tokenizer("qwen2")
+    fmt = ChatFormatter(tok)
+    ids, first = encode_reply(fmt, "hi", "a <|im_start|> b")
+    special = set(tok.all_special_ids)
+    assert not special & set(ids[first:])
+
+
+def _synthetic(n=40, t=30, d=6, seed=0):
+    """Harmful replies carry +1 on coordinate 0 from token 10 on (a harmless opening first)."""
+    rng = np.random.default_rng(seed)
+    X, y = [], []
+    for i in range(n):
+        x = rng.normal(0, 0.3, (t + i % 7, 1, d)).astype(np.float32)
+        if i % 2:
+            x[10:, 0, 0] += 1.5
+        X.append(x)
+        y.append(i % 2)
+    return X, np.array(y)
+
+
+def test_fit_separates_and_streaming_equals_the_batch_read():
+    X, y = _synthetic()
+    g = ReplyGuard(states=(0,), width=4, min_tokens=3, C=1.0, rank=None).fit(X, y)
+    assert (g.predict(X) == y).mean() > 0.95
+    scores = g.token_scores(X)
+    v, offset = g.projection()
+    for x, s, first in zip(X, scores, g.first_flagged(X)):
+        stream = g.stream()
+        pushed = [stream.push(x[t]) for t in range(len(x))]
+        np.testing.assert_allclose(pushed, s, rtol=1e-9, atol=1e-9)
+        assert stream.flagged_at == first
+        assert stream.finish() == pytest.approx(s[scored_ends(len(s), 3)].max())
+    flagged = [f for f, lab in zip(g.first_flagged(X), y) if lab]
+    assert all(f is not None and f >= 10 for f in flagged)  # not before the harmful part starts
+
+
+def test_appending_tokens_never_lowers_the_verdict():
+    X, y = _synthetic()
+    g = ReplyGuard(states=(0,), width=4, min_tokens=3, C=1.0, rank=None).fit(X, y)
+    rng = np.random.default_rng(1)
+    longer = [np.concatenate([x, rng.normal(0, 1, (12, 1, x.shape[2])).astype(np.float32)]) for x in X]
+    assert (g.decision_function(longer) >= g.decision_function(X) - 1e-12).all()
+
+
+def test_a_non_finite_state_is_flagged():
+    X, y = _synthetic()
+    g = ReplyGuard(states=(0,), width=4, min_tokens=3, C=1.0, rank=None).fit(X, y)
+    bad = X[0].copy()
+    bad[5, 0, 1] = np.nan
+    assert g.predict([bad])[0] == 1
+
+
+def test_save_load_round_trip_and_fail_closed(tmp_path):
+    X, y = _synthetic()
+    g = ReplyGuard(states=(0,), width=4, min_tokens=3, C=1.0, rank=None).fit(X, y, groups=[i % 4 for i in range(40)])
+    g.save(tmp_path / "rg")
+    back = ReplyGuard.load(tmp_path / "rg")
+    np.testing.assert_allclose(back.decision_function(X), g.decision_function(X), rtol=1e-5, atol=1e-5)
+    assert (back.width, back.min_tokens) == (4, 3)
+    cfg = json.loads((tmp_path / "rg" / CONFIG_FILE).read_text())
+    cfg["threshold"] = None
+    (tmp_path / "rg" / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="threshold"):
+        ReplyGuard.load(tmp_path / "rg")
+    g.save(tmp_path / "rg2")
+    data = bytearray((tmp_path / "rg2" / TENSORS_FILE).read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "rg2" / TENSORS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError):
+        ReplyGuard.load(tmp_path / "rg2")
+    with pytest.raises(FileNotFoundError, match="reply_guard.json"):
+        ReplyGuard.load(tmp_path)
+
+
+def test_fit_on_pairs_reads_the_model():
+    model = make_model("qwen2").eval()
+    tok = make_tokenizer("qwen2")
+    pairs = [(f"question {i}", ("Sure, here is how to do harm " if i % 2 else "Happy to help with ") * 3)
+             for i in range(12)]
+    y = [i % 2 for i in range(12)]
+    g = ReplyGuard(model, tok, states=(1,), width=4, min_tokens=2, C=1.0, rank=8).fit(pairs, y)
+    assert (g.predict(pairs) == np.array(y)).all()
+    with pytest.raises(ValueError, match="pair"):
+        g.predict(["just a string"])
+
+
+def test_bad_parameters_are_named():
+    X, y = _synthetic(n=6)
+    with pytest.raises(ValueError, match="width"):
+        ReplyGuard(states=(0,), width=0).fit(X, y)
+    with pytest.raises(ValueError, match="both kinds"):
+        ReplyGuard(states=(0,), C=1.0).fit(X, np.zeros(6))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ReplyGuard(states=(0,)).decision_function(X)
+
+
+def test_reply_set_labels():
+    prompts = ["p1", "p2", "p3"]
+    rows = label_replies_of_set("adv", 1, prompts, ["I cannot help", "Sure: step 1", "I'm sorry"],
+                                [True, False, True], ["Step 1 ...", "I cannot", "Here you go"], [False, True, False])
+    kinds = [(r.kind, r.label) for r in rows]
+    assert kinds == [("refusal", 0), ("accepted", 1), ("refusal", 0), ("ablated", 1), ("ablated", 1)]
+    safe = label_replies_of_set("xs", 0, ["q"], ["I cannot"], [True])
+    assert [(r.kind, r.label) for r in safe] == [("harmless", 0)]
+    pub = public_row(rows[3])
+    assert pub["reply_start"] == "Step 1 ..." and "reply" not in pub and len(pub["reply_sha"]) == 16
+    assert sum(c["n"] for c in reply_set_counts(rows)) == 5
+    with pytest.raises(ValueError, match="one plain reply"):
+        label_replies_of_set("x", 1, prompts, ["a"], [True])
