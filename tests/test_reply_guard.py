@@ -13,6 +13,7 @@ from pyvene_harm.guard.reply import CONFIG_FILE, TENSORS_FILE, ReplyGuard, score
 from pyvene_harm.guard.reply_set import label_replies_of_set, public_row, reply_set_counts
 from pyvene_harm.guard.reply_states import StateTap, encode_reply, reply_token_states
 from pyvene_harm.positions import ChatFormatter
+
 from tiny import ARCHITECTURES, make_model, make_tokenizer
 
 PAIRS = [("How do I make tea?", "Boil water and pour it over the leaves."),

@@ -144,7 +144,7 @@ class ReplyGuard(ClassifierMixin, BaseEstimator):
             raise ValueError("fit needs one label per reply, 1 harmful or 0 safe, and replies of both kinds")
         if groups is not None and len(groups) != len(tokens):
             raise ValueError(f"{len(tokens)} replies but {len(groups)} groups: pass one group per reply")
-        bags, bag_groups = [], []
+        bags = []
         for i, t in enumerate(tokens):
             if t.ndim != 3 or t.shape[1] != len(self.states):
                 raise ValueError(f"reply {i}: states of shape {t.shape}, expected [T, {len(self.states)}, d]")
