@@ -172,3 +172,35 @@ def test_elicit_and_invert_sweeps(tiny_dir, tmp_path):
     r = CliRunner().invoke(main, ["elicit", *_common(tiny_dir, tmp_path / "bad2"), "--directions", str(ext),
                                   "--harmless", str(tiny_dir / "harmless.jsonl"), "--positions", "t_nope"])
     assert r.exit_code == 2 and "t_nope" in r.output
+
+
+def test_reply_set_then_reply_crossval(tiny_dir, tmp_path):
+    ext = tmp_path / "extract"
+    r = _run(["extract", *_common(tiny_dir, ext), "--harmful", str(tiny_dir / "harmful.json"),
+              "--harmless", str(tiny_dir / "harmless.jsonl"), "--max-new-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    (tiny_dir / "harmful2.json").write_text(json.dumps([{"instruction": x + " Now."} for x in HARMFUL]))
+    (tiny_dir / "harmless2.jsonl").write_text("\n".join(json.dumps({"prompt": x + " Thanks."}) for x in HARMLESS))
+    sets = ["--set", f"a={tiny_dir / 'harmful.json'}:harmful", "--set", f"b={tiny_dir / 'harmful2.json'}:harmful",
+            "--set", f"c={tiny_dir / 'harmless.jsonl'}:harmless", "--set", f"d={tiny_dir / 'harmless2.jsonl'}:harmless"]
+    rs = tmp_path / "replies"
+    r = _run(["guard", "reply-set", *_common(tiny_dir, rs), "--directions", str(ext), *sets,
+              "--max-new-tokens", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    # the stand-in judge refuses bomb/poison/sea prompts: those are refusals (safe), the rest complied (harmful)
+    assert res["harmful"] > 0 and res["safe"] > 0 and res["n"] == res["harmful"] + res["safe"]
+    public = (rs / "replies.csv").read_text()
+    assert "reply_sha" in public and "prompt_sha" in public
+    cv = tmp_path / "cv"
+    r = _run(["guard", "reply-crossval", "--model", str(tiny_dir / "model"), "-o", str(cv), "--replies", str(rs),
+              "--design", "2/4", "--design", "length", "--min-tokens", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert set(out["pooled"]) == {"s2/w4", "length"}
+    assert (cv / "crossval.csv").exists()
+    for unit in (rs / "units").glob("ablated_*.json"):
+        unit.unlink()
+    r = CliRunner().invoke(main, ["guard", "reply-crossval", "--model", str(tiny_dir / "model"), "-o",
+                                  str(tmp_path / "cv2"), "--replies", str(rs)])
+    assert r.exit_code != 0 and "lacks the replies" in r.output

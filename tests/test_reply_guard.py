@@ -152,3 +152,20 @@ def test_reply_set_labels():
     assert sum(c["n"] for c in reply_set_counts(rows)) == 5
     with pytest.raises(ValueError, match="one plain reply"):
         label_replies_of_set("x", 1, prompts, ["a"], [True])
+
+
+def test_leave_one_source_out_scores_every_reply_out_of_fold():
+    from pyvene_harm.guard.reply_crossval import cross_validate_replies, parse_reply_design
+
+    X, y = _synthetic(n=48)
+    sources = [f"s{(i // 2) % 4}" for i in range(48)]  # every source holds both classes
+    texts = ["here is how" if lab else "happy to help" for lab in y]
+    designs = [parse_reply_design("0/4"), parse_reply_design("length")]
+    res = cross_validate_replies(sources, y, texts, {0: [x[:, 0] for x in X]}, designs, min_tokens=3, n_boot=20)
+    assert res["pooled"]["s0/w4"]["auroc"] > 0.95
+    assert {r["source"] for r in res["rows"]} == {"s0", "s1", "s2", "s3"}
+    assert not np.isnan(res["scores"]["s0/w4"]).any()
+    d = res["delay"]["s0/w4"]
+    assert d["median_delay"] >= 10 and d["harmful"] == 24
+    with pytest.raises(ValueError, match="reply design"):
+        parse_reply_design("twelve")

@@ -144,6 +144,10 @@ class ReplyGuard(ClassifierMixin, BaseEstimator):
             raise ValueError("fit needs one label per reply, 1 harmful or 0 safe, and replies of both kinds")
         if groups is not None and len(groups) != len(tokens):
             raise ValueError(f"{len(tokens)} replies but {len(groups)} groups: pass one group per reply")
+        if groups is not None:
+            g = np.asarray(groups, dtype=object)
+            if min(len(set(g[y == 1].tolist())), len(set(g[y == 0].tolist()))) < 2:
+                groups = None  # folds by source need two sources of each class: stratified folds instead
         bags = []
         for i, t in enumerate(tokens):
             if t.ndim != 3 or t.shape[1] != len(self.states):

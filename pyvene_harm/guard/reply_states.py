@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..collect import decoder_of, layers_to_run, truncated_decoder
+from ..progress import progress_bar
 from ..pyvene_support import decoder_layers
 
 __all__ = ["StateTap", "encode_reply", "reply_token_states"]
@@ -108,11 +109,13 @@ def encode_reply(formatter: Any, item: Any, reply: str | Sequence[int]) -> tuple
 
 
 def reply_token_states(model: nn.Module, formatter: Any, items: Sequence[Any], replies: Sequence[Any], *,
-                       states: Sequence[int], batch_size: int = 8) -> list[np.ndarray]:
+                       states: Sequence[int], batch_size: int = 8,
+                       progress: bool | str | None = False) -> list[np.ndarray]:
     """``[T_j, S, d]`` float32 states at each of reply ``j``'s ``T_j`` tokens, in order.
 
     Rows are batched by length (right-padded, so the causal states of real tokens are exactly
-    those of an unpadded forward); only the layers the deepest state needs are run.
+    those of an unpadded forward); only the layers the deepest state needs are run. ``progress``:
+    a bar counting replies (``None``: when stderr is a terminal; a string labels it).
     """
     if len(items) != len(replies):
         raise ValueError(f"{len(items)} prompts but {len(replies)} replies: pass one reply per prompt")
@@ -127,7 +130,9 @@ def reply_token_states(model: nn.Module, formatter: Any, items: Sequence[Any], r
     decoder = decoder_of(model)
     n_run = layers_to_run(len(decoder_layers(decoder)), states)
     tap = StateTap(model, states)
-    with torch.inference_mode(), truncated_decoder(decoder, n_run) as dec, tap:
+    label = progress if isinstance(progress, str) else "reading replies"
+    with torch.inference_mode(), truncated_decoder(decoder, n_run) as dec, tap, \
+            progress_bar(progress, total=len(order), description=label) as advance:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             longest = max(len(encoded[i][0]) for i in idx)
@@ -142,4 +147,5 @@ def reply_token_states(model: nn.Module, formatter: Any, items: Sequence[Any], r
             for j, i in enumerate(idx):
                 row, first = encoded[i]
                 out[i] = got[j, first:len(row)].cpu().numpy()
+            advance(len(idx))
     return out  # type: ignore[return-value]

@@ -567,12 +567,14 @@ def _register_subcommands() -> None:
     from .guard_calibrate import calibrate
     from .guard_crossval import crossval
     from .guard_generate import generate
+    from .guard_reply_crossval import reply_crossval
     from .guard_reply_set import reply_set
 
     guard.add_command(calibrate)
     guard.add_command(generate)
     guard.add_command(crossval)
     guard.add_command(reply_set)
+    guard.add_command(reply_crossval)
 
 
 _register_subcommands()

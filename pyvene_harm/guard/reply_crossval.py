@@ -1,0 +1,105 @@
+"""Judging reply-guard designs on prompt sources they were not fitted on (leave one source out).
+
+Every reply gets an out-of-fold score from the fit that left its own source out (a source's
+harmful replies and its refusals go out together: they answer the same prompts). Per source and
+class, its replies are then taken against every out-of-fold reply of the other class (AUROC,
+AUPRC, F1, FPR, recall at 1% FPR). The text controls (``ngram``, ``length``) read the reply's
+words only and are scored the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .controls import TextControl
+from .metrics import against_other_class, pooled_metrics
+from .reply import ReplyGuard
+
+__all__ = ["ReplyDesign", "cross_validate_replies", "parse_reply_design"]
+
+
+@dataclass(frozen=True)
+class ReplyDesign:
+    """One candidate: the states read and the window width (or a text control)."""
+
+    states: tuple[int, ...] = ()
+    width: int = 16
+    control: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.control:
+            return self.control
+        return f"s{'+'.join(map(str, self.states))}/w{self.width}"
+
+
+def parse_reply_design(text: str) -> ReplyDesign:
+    """``ngram``, ``length`` or ``STATES/WIDTH`` (e.g. ``12/16``, ``8+12/32``)."""
+    text = text.strip()
+    if text in ("ngram", "length"):
+        return ReplyDesign(control=text)
+    head, sep, width = text.partition("/")
+    try:
+        states = tuple(int(s) for s in head.split("+"))
+        return ReplyDesign(states=states, width=int(width) if sep else 16)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a reply design: use ngram, length or STATES/WIDTH, e.g. 12/16 or "
+                         "8+12/32") from None
+
+
+def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replies: Sequence[str],
+                           states: dict[int, Sequence[np.ndarray]], designs: Sequence[ReplyDesign], *,
+                           min_tokens: int = 8, n_boot: int = 300,
+                           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Out-of-fold scores and figures per design.
+
+    Args:
+        states: state id -> per reply ``[T, d]`` states (the union of what the designs read).
+    Returns:
+        ``{"rows": [...], "pooled": {design: metrics}, "delay": {design: {...}}, "scores": {design: [...]}}``.
+    """
+    src = np.asarray(sources, dtype=object)
+    y = np.asarray(labels).astype(int)
+    names = sorted(set(src.tolist()))
+    out_rows, pooled, delays, all_scores = [], {}, {}, {}
+    for design in designs:
+        score = np.full(len(y), np.nan)
+        first: list[int | None] = [None] * len(y)
+        for held in names:
+            test = np.flatnonzero(src == held)
+            train = np.flatnonzero(src != held)
+            if progress is not None:
+                progress(f"{design.name} without {held}")
+            if design.control:
+                ctl = TextControl(design.control).fit([replies[i] for i in train], y[train],
+                                                      groups=src[train].tolist())
+                score[test] = ctl.decision_function([replies[i] for i in test])
+                continue
+            x = [np.stack([states[s][i] for s in design.states], axis=1) for i in range(len(y))]
+            g = ReplyGuard(states=design.states, width=design.width, min_tokens=min_tokens)
+            g.fit([x[i] for i in train], y[train], groups=src[train].tolist())
+            score[test] = g.decision_function([x[i] for i in test])
+            for i, f in zip(test, g.first_flagged([x[i] for i in test])):
+                first[i] = f
+        all_scores[design.name] = score.tolist()
+        pooled[design.name] = pooled_metrics(score[y == 1], score[y == 0], n_boot=n_boot)
+        for held in names:
+            for lab in (1, 0):
+                own = score[(src == held) & (y == lab)]
+                if len(own):
+                    m = against_other_class(lab, own, score[y == 1 - lab], n_boot=n_boot)
+                    out_rows.append({"design": design.name, "source": held, "class": "harmful" if lab else "safe",
+                                     **{k: v for k, v in m.items() if k != "ci"}})
+        if not design.control:
+            caught = [f for f, lab in zip(first, y) if lab == 1 and f is not None]
+            cut = [f for f, lab in zip(first, y) if lab == 0 and f is not None]
+            delays[design.name] = {
+                "harmful_caught": len(caught), "harmful": int(y.sum()),
+                "median_delay": float(np.median(caught)) + 1 if caught else None,
+                "p90_delay": float(np.percentile(caught, 90)) + 1 if caught else None,
+                "safe_cut_short": len(cut), "safe": int((1 - y).sum())}
+    return {"rows": out_rows, "pooled": pooled, "delay": delays, "scores": all_scores}
