@@ -199,6 +199,19 @@ def test_reply_set_then_reply_crossval(tiny_dir, tmp_path):
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert set(out["pooled"]) == {"s2/w4", "length"}
     assert (cv / "crossval.csv").exists()
+    rg = tmp_path / "reply-guard"
+    r = _run(["guard", "reply-fit", "--model", str(tiny_dir / "model"), "--replies", str(rs), "--design", "2/4",
+              "--min-tokens", "2", "--max-safe-flagged", "0.1", "-o", str(rg), "--json"])
+    assert r.exit_code == 0, r.output
+    fit = json.loads(r.stdout[r.stdout.index("{"):])
+    assert fit["out_of_fold"]["safe_flagged"] <= 0.1 * fit["out_of_fold"]["safe"]
+    from pyvene_harm.guard.reply import ReplyGuard
+
+    loaded = ReplyGuard.load(rg)
+    assert loaded.threshold_ == fit["out_of_fold"]["threshold"] and loaded.extra_["design"] == "2/4"
+    r = CliRunner().invoke(main, ["guard", "reply-fit", "--model", str(tiny_dir / "model"), "--replies", str(rs),
+                                  "--design", "ngram", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "cannot be served" in r.output
     for unit in (rs / "units").glob("ablated_*.json"):
         unit.unlink()
     r = CliRunner().invoke(main, ["guard", "reply-crossval", "--model", str(tiny_dir / "model"), "-o",

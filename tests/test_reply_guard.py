@@ -169,3 +169,32 @@ def test_leave_one_source_out_scores_every_reply_out_of_fold():
     assert d["median_delay"] >= 10 and d["harmful"] == 24
     with pytest.raises(ValueError, match="reply design"):
         parse_reply_design("twelve")
+
+
+def test_shipped_fit_takes_its_threshold_from_held_out_sources():
+    from pyvene_harm.guard import reply_fit as rf
+
+    X, y = _synthetic(n=48)
+    sources = [f"s{(i // 2) % 4}" for i in range(48)]
+    kinds = ["ablated" if lab else ("refusal" if i % 4 == 0 else "harmless") for i, lab in enumerate(y)]
+    w = rf.kind_weights(kinds, y)
+    # each class keeps its share; the two safe kinds weigh alike whatever their counts
+    assert w[y == 1].sum() == pytest.approx(w[y == 0].sum())
+    k = np.asarray(kinds)
+    assert w[k == "refusal"].sum() == pytest.approx(w[k == "harmless"].sum())
+    guard, report = rf.fit_reply_guard(sources, y, kinds, X, states=(0,), width=4, min_tokens=3,
+                                       max_safe_flagged=0.05)
+    oof = rf.out_of_fold_token_scores(sources, y, X, states=(0,), width=4, min_tokens=3, weights=w)
+    safe = rf._verdicts([s for s, lab in zip(oof, y) if not lab], 3)
+    assert guard.threshold_ == report["out_of_fold"]["threshold"]
+    assert (safe > guard.threshold_).sum() <= 0.05 * len(safe)  # at most the share asked for
+    assert guard.threshold_ == np.sort(safe)[len(safe) - 1 - int(0.05 * len(safe))]  # and no higher than that
+    assert report["out_of_fold"]["harmful_flagged"] > 20 and report["training"]["kinds"]["ablated"] == 24
+    # the out-of-fold scores are not the full fit's: a source's replies were scored by a fit without them
+    full = guard.token_scores(X)
+    assert any(not np.allclose(a, b) for a, b in zip(full, oof))
+    assert guard.extra_["balance"] == "kind"
+    with pytest.raises(ValueError, match="two prompt sources"):
+        rf.fit_reply_guard(["one"] * 48, y, kinds, X, states=(0,), width=4, min_tokens=3)
+    assert rf.threshold_for_safe_share(np.array([1.0, 2.0, 3.0, 4.0]), 0.25) == 3.0
+    assert rf.threshold_for_safe_share(np.array([1.0, 2.0, 3.0, 4.0]), 0.0) == 4.0

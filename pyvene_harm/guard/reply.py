@@ -135,8 +135,11 @@ class ReplyGuard(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, X: Sequence[Any], y: Sequence[int], *, groups: Sequence[Any] | None = None) -> ReplyGuard:
-        """Fit the read-out on window means of every reply (see the module docstring)."""
+    def fit(self, X: Sequence[Any], y: Sequence[int], *, groups: Sequence[Any] | None = None,
+            sample_weight: Sequence[float] | None = None) -> ReplyGuard:
+        """Fit the read-out on window means of every reply (see the module docstring).
+        ``sample_weight``: one weight per reply (its windows share it), e.g. to make harmless
+        replies weigh as much as refusals."""
         self._check_params()
         tokens = self.reply_states(X)
         y = np.asarray(y).astype(int)
@@ -144,6 +147,9 @@ class ReplyGuard(ClassifierMixin, BaseEstimator):
             raise ValueError("fit needs one label per reply, 1 harmful or 0 safe, and replies of both kinds")
         if groups is not None and len(groups) != len(tokens):
             raise ValueError(f"{len(tokens)} replies but {len(groups)} groups: pass one group per reply")
+        reply_w = np.ones(len(tokens)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        if reply_w.shape != (len(tokens),) or not (np.isfinite(reply_w).all() and (reply_w > 0).all()):
+            raise ValueError(f"sample_weight needs one positive finite weight per reply ({len(tokens)})")
         if groups is not None:
             g = np.asarray(groups, dtype=object)
             if min(len(set(g[y == 1].tolist())), len(set(g[y == 0].tolist()))) < 2:
@@ -170,7 +176,7 @@ class ReplyGuard(ClassifierMixin, BaseEstimator):
                     keep[rows[np.argsort(-scores[rows], kind="stable")[k:]]] = False
                 C = self.readout_.C if self.C is None else self.C  # chosen once, on the first fit
             counts = np.bincount(bag_of[keep], minlength=len(bags)).astype(np.float64)
-            w = 1.0 / counts[bag_of[keep]]
+            w = reply_w[bag_of[keep]] / counts[bag_of[keep]]
             self.readout_ = LinearReadout.fit(
                 x[keep], y[bag_of[keep]].astype(bool), C=C, Cs=tuple(self.Cs),
                 groups=None if groups_rows is None else groups_rows[keep],
@@ -231,6 +237,22 @@ class ReplyGuard(ClassifierMixin, BaseEstimator):
             hit = np.flatnonzero(~(s[ends] <= self.threshold_))
             out.append(int(ends[hit[0]]) if len(hit) else None)
         return out
+
+    def judge(self, prompt: Any, reply: str | Sequence[int]) -> dict[str, Any]:
+        """The verdict on one finished ``reply`` (text, or the token ids a decoder wrote) in the
+        conversation that drew it out (``prompt``: an instruction or a
+        :class:`~pyvene_harm.conversation.Conversation` ending with the user's turn).
+
+        Returns ``flagged``, ``score`` (highest counted window minus the threshold; None where
+        not finite, which is flagged), ``token`` (the reply token streaming would have stopped
+        at; None: never) and ``tokens_judged``. Unlike streaming, the reply's last token is read.
+        """
+        (s,) = self.token_scores([(prompt, reply)])
+        counted = s[scored_ends(len(s), self.min_tokens)]
+        best = float(counted.max()) if np.isfinite(counted).all() else None
+        (first,) = self.first_flagged([(prompt, reply)]) if best is None or best > self.threshold_ else (None,)
+        return {"flagged": best is None or best > self.threshold_,
+                "score": None if best is None else best - self.threshold_, "token": first, "tokens_judged": len(s)}
 
     def stream(self) -> ReplyStream:
         """A per-reply judge fed one token's states at a time (see :class:`ReplyStream`)."""
@@ -325,14 +347,20 @@ class ReplyStream:
         self.v, self.offset = np.asarray(v, dtype=np.float64), float(offset)
         self.width, self.min_tokens, self.threshold = width, min_tokens, threshold
         self.csum = [0.0]
+        self._v_t: torch.Tensor | None = None
         self.flagged_at: int | None = None
         self.best = -np.inf
 
     def push(self, states: np.ndarray | torch.Tensor) -> float:
-        x = states.double().cpu().numpy() if isinstance(states, torch.Tensor) else np.asarray(states, np.float64)
-        self.csum.append(self.csum[-1] + float(np.sum(x * self.v)))
+        if isinstance(states, torch.Tensor):  # one fused dot product where the states live
+            if self._v_t is None or self._v_t.device != states.device:
+                self._v_t = torch.as_tensor(self.v, device=states.device)
+            dot = float(torch.sum(states.double() * self._v_t))
+        else:
+            dot = float(np.sum(np.asarray(states, np.float64) * self.v))
+        self.csum.append(self.csum[-1] + dot)
         t = len(self.csum) - 2
-        start = int(window_starts(t + 1, self.width)[-1])
+        start = max(0, t - self.width + 1)
         score = (self.csum[t + 1] - self.csum[start]) / (t + 1 - start) + self.offset
         if t >= self.min_tokens - 1:
             self.best = max(self.best, score) if np.isfinite(score) else np.inf

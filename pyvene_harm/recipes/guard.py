@@ -568,6 +568,7 @@ def _register_subcommands() -> None:
     from .guard_crossval import crossval
     from .guard_generate import generate
     from .guard_reply_crossval import reply_crossval
+    from .guard_reply_fit import reply_fit
     from .guard_reply_set import reply_set
 
     guard.add_command(calibrate)
@@ -575,6 +576,7 @@ def _register_subcommands() -> None:
     guard.add_command(crossval)
     guard.add_command(reply_set)
     guard.add_command(reply_crossval)
+    guard.add_command(reply_fit)
 
 
 _register_subcommands()
