@@ -912,6 +912,49 @@ def _(c):
     assert scan.decision_function([BOMB + tail])[0] >= scan.decision_function([BOMB])[0] - 1e-5
 
 
+# replies
+
+def _reply_guard(loaded):
+    from pyvene_harm.guard.reply import ReplyGuard
+
+    pairs = [(h, f"Sure. {b}") for h, b in zip(HARMLESS, HARMFUL)] + [(h, f"Sure. {o}") for h, o in
+                                                                       zip(HARMFUL, HARMLESS)]
+    return ReplyGuard(loaded.model, loaded.tokenizer, states=(1, 2), width=6, min_tokens=2, C=1.0, rank=None).fit(
+        pairs, [1] * len(HARMLESS) + [0] * len(HARMFUL))
+
+
+@row("a reply that turns harmful only after a long harmless opening is still caught, where it turns")
+def _(c):
+    _, loaded = c.fitted()
+    rg = _reply_guard(loaded)
+    opening = "Sure. " + " ".join(HARMLESS * 3)
+    rg.threshold_ = rg.judge(HARMLESS[0], opening)["score"] + rg.threshold_ + 1.0  # set on the opening alone
+    reply = f"{opening} {BOMB} {HARMFUL[1]}"
+    alone, late = rg.judge(HARMLESS[0], opening), rg.judge(HARMLESS[0], reply)
+    assert not alone["flagged"] and late["flagged"], (alone, late)
+    assert late["token"] >= alone["tokens_judged"] - 1  # caught in the harmful part, not in the opening
+    # before: one read pooled over the whole reply, as a prompt guard's mean is, is diluted by the opening
+    rg.width = 10 ** 6
+    assert not rg.judge(HARMLESS[0], reply)["flagged"]
+
+
+@row("a finished reply sent to a server without a reply guard is a 404 naming --reply-guard, not a pass")
+def _(c):
+    r = post(c.server, "/v1/chat/moderations", {"messages": [user(HARMLESS[0]),
+                                                             {"role": "assistant", "content": BOMB}]})
+    error(r, 404, "--reply-guard")
+
+
+@row("serve --reply-guard refuses an edited reply guard, naming the file")
+def _(c):
+    _, loaded = c.fitted()
+    folder = _reply_guard(loaded).save(c.tmp_path / "rg")
+    edit_json(folder / "reply_guard.json", threshold=float("nan"))
+    out = CliRunner().invoke(main, ["serve", "--guard", str(c.files / "guard"), "-m", str(c.files / NAME),
+                                    "--reply-guard", str(folder)])
+    assert out.exit_code == 2 and "reply_guard.json" in out.output and "threshold" in out.output, out.output
+
+
 ATTACKS = sorted(ROWS)
 
 

@@ -30,6 +30,11 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
                    "through are decoded with its refusal direction ablated at every layer, as `guard generate "
                    "--undo-refusal ablate` does. Without it replies are plain. "
                    "Example: --directions artifacts/qwen2.5-coder-0.5b-instruct/directions")
+@click.option("--reply-guard", "reply_guard_path", default=None, type=click.Path(file_okay=False),
+              help="ReplyGuard folder (from `guard reply-fit`): every reply is judged as it is written, from the "
+                   "states the decoding forward computes, and one that turns harmful is stopped (finish_reason "
+                   "content_filter). Not with --upstream. Example: --reply-guard "
+                   "artifacts/qwen2.5-coder-0.5b-instruct/reply-guard")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default accepts local clients only; 0.0.0.0 exposes the server "
                    "to the network (set --api-key then).")
@@ -96,7 +101,7 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
               help="Longest wait for the engine's next piece of a reply (504 after).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (one line per request at info).")
-def serve(guard_path, model_args, directions_path, host, port, api_key, served_model_name, max_batch, max_batch_tokens,
+def serve(guard_path, model_args, directions_path, reply_guard_path, host, port, api_key, served_model_name, max_batch, max_batch_tokens,
           max_wait_ms, max_reply_batch,
           max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message,
           request_timeout, read_timeout, limit_concurrency, keep_alive_timeout, graceful_shutdown_timeout,
@@ -131,6 +136,9 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
         raise click.UsageError("with --upstream the engine writes the replies, so --directions cannot steer them: "
                                "export the ablation with `pyvene-harm export-adapter`, load it in the engine, and pass "
                                "--upstream-adapter NAME")
+    if upstream and reply_guard_path:
+        raise click.UsageError("--reply-guard reads the states of the model writing the reply, and with --upstream "
+                               "the engine writes it: serve without --upstream to judge replies as they stream")
     if upstream_adapter and not upstream:
         raise click.UsageError("--upstream-adapter names a LoRA on the engine: give --upstream URL too")
     if guard_path is None:
@@ -172,16 +180,27 @@ def serve(guard_path, model_args, directions_path, host, port, api_key, served_m
         g.set_params(progress=False).report(["Hello."])
     except ValueError as err:
         raise click.UsageError(f"the guard cannot score prompts on this model: {err}") from None
+    reply_guard = None
+    if reply_guard_path:
+        from ..guard.reply import ReplyGuard
+
+        try:
+            reply_guard = ReplyGuard.load(reply_guard_path, loaded.model, loaded.tokenizer)
+        except (FileNotFoundError, ValueError) as err:
+            raise click.BadParameter(str(err), param_hint="--reply-guard") from None
     name = served_model_name or _default_name(loaded.model_id)
     kwargs = {"refusal_message": refusal_message} if refusal_message is not None else {}
     app = create_app(g, loaded.model, loaded.tokenizer, model_name=name, steering=steering, limits=limits,
                      api_key=api_key or None, steer_any_system_prompt=steer_any_system_prompt, engine=engine,
-                     **kwargs)
+                     reply_guard=reply_guard, **kwargs)
     auth = "API key required" if api_key else "no API key (set --api-key or " + API_KEY_ENV + ")"
     click.echo(f"serving {name!r} guarded by {guard_path} on http://{host}:{port} ({auth}; "
                f"replies {'with the refusal direction ablated' if steering or upstream_adapter else 'plain'}"
                f"{f' from {engine.url} ({engine.model})' if engine else ''})", err=True)
     click.echo(f"guard {g.describe_threshold()}", err=True)
+    if reply_guard is not None:
+        click.echo(f"reply guard {reply_guard_path}: states {list(reply_guard.states_)}, window {reply_guard.width}, "
+                   f"threshold {reply_guard.threshold_:+.3f}; every reply is judged as it is written", err=True)
     logging.getLogger("pyvene_harm.serve").setLevel(log_level.upper())
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, date_header=False,
                 http=header_deadline_protocol(read_timeout), limit_concurrency=limit_concurrency,

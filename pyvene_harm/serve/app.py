@@ -1,7 +1,7 @@
 """The HTTP layer: OpenAI-compatible routes over a :class:`~.worker.GuardWorker`.
 
 ``POST /v1/moderations`` and ``POST /v1/chat/completions`` (plain or streamed as server-sent
-events), LiteLLM's generic guardrail API (``POST /beta/litellm_basic_guardrail_api``, see
+events, :mod:`.sse`), ``POST /v1/chat/moderations`` (a finished reply, with a reply guard), LiteLLM's generic guardrail API (``POST /beta/litellm_basic_guardrail_api``, see
 :mod:`.gateway`), ``GET /v1/models`` and ``GET /health``. Each route checks the API key and the content
 type, reads the body under a size limit and a deadline, validates it strictly, renders and counts
 its prompts off the event loop (so a template that refuses a conversation is the client's 400, not
@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import copy
 import hmac
-import json
 import logging
 import threading
 import time
@@ -34,18 +33,20 @@ from ..literal_text import control_token_pattern
 from .errors import ApiError, error_body, internal_error
 from .gateway import PATH as GATEWAY_PATH
 from .gateway import GuardrailRequest, guardrail_job, guardrail_response
-from .jobs import ChatJob, Job, ScoreJob
+from .jobs import CallJob, ChatJob, Job, ScoreJob
 from .limits import Limits
 from .schemas import (
     ChatRequest,
     ModerationRequest,
+    ReplyModerationRequest,
     Verdict,
-    chat_chunk,
     chat_completion,
     guard_summary,
     moderation_response,
     parse_request,
+    with_reply,
 )
+from .sse import cancel_on_disconnect, chat_events, timed_out
 from .worker import GuardWorker
 
 __all__ = ["OPENAI_MODERATION_MODELS", "create_app"]
@@ -62,7 +63,7 @@ T = TypeVar("T")
 def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steering: Any | None = None,
                limits: Limits | None = None, api_key: str | None = None,
                refusal_message: str = DEFAULT_REFUSAL, steer_any_system_prompt: bool = False,
-               engine: Any | None = None) -> FastAPI:
+               engine: Any | None = None, reply_guard: Any | None = None) -> FastAPI:
     """An ASGI app serving ``guard`` in front of ``model`` (run it with uvicorn).
 
     Args:
@@ -80,6 +81,10 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         engine: an :class:`~.upstream.UpstreamEngine` (checked with ``check_upstream``) that
             decodes the replies the guard lets through, steered ones under its adapter's name;
             ``model`` then only scores. None: replies are decoded here, one at a time.
+        reply_guard: a fitted ``ReplyGuard`` for ``model`` judging each reply as it is decoded
+            here; a reply it flags ends with ``finish_reason: "content_filter"`` (a streamed one
+            where it was caught, a whole one replaced by ``refusal_message``) and ``guard.reply``
+            says where. Not with ``engine``.
 
     Example:
         >>> app = create_app(LatentGuard.from_pretrained("runs/guard"), m.model, m.tokenizer,
@@ -93,7 +98,9 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
                          max_wait_ms=limits.max_wait_ms, max_gap_ms=limits.max_gap_ms, max_queue=limits.max_queue,
                          refusal_message=refusal_message, scoring_batches_per_reply=limits.scoring_batches_per_reply,
                          max_reply_batch=limits.max_reply_batch,
-                         steer_any_system_prompt=steer_any_system_prompt, engine=engine)
+                         steer_any_system_prompt=steer_any_system_prompt, engine=engine,
+                         reply_guard=None if reply_guard is None else copy.copy(reply_guard).set_params(
+                             model=model, tokenizer=tokenizer))
     # requests are rendered and counted with a copy of the tokenizer, one thread at a time: a fast
     # tokenizer must not be used by two threads at once, and the worker thread uses the original
     counter = copy.deepcopy(tokenizer)
@@ -226,7 +233,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
             return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             job.cancel()
-            raise _timed_out(limits.request_timeout_s) from None
+            raise timed_out(limits.request_timeout_s) from None
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -260,6 +267,42 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         verdicts = await scored(job, request, deadline)
         return JSONResponse(moderation_response(verdicts, model=model_name, categories=worker.categories))
 
+    @app.post("/v1/chat/moderations")
+    async def reply_moderations(request: Request) -> JSONResponse:
+        """The reply guard on a finished reply: the last (assistant) message, read in the context
+        of the messages before it."""
+        deadline = time.monotonic() + limits.request_timeout_s
+        authorize(request)
+        if worker.reply_guard is None:
+            raise ApiError(404, "this server judges no replies: start it with --reply-guard DIR", code="not_found")
+        req = parse_request(ReplyModerationRequest, await read_body(request))
+        if req.model is not None:
+            check_model(req.model, moderation=True)
+        prompt, reply = req.prompt_and_reply()
+
+        def count() -> int:
+            try:
+                with checking:
+                    n = len(checker.tokenize([prompt])[0].ids)
+                    return n + len(counter(reply, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            except ValueError as err:
+                raise ApiError(400, str(err).splitlines()[0], param="messages") from None
+
+        n, cap = await asyncio.to_thread(count), limits.max_prompt_tokens + limits.max_new_tokens
+        if n > cap:
+            raise ApiError(400, f"the conversation and reply are {n} tokens long, over this server's limit of {cap} "
+                                "(--max-prompt-tokens + --max-new-tokens): shorten them", param="messages",
+                           code="context_length_exceeded")
+        job = CallJob(asyncio.get_running_loop(), lambda: worker.reply_guard.judge(prompt, reply))
+        worker.submit(job)
+        try:
+            found = await before(deadline, job.future, job)
+        finally:
+            job.cancel()
+        found = {**found, "score": None if found["score"] is None else float(found["score"])}
+        return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": model_name,
+                             "results": [{"flagged": found["flagged"], "reply": found}]})
+
     @app.post(GATEWAY_PATH)
     async def litellm_guardrail(request: Request) -> JSONResponse:
         deadline = time.monotonic() + limits.request_timeout_s
@@ -275,7 +318,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
     async def scored(job: ScoreJob, request: Request, deadline: float) -> list[Verdict]:
         """Hand ``job`` to the worker; its verdicts, or 504 once the request's time is up."""
         worker.submit(job)
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
             return await before(deadline, job.future, job)
         finally:
@@ -296,7 +339,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
                       presence_penalty=req.presence_penalty or 0.0)
         await asyncio.to_thread(check_conversation, job)
         worker.submit(job)
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         handed_over = False
         try:
             kind, value = await before(deadline, job.events.get(), job)
@@ -311,8 +354,8 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
             if req.stream:
                 usage = bool(req.stream_options and req.stream_options.include_usage)
                 handed_over = True
-                return StreamingResponse(_events(job, watcher, summary, model_name, usage, deadline,
-                                                 limits.request_timeout_s),
+                return StreamingResponse(chat_events(job, watcher, summary, model_name, usage, deadline,
+                                                 limits.request_timeout_s, refusal_message),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             while True:
@@ -323,9 +366,11 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
                     break
             if value.finish_reason == "cancelled":
                 raise ApiError(400, "the client disconnected", code="client_disconnected")
+            stopped = value.reply_guard is not None and value.reply_guard["flagged"]
             return JSONResponse(chat_completion(
-                id=f"chatcmpl-{uuid.uuid4().hex}", model=model_name, text=value.text,
-                finish_reason=value.finish_reason, guard=summary, prompt_tokens=value.prompt_tokens,
+                id=f"chatcmpl-{uuid.uuid4().hex}", model=model_name, text=refusal_message if stopped else value.text,
+                finish_reason=value.finish_reason, guard=with_reply(summary, value.reply_guard),
+                prompt_tokens=value.prompt_tokens,
                 completion_tokens=value.completion_tokens))
         finally:
             if not handed_over:
@@ -335,62 +380,8 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
     return app
 
 
-async def _cancel_on_disconnect(request: Request, job: ChatJob) -> None:
-    """Stop the job when the client goes away (the body has been read: only a disconnect is left)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            job.cancel()
-            return
-
-
-def _sse(obj: dict[str, Any] | str) -> str:
-    # allow_nan=False: a NaN that slipped through is a server error, never a body that is not JSON
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, allow_nan=False)}\n\n"
-
-
-async def _events(job: ChatJob, watcher: asyncio.Task, guard: dict[str, Any], model: str,
-                  include_usage: bool, deadline: float, timeout_s: float) -> AsyncIterator[str]:
-    """The SSE stream of one chat job: a first chunk with the role and the guard's decision, the
-    text as it is decoded, a last chunk with ``finish_reason``, usage if asked, ``[DONE]``; an
-    error event (and the job dropped) if the request's time runs out."""
-    ids = {"id": f"chatcmpl-{uuid.uuid4().hex}", "model": model, "created": int(time.time())}
-    try:
-        yield _sse(chat_chunk(**ids, delta={"role": "assistant", "content": ""}, guard=guard))
-        while True:
-            try:
-                kind, value = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                job.cancel()
-                yield _sse(_timed_out(timeout_s).body())
-                break
-            if kind == "text":
-                yield _sse(chat_chunk(**ids, delta={"content": value}))
-            elif kind == "error":
-                yield _sse(value.body())
-                break
-            elif kind == "done":
-                if value.finish_reason == "content_filter":
-                    yield _sse(chat_chunk(**ids, delta={"content": value.text, "refusal": value.text}))
-                reason = "stop" if value.finish_reason == "cancelled" else value.finish_reason
-                yield _sse(chat_chunk(**ids, delta={}, finish_reason=reason))
-                if include_usage:
-                    yield _sse(chat_chunk(**ids, delta=None, usage=(value.prompt_tokens, value.completion_tokens)))
-                break
-        yield _sse("[DONE]")
-    finally:
-        job.cancel()  # the client went away mid-stream (or the stream ended: then a no-op)
-        watcher.cancel()
-
-
 def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "pyvene-harm"}
-
-
-def _timed_out(timeout_s: float) -> ApiError:
-    return ApiError(504, f"the request took longer than this server's limit of {timeout_s:g} s "
-                         "(--request-timeout): retry later or ask for fewer tokens", type="server_error",
-                    code="timeout")
 
 
 def _too_large(length: str | None, limit: int) -> ApiError:

@@ -11,6 +11,7 @@ steering object), so a reply equals what ``guard generate`` writes for the same 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from transformers import (
 from ..conversation import Conversation
 from ..generation import generate_ids, greedy_config
 from ..positions import ChatFormatter
+from .reply_watch import ReplyWatch
 
 __all__ = ["Reply", "ReplyRequest", "generate_reply", "generate_reply_batch"]
 
@@ -34,25 +36,35 @@ __all__ = ["Reply", "ReplyRequest", "generate_reply", "generate_reply_batch"]
 class Reply:
     """What decoding produced: the text, token counts, and why it ended.
 
-    ``finish_reason`` is ``stop`` (end of turn), ``length`` (``max_new_tokens`` reached) or
-    ``cancelled`` (``should_stop`` said so: the client went away).
+    ``finish_reason`` is ``stop`` (end of turn), ``length`` (``max_new_tokens`` reached),
+    ``cancelled`` (``should_stop`` said so: the client went away) or ``content_filter`` (the reply
+    guard stopped it: ``text`` is what came before the token it flagged). ``reply_guard``: the
+    reply guard's summary (:meth:`~pyvene_harm.serve.reply_watch.ReplyWatch.summary`) when one
+    judged the reply.
     """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    reply_guard: dict[str, Any] | None = None
 
 
 class _Relay(StoppingCriteria):
     """Called after each new token: forward the new text; stop when ``should_stop()`` or when the
-    text holds one of the ``stop`` strings (OpenAI's ``stop``: the reply ends before it)."""
+    text holds one of the ``stop`` strings (OpenAI's ``stop``: the reply ends before it).
+
+    With ``judge`` (a reply guard's step: reply tokens written -> the token it flagged, or None),
+    the newest token's text is held back until the guard has read it, and a flagged reply ends
+    before the token it was caught at (:mod:`~pyvene_harm.serve.reply_watch`)."""
 
     def __init__(self, tokenizer: Any, prompt_len: int, on_text: Callable[[str], None] | None,
-                 should_stop: Callable[[], bool] | None, stop: tuple[str, ...] = ()) -> None:
+                 should_stop: Callable[[], bool] | None, stop: tuple[str, ...] = (),
+                 judge: Callable[[int], int | None] | None = None) -> None:
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
         self.on_text, self.should_stop = on_text, should_stop
-        self.stop = stop
+        self.stop, self.judge = stop, judge
+        self.cut_at: int | None = None
         # text that may be the start of a stop string is held back until it is not
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.stopped_at: int | None = None
@@ -68,7 +80,10 @@ class _Relay(StoppingCriteria):
             self.sent = text
 
     def finish(self, new_ids: list[int]) -> str:
-        """The reply's final text from its token ids: cut at the stop string, the rest streamed."""
+        """The reply's final text from its token ids: cut at the stop string (or before the token
+        the reply guard flagged), the rest streamed."""
+        if self.cut_at is not None:
+            new_ids = new_ids[:self.cut_at]
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         if self.stopped_at is not None:
             text = text[:self.stopped_at]
@@ -79,10 +94,16 @@ class _Relay(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         done = False
+        shown = input_ids.shape[1]
+        if self.judge is not None:
+            self.cut_at = self.judge(shown - self.prompt_len)
+            # the newest token is read by the next forward: show it only then
+            shown = shown - 1 if self.cut_at is None else self.prompt_len + self.cut_at
+            done = self.cut_at is not None
         if self.on_text is not None or self.stop:
-            text = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
+            text = self.tokenizer.decode(input_ids[0, self.prompt_len:shown], skip_special_tokens=True)
             hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-            if hits:
+            if hits and self.cut_at is None:
                 self.stopped_at, done = min(hits), True
                 text = text[:self.stopped_at]
             self.flush(text, final=done)
@@ -121,6 +142,7 @@ def generate_reply(
     stop: tuple[str, ...] = (),
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    reply_guard: Any | None = None,
 ) -> Reply:
     """Decode one reply to ``instruction`` (or to a whole conversation), greedily unless
     ``temperature > 0``.
@@ -136,6 +158,9 @@ def generate_reply(
         stop: strings that end the reply where they first appear (not included; ``"stop"``).
         frequency_penalty, presence_penalty: OpenAI's penalties on tokens the reply already
             holds (0 changes nothing, and nothing is applied then).
+        reply_guard: a fitted :class:`~pyvene_harm.guard.reply.ReplyGuard` that reads the reply
+            from the decoding forward's own states and ends it (``content_filter``) before the
+            token where it turns harmful.
 
     Example:
         >>> generate_reply(model, ChatFormatter(tok), "Write a haiku", max_new_tokens=32,
@@ -150,13 +175,19 @@ def generate_reply(
         config.do_sample, config.temperature, config.top_p = True, float(temperature), float(top_p or 1.0)
         if seed is not None:
             torch.manual_seed(seed)
-    relay = _Relay(tokenizer, batch.seq_len, on_text, should_stop, tuple(stop))
+    watch = ReplyWatch(reply_guard, model, 1) if reply_guard is not None else None
+    relay = _Relay(tokenizer, batch.seq_len, on_text, should_stop, tuple(stop),
+                   judge=None if watch is None else (lambda n: watch.step(0, n)))
     extra: dict[str, Any] = {}
     if frequency_penalty or presence_penalty:
         extra["logits_processor"] = LogitsProcessorList([_Penalties(batch.seq_len, frequency_penalty, presence_penalty)])
-    ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]), **extra)
+    with watch if watch is not None else nullcontext():
+        ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]),
+                           **extra)
     new = ids[0, batch.seq_len:].tolist()
-    if relay.stopped_at is not None or (new and new[-1] in _eos_ids(config)):
+    if relay.cut_at is not None:
+        reason = "content_filter"
+    elif relay.stopped_at is not None or (new and new[-1] in _eos_ids(config)):
         reason = "stop"
     elif should_stop is not None and should_stop():
         reason = "cancelled"
@@ -165,7 +196,7 @@ def generate_reply(
     else:
         reason = "stop"
     return Reply(text=relay.finish(new), prompt_tokens=batch.seq_len, completion_tokens=len(new),
-                 finish_reason=reason)
+                 finish_reason=reason, reply_guard=None if watch is None else watch.summary(0))
 
 
 def _eos_ids(config: Any) -> set[int]:
@@ -187,8 +218,11 @@ class ReplyRequest:
 class _BatchRelay(StoppingCriteria):
     """Per row of a batch: one :class:`_Relay` and the step at which the row ended, and why."""
 
-    def __init__(self, tokenizer: Any, prompt_len: int, requests: list[ReplyRequest], eos: set[int]) -> None:
-        self.rows = [_Relay(tokenizer, prompt_len, r.on_text, r.should_stop, tuple(r.stop)) for r in requests]
+    def __init__(self, tokenizer: Any, prompt_len: int, requests: list[ReplyRequest], eos: set[int],
+                 watch: ReplyWatch | None = None) -> None:
+        self.rows = [_Relay(tokenizer, prompt_len, r.on_text, r.should_stop, tuple(r.stop),
+                            judge=None if watch is None else (lambda n, i=i: watch.step(i, n)))
+                     for i, r in enumerate(requests)]
         self.requests, self.prompt_len, self.eos = requests, prompt_len, eos
         self.ended: list[tuple[int, str] | None] = [None] * len(requests)  # (tokens, finish_reason)
 
@@ -200,14 +234,16 @@ class _BatchRelay(StoppingCriteria):
             if n and int(input_ids[i, -1]) in self.eos:
                 self.ended[i] = (n, "stop")
             elif relay(input_ids[i:i + 1], scores).all():
-                self.ended[i] = (n, "stop" if relay.stopped_at is not None else "cancelled")
+                reason = "content_filter" if relay.cut_at is not None else \
+                    "stop" if relay.stopped_at is not None else "cancelled"
+                self.ended[i] = (n, reason)
             elif n >= req.max_new_tokens:
                 self.ended[i] = (n, "length")
         return torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
 
 
 def generate_reply_batch(model: nn.Module, formatter: ChatFormatter, requests: list[ReplyRequest], *,
-                         steering: Any | None = None) -> list[Reply]:
+                         steering: Any | None = None, reply_guard: Any | None = None) -> list[Reply]:
     """Decode several greedy replies in one ``generate`` call (left-padded), each streamed and
     stopped on its own: a row ends at its end of turn, its ``max_new_tokens``, its first ``stop``
     string or when its ``should_stop()`` says so, while the others go on.
@@ -215,18 +251,22 @@ def generate_reply_batch(model: nn.Module, formatter: ChatFormatter, requests: l
     What a server gains when replies arrive together: on a CPU one batched step costs little
     more than a single one, on a GPU almost nothing more. Padding changes the order float32 sums
     are taken in, so a batched greedy reply can differ from the same reply decoded alone where
-    two tokens are within rounding of each other.
+    two tokens are within rounding of each other. ``reply_guard`` judges every row as
+    :func:`generate_reply` does.
     """
     tokenizer = formatter.tokenizer
     device = next(model.parameters()).device
     batch = formatter.encode([r.conversation for r in requests], padding_side="left").to(device)
     config = greedy_config(model, tokenizer, max(r.max_new_tokens for r in requests))
-    relay = _BatchRelay(tokenizer, batch.seq_len, requests, _eos_ids(config))
-    ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]))
+    watch = ReplyWatch(reply_guard, model, len(requests)) if reply_guard is not None else None
+    relay = _BatchRelay(tokenizer, batch.seq_len, requests, _eos_ids(config), watch)
+    with watch if watch is not None else nullcontext():
+        ids = generate_ids(model, batch, config, steer=steering, stopping_criteria=StoppingCriteriaList([relay]))
     replies = []
     for i, row in enumerate(relay.rows):
         n, reason = relay.ended[i] or (ids.shape[1] - batch.seq_len, "length")
         new = ids[i, batch.seq_len:batch.seq_len + n].tolist()
         replies.append(Reply(text=row.finish(new), prompt_tokens=int(batch.attention_mask[i].sum()),
-                             completion_tokens=len(new), finish_reason=reason))
+                             completion_tokens=len(new), finish_reason=reason,
+                             reply_guard=None if watch is None else watch.summary(i)))
     return replies

@@ -18,7 +18,7 @@ from ..guard.conversations import conversation_parts, text_parts
 from .errors import ApiError
 from .schemas import Verdict
 
-__all__ = ["ChatJob", "Job", "ScoreJob"]
+__all__ = ["CallJob", "ChatJob", "Job", "ScoreJob"]
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:
@@ -112,6 +112,22 @@ class ScoreJob(Job):
 
     def finish(self, verdicts: list[Verdict]) -> None:
         self._call(_set_result, self.future, verdicts)
+
+    def fail(self, err: ApiError) -> None:
+        self._call(_set_exception, self.future, err)
+
+
+class CallJob(Job):
+    """Run ``fn()`` on the worker's thread (the one thread that may run the model), e.g. one
+    bounded read of a finished reply; ``future`` gets its result."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Any) -> None:
+        super().__init__(loop)
+        self.groups, self.fn = [], fn
+        self.future: asyncio.Future = loop.create_future()
+
+    def finish(self, value: Any) -> None:
+        self._call(_set_result, self.future, value)
 
     def fail(self, err: ApiError) -> None:
         self._call(_set_exception, self.future, err)

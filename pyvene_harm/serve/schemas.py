@@ -118,6 +118,39 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+def _message_pairs(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """``(role, text)`` of each message (developer read as system); a 400 names a tool or empty one."""
+    pairs = []
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            raise ApiError(400, f"messages[{i}] is a tool message: this server takes system, user and assistant "
+                                "messages only", param=f"messages[{i}]")
+        text = m.text()
+        if not text.strip():
+            raise ApiError(400, f"messages[{i}] ({m.role}) is empty: every message needs some non-whitespace text",
+                           param=f"messages[{i}].content")
+        pairs.append(("system" if m.role == "developer" else m.role, text))
+    return pairs
+
+
+class ReplyModerationRequest(_Strict):
+    """``POST /v1/chat/moderations``: a conversation whose last message is the assistant's reply,
+    judged by the reply guard in the context of the messages before it."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=2)
+
+    def prompt_and_reply(self) -> tuple[Conversation, str]:
+        pairs = _message_pairs(self.messages)
+        if pairs[-1][0] != "assistant":
+            raise ApiError(400, f"the last message must be the assistant's reply to judge, not "
+                                f"{self.messages[-1].role!r}", param="messages")
+        if pairs[-2][0] != "user":
+            raise ApiError(400, "the reply must answer a user message: put the user's turn right before it",
+                           param="messages")
+        return Conversation(tuple(pairs[:-1])), pairs[-1][1]
+
+
 class ChatRequest(_Strict):
     """``POST /v1/chat/completions``: a conversation of system (or developer), user and assistant
     messages, the last one the user's; the guard judges every message and the last user message
@@ -160,16 +193,7 @@ class ChatRequest(_Strict):
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ApiError(400, "seed must fit in 64 bits", param="seed")
         self.stop_strings()
-        pairs = []
-        for i, m in enumerate(self.messages):
-            if m.role == "tool":
-                raise ApiError(400, f"messages[{i}] is a tool message: this server takes system, user and assistant "
-                                    "messages only", param=f"messages[{i}]")
-            text = m.text()
-            if not text.strip():
-                raise ApiError(400, f"messages[{i}] ({m.role}) is empty: every message needs some non-whitespace text",
-                               param=f"messages[{i}].content")
-            pairs.append(("system" if m.role == "developer" else m.role, text))
+        pairs = _message_pairs(self.messages)
         if pairs[-1][0] != "user":
             raise ApiError(400, f"the last message must come from the user, not {self.messages[-1].role!r}",
                            param="messages")
@@ -268,6 +292,19 @@ def guard_summary(v: Verdict, action: str) -> dict[str, Any]:
             "delta_harmful": _num(v.delta_harmful), "score": _num(v.decision),
             "probability": _num(v.probability) if _num(v.probability) is not None else 1.0,
             "category": v.category, "flagged_by": list(v.flagged_by)}
+
+
+def with_reply(summary: dict[str, Any], reply: dict[str, Any] | None) -> dict[str, Any]:
+    """The chat ``guard`` object once the reply guard has read the reply: ``reply`` holds its
+    finding, and a reply it stopped is ``action: "stopped"`` with ``reply (token N)`` in
+    ``flagged_by`` (N counts reply tokens from 0)."""
+    if reply is None:
+        return summary
+    score = reply.get("score")
+    out = {**summary, "reply": {**reply, "score": _num(score) if score is not None else None}}
+    if reply["flagged"]:
+        out.update(action="stopped", flagged_by=[*summary["flagged_by"], f"reply (token {reply['token']})"])
+    return out
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

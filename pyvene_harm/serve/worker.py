@@ -42,7 +42,7 @@ from ..guard.conversations import combine_parts, score_reads
 from ..guard.guarded import DEFAULT_REFUSAL
 from .decoding import Reply, ReplyRequest, generate_reply, generate_reply_batch
 from .errors import ApiError, internal_error
-from .jobs import ChatJob, Job, ScoreJob
+from .jobs import CallJob, ChatJob, Job, ScoreJob
 from .schemas import Verdict
 
 __all__ = ["GuardWorker", "WorkerStats"]
@@ -61,6 +61,8 @@ class WorkerStats:
     largest_batch: int = 0
     replies: int = 0
     replies_cancelled: int = 0
+    replies_stopped: int = 0
+    """Replies the reply guard ended (``finish_reason: content_filter``) as they were written."""
     reply_batches: int = 0
     """Batched ``generate`` calls (each decoding two or more waiting replies together)."""
     largest_reply_batch: int = 0
@@ -92,6 +94,9 @@ class GuardWorker:
         max_queue: most jobs waiting or running; more get 429 (server busy).
         refusal_message: the reply to prompts the guard calls harmful.
         scoring_batches_per_reply: most scoring batches run while a reply waits.
+        reply_guard: a fitted ``ReplyGuard`` for ``model``: every reply decoded here is judged
+            as it is written, from the decoding forward's states, and ends before the token it
+            turns harmful at (not with an upstream ``engine``, whose states are not seen here).
         steer_any_system_prompt: apply ``steering`` whatever the conversation's system prompt.
             By default a conversation whose system prompt is not the one the guard judged with is
             answered plainly: removing the refusal direction is only safe where the guard's
@@ -102,7 +107,8 @@ class GuardWorker:
                  max_batch: int = 32, max_wait_ms: float = 10.0, max_gap_ms: float | None = None,
                  max_queue: int = 1024, refusal_message: str = DEFAULT_REFUSAL,
                  scoring_batches_per_reply: int = 2, steer_any_system_prompt: bool = False,
-                 max_batch_tokens: int = 16384, engine: Any | None = None, max_reply_batch: int = 1) -> None:
+                 max_batch_tokens: int = 16384, engine: Any | None = None, max_reply_batch: int = 1,
+                 reply_guard: Any | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -115,10 +121,14 @@ class GuardWorker:
             raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
         if max_reply_batch < 1:
             raise ValueError(f"max_reply_batch must be at least 1, got {max_reply_batch}")
+        if reply_guard is not None and engine is not None:
+            raise ValueError("a reply guard reads the states of the model that writes the reply: with an upstream "
+                             "engine they are the engine's; serve without --upstream to judge replies as they stream")
         if scoring_batches_per_reply < 1:
             raise ValueError(f"scoring_batches_per_reply must be at least 1, got {scoring_batches_per_reply}")
         self.guard, self.model, self.tokenizer, self.steering = guard, model, tokenizer, steering
         self.engine = engine  # an UpstreamEngine decodes the replies; None: this thread does
+        self.reply_guard = reply_guard  # judges each reply from the decoding forward's states
         self.max_reply_batch = max_reply_batch
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_gap = self.max_wait if max_gap_ms is None else min(self.max_wait, max_gap_ms / 1000.0)
@@ -200,6 +210,9 @@ class GuardWorker:
                 jobs = self._collect(block=not self._replies and not self._active)
                 if jobs is None:
                     break
+                for call in [j for j in jobs if isinstance(j, CallJob)]:
+                    jobs.remove(call)
+                    self._run_call(call)
                 self._active.extend(jobs)
                 if self._active:
                     self._score_next()
@@ -288,6 +301,19 @@ class GuardWorker:
         self._active.extend(jobs)
         while self._active and not self._stopped:
             self._score_next()
+
+    def _run_call(self, job: CallJob) -> None:
+        if job.cancelled:
+            self._skip(job)
+            return
+        self.stats.busy = "scoring"
+        try:
+            value = job.fn()
+        except Exception as exc:
+            self._fail(job, exc)
+            return
+        job.finish(value)
+        self._finished(job)
 
     def _finished(self, job: Job) -> None:
         with self._lock:
@@ -416,7 +442,7 @@ class GuardWorker:
                                  should_stop=lambda job=job: job.cancelled or self._stopped) for job in jobs]
         try:
             replies = generate_reply_batch(self.model, self.formatter, requests,
-                                           steering=self.steering if steer else None)
+                                           steering=self.steering if steer else None, reply_guard=self.reply_guard)
         except Exception as exc:
             for job in jobs:
                 self._fail(job, exc)
@@ -442,6 +468,7 @@ class GuardWorker:
                 frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
                 should_stop=lambda: job.cancelled or self._stopped,
                 on_text=(lambda text: job.emit("text", text)) if job.stream else None,
+                reply_guard=self.reply_guard,
             )
         except Exception as exc:
             self._fail(job, exc)
@@ -457,6 +484,8 @@ class GuardWorker:
         self.stats.tokens_generated += reply.completion_tokens
         if reply.finish_reason == "cancelled":
             self.stats.replies_cancelled += 1
+        if reply.reply_guard is not None and reply.reply_guard["flagged"]:
+            self.stats.replies_stopped += 1
         job.emit("done", reply)
         self._finished(job)
 

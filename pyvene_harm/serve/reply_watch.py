@@ -1,0 +1,65 @@
+"""The reply guard riding on the decoding forward: each row of a ``generate`` call judged as it is written.
+
+``generate`` runs one forward per new token: the first over the prompt, each later one over the
+token just written (fed back with the cache). So the states of reply token ``k`` exist only after
+the forward that wrote token ``k + 1``: when ``n`` tokens have been written, tokens ``0..n-2`` can
+be judged. The text relay holds the newest token back by the same one step, so every token a client
+sees was judged first, except the reply's very last one (no forward ever reads it: an end of turn,
+which is not shown, or the last token of a reply cut at ``max_new_tokens``).
+
+The hooks are a :class:`~pyvene_harm.guard.reply_states.StateTap` on the model's layers, the same
+that reads replies for fitting, so streaming scores equal
+:meth:`~pyvene_harm.guard.reply.ReplyGuard.token_scores` of the finished reply (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..guard.reply_states import StateTap
+
+__all__ = ["ReplyWatch"]
+
+
+class ReplyWatch:
+    """One :class:`~pyvene_harm.guard.reply.ReplyStream` per batch row, fed from one state tap.
+
+    Use as a context manager around the ``generate`` call; call :meth:`step` from the stopping
+    criterion after each new token.
+    """
+
+    def __init__(self, reply_guard: Any, model: nn.Module, rows: int) -> None:
+        self.guard = reply_guard
+        self.tap = StateTap(model, reply_guard.states_)
+        self.streams = [reply_guard.stream() for _ in range(rows)]
+
+    def __enter__(self) -> ReplyWatch:
+        self.tap.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tap.__exit__(*exc)
+
+    def step(self, row: int, n_new: int) -> int | None:
+        """Judge row ``row`` after its ``n_new``-th reply token was written; returns the index of
+        the reply token that crossed the threshold (None: none yet)."""
+        stream = self.streams[row]
+        if n_new >= 2 and stream.flagged_at is None:
+            last = self.tap.last
+            if last is None:
+                raise RuntimeError("the reply guard saw no decoding forward: the state hooks did not fire")
+            stream.push(last[row, -1])
+            if stream.n_tokens != n_new - 1:  # e.g. generate ran without its cache, re-reading every token
+                raise RuntimeError(f"the reply guard holds {stream.n_tokens} tokens after {n_new} were written: "
+                                   "decode with use_cache=True so each forward reads one new token")
+        return stream.flagged_at
+
+    def summary(self, row: int) -> dict[str, Any]:
+        """What the reply guard decided for one row: ``flagged``, the token it stopped at, the
+        highest counted window score and how many tokens it judged."""
+        s = self.streams[row]
+        best = None if s.n_tokens < self.guard.min_tokens or s.best == float("-inf") else float(s.best)
+        return {"flagged": s.flagged_at is not None, "token": s.flagged_at,
+                "score": None if best is None else best - s.threshold, "tokens_judged": s.n_tokens}
