@@ -118,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each contender (the median is kept)")
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                         help="the interpreter of vLLM's own environment")
+    parser.add_argument("--guard-threads", type=int, default=None,
+                        help="torch threads of the guard server in front of vLLM (serve --threads; default: all cores)")
     parser.add_argument("--skip-in-process", action="store_true", help="leave out the in-process server")
     parser.add_argument("--out", type=Path, default=C.RESULTS_DIR / f"{NAME}.json")
     args = parser.parse_args(argv)
@@ -154,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         C.log("starting vLLM and the guard server in front of it")
         with VllmProcess(args.vllm_python, prepare_demo(), served_name=SERVED) as engine, \
                 ServerProcess(["-m", "demo", "--guard", str(GUARD), "--upstream", engine.url, "--log-level",
-                               "warning", "--max-queue", "4096"], log=Path(tmp) / "guard.log") as front:
+                               "warning", "--max-queue", "4096",
+                               *(["--threads", str(args.guard_threads)] if args.guard_threads else [])], log=Path(tmp) / "guard.log") as front:
             drive(engine.url, "/v1/completions", [engine_body(i) for i in ids[:2]], 2, chat=False)  # warm-up
             drive(front.url, "/v1/chat/completions", [chat_body(p) for p in prompts[:2]], 2, chat=True)
             for c in clients:
@@ -210,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                               results=results, targets=targets,
                               extra={"workload": {"clients": clients, "max_tokens": args.max_tokens,
                                                   "prompts": len(prompts), "repeats": args.repeats,
-                                                  "guard": str(GUARD.relative_to(ROOT))}})
+                                                  "guard": str(GUARD.relative_to(ROOT)),
+                                                  "guard_threads": args.guard_threads or "all cores"}})
     print(f"wrote {args.out}")
     return payload
 

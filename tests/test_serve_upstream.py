@@ -222,6 +222,36 @@ def test_cli_names_the_url_of_a_missing_engine(tmp_path, parts):
     assert r.exit_code == 2 and "--upstream-adapter" in r.output, r.output
 
 
+def test_serve_threads_sets_the_worker_threads(tmp_path, parts, monkeypatch):
+    """--threads leaves an engine on the same CPU its cores: the model worker (another thread)
+    runs with that many torch threads."""
+    import threading
+
+    import torch
+    import uvicorn
+
+    model, tok, guard = parts
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    guard.save(tmp_path / "g")
+    seen = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(main, ["serve", "--guard", str(tmp_path / "g"), "-m", str(tmp_path / "m"),
+                                      "--threads", "1"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        in_worker = []
+        t = threading.Thread(target=lambda: in_worker.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [1] and in_worker == [1]
+    finally:
+        torch.set_num_threads(before)
+    r = CliRunner().invoke(main, ["serve", "--guard", str(tmp_path / "g"), "-m", str(tmp_path / "m"), "--threads", "0"])
+    assert r.exit_code == 2 and "--threads" in r.output
+
+
 def test_a_scoring_only_copy_keeps_the_layers_the_guard_reads_and_scores_the_same(parts):
     from pyvene_harm.collect import drop_unread_layers
     from pyvene_harm.directions import model_provenance

@@ -99,13 +99,16 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
                    "`vllm serve ... --enable-lora --lora-modules NAME=FOLDER`. Without it replies are plain.")
 @click.option("--upstream-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="Longest wait for the engine's next piece of a reply (504 after).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads the model worker's torch may use (default: torch's own choice, every core). Beside "
+                   "an engine on the same CPU (--upstream), fewer threads here leave the engine its cores.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (one line per request at info).")
 def serve(guard_path, model_args, directions_path, reply_guard_path, host, port, api_key, served_model_name, max_batch, max_batch_tokens,
           max_wait_ms, max_reply_batch,
           max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message,
           request_timeout, read_timeout, limit_concurrency, keep_alive_timeout, graceful_shutdown_timeout,
-          steer_any_system_prompt, upstream, upstream_model, upstream_adapter, upstream_timeout, log_level):
+          steer_any_system_prompt, upstream, upstream_model, upstream_adapter, upstream_timeout, threads, log_level):
     """Serve the guard: POST /v1/moderations and guarded POST /v1/chat/completions (OpenAI shapes).
 
     \b
@@ -141,6 +144,10 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, host, port,
                                "the engine writes it: serve without --upstream to judge replies as they stream")
     if upstream_adapter and not upstream:
         raise click.UsageError("--upstream-adapter names a LoRA on the engine: give --upstream URL too")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if guard_path is None:
         from .demo import SHIPPED, shipped_artifacts
 
