@@ -567,6 +567,7 @@ def _register_subcommands() -> None:
     from .guard_calibrate import calibrate
     from .guard_crossval import crossval
     from .guard_generate import generate
+    from .guard_recall import recall
     from .guard_reply_crossval import reply_crossval
     from .guard_reply_fit import reply_fit
     from .guard_reply_set import reply_set
@@ -577,6 +578,7 @@ def _register_subcommands() -> None:
     guard.add_command(reply_set)
     guard.add_command(reply_crossval)
     guard.add_command(reply_fit)
+    guard.add_command(recall)
 
 
 _register_subcommands()
