@@ -78,7 +78,7 @@ def test_guard_recall_cli_holds_out_training_prompts(tiny_qwen_dir, tmp_path):
     r = run.invoke(main, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["n_harmful_prompts"] == 3  # the training prompt is held out
+    assert res["n_harmful_prompts"] == 3 and res["n_excluded"] == 1  # the training prompt is held out
     cats = (tmp_path / "recall" / "categories.csv").read_text().splitlines()
     assert len(cats) == 1 + 2 + 3  # header, two categories, three subcategories
     from transformers import AutoModelForCausalLM, AutoTokenizer

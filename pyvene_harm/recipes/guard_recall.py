@@ -43,13 +43,17 @@ _AUTO_FIELDS = (("Category", "Subcategory"), ("category",))
 @click.option("--traffic", multiple=True, required=True, type=click.Path(),
               help="Ordinary, harmless traffic; sets the second threshold (repeatable). Example: --traffic "
                    "pyvene_harm/prompts/example_traffic.jsonl --traffic ../shared/data/rd_splits_harmless_val.json")
+@click.option("--traffic-limit", type=click.IntRange(min=1), default=None,
+              help="A seeded sample of this many prompts from each --traffic file (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --traffic-limit's sample.")
 @click.option("--traffic-flag-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
               show_default=True, help="Share of the traffic the second threshold may flag.")
 @exclude_option
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, categories.csv, misses.csv, summary.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-def recall(guard_path, model_args, harmful, category_fields, traffic, traffic_flag_rate, exclude, out, as_json):
+def recall(guard_path, model_args, harmful, category_fields, traffic, traffic_limit, seed, traffic_flag_rate, exclude, out,
+           as_json):
     """Recall of plain harmful requests by category, at the guard's threshold and at a share of
     ordinary traffic flagged.
 
@@ -58,22 +62,26 @@ def recall(guard_path, model_args, harmful, category_fields, traffic, traffic_fl
       pyvene-harm guard recall --guard artifacts/qwen2.5-coder-0.5b-instruct/guard \\
         --harmful ../shared/data/catqa --harmful ../shared/data/chats_sorry-badq.json \\
         --traffic pyvene_harm/prompts/example_traffic.jsonl --traffic ../shared/data/rd_splits_harmless_val.json \\
-        --exclude artifacts/qwen2.5-coder-0.5b-instruct/guard -o runs/recall
+        --traffic-limit 1000 --exclude artifacts/qwen2.5-coder-0.5b-instruct/guard -o runs/recall
     """
     from ..guard.recall import recall_by_category
 
     exclude_files, excluded = exclude
     skip = set(excluded)
-    sources = {path: _categorised(path, category_fields, skip) for path in harmful}
+    sources, dropped = {}, 0
+    for path in harmful:
+        prompts, labels, n_dropped = _categorised(path, category_fields, skip)
+        sources[path], dropped = (prompts, labels), dropped + n_dropped
     from .options import prompt_set
 
-    traffic_sets = [prompt_set("traffic", path, exclude=excluded) for path in traffic]
+    traffic_sets = [prompt_set("traffic", path, limit=traffic_limit, seed=seed, exclude=excluded) for path in traffic]
     g = load_guard(guard_path, model_args["revision"])
     mopts = resolve_model_options(model_args, g, guard_path)
     run = RunDir(out, "guard-recall", {**mopts.as_dict(), "guard": guard_path,
                                        "guard_fingerprint": guard_fingerprint(guard_path, model_args["revision"]),
                                        "harmful": list(harmful), "category_fields": list(category_fields),
-                                       "traffic": list(traffic), "traffic_flag_rate": traffic_flag_rate,
+                                       "traffic": list(traffic), "traffic_limit": traffic_limit, "seed": seed,
+                                       "traffic_flag_rate": traffic_flag_rate,
                                        "exclude": exclude_files})
     lazy = Lazy(lambda: bind_model(g, mopts))
 
@@ -99,7 +107,7 @@ def recall(guard_path, model_args, harmful, category_fields, traffic, traffic_fl
                                 traffic_flag_rate=traffic_flag_rate)
     n_prompts = sum(len(p) for p, _ in sources.values())
     result.update({"guard": guard_path, "threshold": g.describe_threshold(), "n_harmful_prompts": n_prompts,
-                   "n_excluded": len(skip), "overall": _overall(by_source, result["thresholds"])})
+                   "n_excluded": dropped, "overall": _overall(by_source, result["thresholds"])})
     run.write_csv("categories", result["rows"])
     run.write_csv("misses", sorted(misses, key=lambda r: r["score"]))
     run.write_results({k: v for k, v in result.items() if k != "rows"})
@@ -112,12 +120,14 @@ def recall(guard_path, model_args, harmful, category_fields, traffic, traffic_fl
     emit({k: v for k, v in result.items() if k != "rows"}, as_json)
 
 
-def _categorised(path: str, fields: tuple[str, ...], skip: set[str]) -> tuple[list[str], list[list[tuple[str, str]]]]:
-    """Prompts of a harmful source (minus ``skip``) with their (field, category) labels."""
+def _categorised(path: str, fields: tuple[str, ...],
+                 skip: set[str]) -> tuple[list[str], list[list[tuple[str, str]]], int]:
+    """Prompts of a harmful source (minus ``skip``) with their (field, category) labels, and how
+    many ``skip`` dropped."""
     from ..data import detect_field, load_records, prompt_files
     from ..guard.recall import category_name
 
-    prompts, labels = [], []
+    prompts, labels, dropped = [], [], 0
     for file in prompt_files(path) or [path]:
         try:
             rows = load_records(file)
@@ -130,7 +140,10 @@ def _categorised(path: str, fields: tuple[str, ...], skip: set[str]) -> tuple[li
                                      "name it with --category-field", param_hint="--harmful")
         for r in rows:
             text = r.get(key)
-            if not isinstance(text, str) or not text.strip() or text in skip:
+            if not isinstance(text, str) or not text.strip():
+                continue
+            if text in skip:
+                dropped += 1
                 continue
             cats = [(f, category_name(r[f], path)) for f in use if r.get(f) not in (None, "")]
             if not cats:
@@ -140,7 +153,7 @@ def _categorised(path: str, fields: tuple[str, ...], skip: set[str]) -> tuple[li
             labels.append(cats)
     if not prompts:
         raise click.BadParameter(f"{path}: no prompts left after --exclude", param_hint="--harmful")
-    return prompts, labels
+    return prompts, labels, dropped
 
 
 def _overall(by_source: dict[str, list[float]], thresholds: dict[str, float]) -> dict:
@@ -153,7 +166,8 @@ def _summary(run: RunDir, result: dict, rate: float) -> None:
     pct = f"{round(100 * rate, 2):g}pct"
     t = result["thresholds"]
     lines = [f"# Recall by category: {result['guard']}", "",
-             f"{result['n_harmful_prompts']} harmful prompts ({result['n_excluded']} training prompts excluded); "
+             f"{result['n_harmful_prompts']} harmful prompts ({result['n_excluded']} more of these files were training "
+             "prompts of the guard, left out); "
              f"guard {result['threshold']}; second threshold {t[f'{pct}_traffic']:+.3f} flags at most {rate:.0%} of "
              f"{result['traffic']['n']} ordinary prompts (the guard's own threshold flags "
              f"{result['traffic']['flagged_at_guard_threshold']:.1%} of them).", "",
