@@ -135,6 +135,7 @@ def set_fitted(guard: Any, *, states: Sequence[int], reads: Sequence[str], class
     guard.threshold_ = float(guard.threshold if threshold is None else threshold)
     guard.calibration_ = calibration
     guard.selection_ = selection
+    guard.refusal_read_ = None  # the model's refusal belief is its own artifact: LatentGuard.set_refusal_read
 
 
 def save_guard(guard: Any, directory: str | os.PathLike) -> Path:

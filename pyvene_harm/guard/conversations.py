@@ -42,7 +42,9 @@ class ConversationVerdict:
 
     ``score`` (the score the threshold cuts), ``delta_harmful`` and ``probability`` are those of
     the read that came closest to harmful; ``flagged_by`` names every read called harmful
-    (``"messages[0] (system)"``, ``"conversation"``); ``parts`` holds each read's own row.
+    (``"messages[0] (system)"``, ``"conversation"``); ``parts`` holds each read's own row. The
+    refusal belief is not the worst read's: it is the model's, read where the model reads the
+    whole conversation.
     """
 
     harmful: bool
@@ -53,6 +55,10 @@ class ConversationVerdict:
     category: str | None = None
     category_scores: dict[str, float] | None = None
     parts: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+    delta_refuse: float | None = None
+    """The model's refusal belief where it reads the conversation (the read in context, or the
+    lone user message), when the guard has a refusal read; None otherwise."""
+    refuse_probability: float | None = None
 
 
 MAX_PIECES = 8
@@ -93,7 +99,8 @@ def conversation_parts(conversation: Conversation,
 def combine_parts(labels: Sequence[str], harmful: np.ndarray, score: np.ndarray, delta: np.ndarray,
                   probability: np.ndarray, threshold: float, category: Sequence[str] | None = None,
                   category_scores: np.ndarray | None = None,
-                  category_names: Sequence[str] = ()) -> ConversationVerdict:
+                  category_names: Sequence[str] = (), delta_refuse: np.ndarray | None = None,
+                  refuse_probability: np.ndarray | None = None) -> ConversationVerdict:
     """One verdict from the reads of one conversation (arrays of ``len(labels)``)."""
     margin = np.where(np.isfinite(score), score - threshold, np.inf)  # a non-finite read leads: it is flagged
     top = int(np.argmax(np.where(harmful, margin, -np.inf) if harmful.any() else margin))
@@ -106,7 +113,18 @@ def combine_parts(labels: Sequence[str], harmful: np.ndarray, score: np.ndarray,
         category=None if category is None else str(category[top]),
         category_scores=None if category_scores is None else dict(zip(category_names,
                                                                       map(float, category_scores[top]))),
-        parts=parts)
+        parts=parts, **_refusal_in_context(labels, delta_refuse, refuse_probability))
+
+
+def _refusal_in_context(labels: Sequence[str], delta: np.ndarray | None,
+                        probability: np.ndarray | None) -> dict[str, float | None]:
+    """The refusal belief of the read the model makes: the conversation in context, or (a lone
+    user message) its first, whole read."""
+    if delta is None:
+        return {}
+    i = list(labels).index(CONTEXT) if CONTEXT in labels else 0
+    return {"delta_refuse": float(delta[i]),
+            "refuse_probability": None if probability is None else float(probability[i])}
 
 
 def score_reads(guard: Any, reads: Sequence[str | Conversation]) -> GuardReport:
@@ -144,7 +162,8 @@ def score_reads(guard: Any, reads: Sequence[str | Conversation]) -> GuardReport:
 
     return GuardReport(delta_harmful=merge("delta_harmful"), per_layer=merge("per_layer"),
                        layers=parts[False].layers, harmful=merge("harmful"), probability=merge("probability"),
-                       category=merge("category"), score=merge("score"), category_scores=merge("category_scores"))
+                       category=merge("category"), score=merge("score"), category_scores=merge("category_scores"),
+                       delta_refuse=merge("delta_refuse"), refuse_probability=merge("refuse_probability"))
 
 
 def judge_groups(guard: Any, groups: Sequence[Sequence[tuple[str, str | Conversation]]]) -> list[ConversationVerdict]:
@@ -159,5 +178,7 @@ def judge_groups(guard: Any, groups: Sequence[Sequence[tuple[str, str | Conversa
         out.append(combine_parts([label for label, _ in group], rep.harmful[sl], rep.score[sl],
                                  rep.delta_harmful[sl], rep.probability[sl], guard.threshold_,
                                  None if rep.category is None else rep.category[sl],
-                                 None if rep.category_scores is None else rep.category_scores[sl], names))
+                                 None if rep.category_scores is None else rep.category_scores[sl], names,
+                                 None if rep.delta_refuse is None else rep.delta_refuse[sl],
+                                 None if rep.refuse_probability is None else rep.refuse_probability[sl]))
     return out

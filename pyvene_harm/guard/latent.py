@@ -16,9 +16,7 @@ probabilities, and per-category centroids (CatQA) with the nearest category.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +35,7 @@ from . import artifact
 from .conversations import ConversationVerdict, conversation_parts, judge_groups
 from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
 from .readout import DEFAULT_CS, DEFAULT_RANK, METHODS, LinearReadout, centroid_gap
+from .report import GuardReport, flag_decisions
 from .spelling import normalize_prompts
 from .thresholds import ThresholdMixin
 from .training import (
@@ -56,60 +55,6 @@ UNCALIBRATED_TEMPERATURE = 0.05
 cosine reads as 73%). A ``method="linear"`` guard's decision is a fitted log-odds already."""
 
 _NOT_FITTED = artifact.NOT_FITTED
-logger = logging.getLogger("pyvene_harm.guard")
-
-
-def flag_decisions(d: np.ndarray) -> np.ndarray:
-    """``[n]`` harmful where ``d > 0`` *or* ``d`` is not a number: fail closed.
-
-    ``NaN > 0`` is False, so a plain comparison calls every prompt whose score overflowed (a
-    float16 model) or was poisoned (a NaN in the guard) harmless. Such a prompt is flagged, and
-    the fault is logged.
-    """
-    bad = ~np.isfinite(d)
-    if bad.any():
-        logger.error("the guard's score is not a finite number for %d of %d prompts (overflow in the model's "
-                     "dtype, or a corrupt guard): they are flagged as harmful", int(bad.sum()), len(d))
-    return (d > 0) | bad
-
-
-@dataclass(frozen=True)
-class GuardReport:
-    """Everything one scoring pass yields, per prompt (see :meth:`LatentGuard.report`)."""
-
-    delta_harmful: np.ndarray
-    """``[n]`` Delta_harmful: the mean cosine gap to the harmful vs harmless centroids over the
-    guard's reads and ``layers`` (the paper's belief score)."""
-    per_layer: np.ndarray
-    """``[n, len(reads) * len(layers)]`` cosine gaps, read-major."""
-    layers: tuple[int, ...]
-    harmful: np.ndarray
-    """``[n]`` bool: the decision score exceeds the threshold."""
-    probability: np.ndarray
-    """``[n]`` P(harmful) (calibrated when the guard is)."""
-    category: list[str] | None
-    """Nearest harm category per prompt, when the guard has per-category centroids."""
-    score: np.ndarray | None = None
-    """``[n]`` the score the threshold cuts: Delta_harmful for ``method="paper"``, the read-out's
-    log-odds for ``method="linear"``. None means the same as ``delta_harmful``."""
-    category_scores: np.ndarray | None = None
-    """``[n, C]`` mean cosine gap to each category centroid vs the harmless one, when the guard
-    has categories (order of ``guard.categories_``)."""
-
-    def __post_init__(self) -> None:
-        if self.score is None:
-            object.__setattr__(self, "score", self.delta_harmful)
-
-    def rows(self, prompts: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        out = []
-        for i in range(len(self.delta_harmful)):
-            row = {"prompt": prompts[i]} if prompts is not None else {}
-            row.update(delta_harmful=float(self.delta_harmful[i]), score=float(self.score[i]),
-                       harmful=bool(self.harmful[i]), probability=float(self.probability[i]))
-            if self.category is not None:
-                row["category"] = self.category[i]
-            out.append(row)
-        return out
 
 
 class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
@@ -410,9 +355,11 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
     # --- scoring -----------------------------------------------------------------------
 
     def _scores(self, X: Any, layers: Sequence[int], *, categories: bool = False,
-                readout: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+                readout: bool = False, refusal: bool = False) -> tuple:
         """``[n, C]`` cosine gaps over the columns of ``layers``, ``[n, K, C]`` per category if
-        asked, and ``[n]`` read-out scores if asked; one pass over prompts, batch by batch."""
+        asked, and ``[n]`` read-out scores if asked; one pass over prompts, batch by batch. With
+        ``refusal`` a fourth item: ``([n] Delta_refuse, [n] P(refuses) or None)`` from the same
+        pass, or None (no refusal read, or precomputed states)."""
         check_is_fitted(self, msg=_NOT_FITTED)
         cols = self._columns(layers)
         pos = torch.from_numpy(self.centroids_["harmful"][cols]).double()
@@ -428,20 +375,35 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         prompts = self._as_read(as_prompts(X))
         if prompts is None:
             arr = states_array(self, X, reset=False)
-            return score(torch.from_numpy(np.ascontiguousarray(arr)).double())
+            got = score(torch.from_numpy(np.ascontiguousarray(arr)).double())
+            return (*got, None) if refusal else got
         model, fmt = self._require_model()
-        check_fits_model(self.metadata_, self.hidden_size_, self.states_ if readout else layers, model, fmt)
-        # the read-out needs every fitted column; centroid gaps only those of ``layers``
-        need = self.states_ if readout else layers
+        read_refusal = refusal and getattr(self, "refusal_read_", None) is not None
+        # the read-out (and the refusal read) need every fitted state; centroid gaps only ``layers``
+        full_width = readout or read_refusal
+        need = self.states_ if full_width else layers
+        check_fits_model(self.metadata_, self.hidden_size_, need, model, fmt)
+        reads = fixed_reads(self.reads_)
+        extra = ["t_post_inst"] if read_refusal and "t_post_inst" not in reads else []
         out = np.empty((len(prompts), len(cols)))
         out_c = np.empty((len(prompts), len(cats), len(cols))) if cats is not None else None
         out_r = np.empty(len(prompts)) if readout else None
-        batches = (self._scan_batches(model, fmt, prompts) if readout and self.scan_width_ is not None else
+        out_f = np.empty(len(prompts)) if read_refusal else None
+        out_p = np.empty(len(prompts)) if read_refusal and self.refusal_read_.calibrated else None
+        batches = (self._scan_batches(model, fmt, prompts, extra) if readout and self.scan_width_ is not None else
                    ((idx, x, None) for idx, x in iter_prompt_states(
                        model, fmt, prompts, need, batch_size=self.batch_size,
-                       progress=self.progress and "scoring prompts", reads=fixed_reads(self.reads_))))
+                       progress=self.progress and "scoring prompts", reads=reads + extra)))
+        n = len(self.states_)
         for idx, x, scanned in batches:
-            if not readout:  # x holds exactly the columns of ``layers``: widen to the fitted layout
+            if read_refusal:  # t_post_inst, from the same pass: its own block of columns
+                at = (reads + extra).index("t_post_inst")
+                post = x[:, at * n:(at + 1) * n][:, [self.states_.index(s) for s in self.refusal_read_.states]]
+                out_f[idx], p = self.refusal_read_.read(post)
+                if out_p is not None:
+                    out_p[idx] = p
+                x = x[:, :len(reads) * n]
+            if not full_width:  # x holds exactly the columns of ``layers``: widen to the fitted layout
                 full = torch.zeros((len(idx), len(self.reads_) * len(self.states_), x.shape[-1]), dtype=x.dtype)
                 full[:, cols] = x
                 x = full
@@ -453,25 +415,54 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                 out_c[idx] = gc
             if out_r is not None:
                 out_r[idx] = r
-        return out, out_c, out_r
+        return (out, out_c, out_r, (out_f, out_p)) if refusal else (out, out_c, out_r)
 
-    def _scan_batches(self, model: Any, fmt: ChatFormatter, prompts: Sequence[Any]):
+    def _scan_batches(self, model: Any, fmt: ChatFormatter, prompts: Sequence[Any], extra: Sequence[str] = ()):
         """``(indices, [b, F, d] last-window states, [b] highest window score)`` per batch: one
-        pass that projects every instruction token on the read-out's weights."""
+        pass that projects every instruction token on the read-out's weights (the ``extra``
+        reads' columns appended after the guard's own)."""
         v, offset = self.readout_.projection()  # [S, d]
         project = torch.from_numpy(np.ascontiguousarray(v.T)).float()
+        reads = fixed_reads(self.reads_) + list(extra)
         for idx, by_read, proj in collect_token_states(model, fmt, prompts, states=self.states_,
-                                                       positions=fixed_reads(self.reads_), project=project,
+                                                       positions=reads, project=project,
                                                        batch_size=self.batch_size,
                                                        progress=self.progress and "scoring prompts"):
-            x = torch.cat([by_read[r] for r in fixed_reads(self.reads_)], dim=1).to("cpu", torch.float64)
+            x = torch.cat([by_read[r] for r in reads], dim=1).to("cpu", torch.float64)
             yield idx, x, max_window_scores(proj, self.scan_width_, offset)[0]
 
-    def _decision_scores(self, X: Any, *, categories: bool = False):
-        """Per-column gaps, per-category gaps and the score the threshold cuts, in one pass."""
+    def _decision_scores(self, X: Any, *, categories: bool = False, refusal: bool = False):
+        """Per-column gaps, per-category gaps and the score the threshold cuts, in one pass
+        (with ``refusal``, Delta_refuse fourth: see :meth:`_scores`)."""
         linear = self.readout_ is not None
-        per, cats, r = self._scores(X, self.layers_, categories=categories, readout=linear)
-        return per, cats, (r if linear else per.mean(axis=1))
+        per, cats, r, *rest = self._scores(X, self.layers_, categories=categories, readout=linear, refusal=refusal)
+        return (per, cats, (r if linear else per.mean(axis=1)), *rest)
+
+    def set_refusal_read(self, read: Any) -> LatentGuard:
+        """Report the model's refusal belief beside its harmfulness belief, from the same
+        prefill (:class:`~pyvene_harm.guard.refusal_read.RefusalRead`); None removes it. Its
+        states must be among the guard's (no deeper layer is run for it)."""
+        check_is_fitted(self, msg=_NOT_FITTED)
+        if read is not None:
+            extra = sorted(set(read.states) - set(self.states_))
+            if extra:
+                raise ValueError(f"the refusal read's states {extra} are not among the guard's {list(self.states_)}: "
+                                 "read at the guard's states, so that one prefill gives both beliefs")
+            if read.hidden_size != self.hidden_size_:
+                raise ValueError(f"the refusal read is {read.hidden_size} wide, the guard's model {self.hidden_size_}: "
+                                 "use directions of the guard's model")
+        self.refusal_read_ = read
+        return self
+
+    def delta_refuse(self, X: Any) -> np.ndarray:
+        """``[n]`` Delta_refuse at t_post_inst (needs a refusal read: :meth:`set_refusal_read`)."""
+        check_is_fitted(self, msg=_NOT_FITTED)
+        if getattr(self, "refusal_read_", None) is None:
+            raise ValueError("this guard has no refusal read: guard.set_refusal_read(RefusalRead.from_directions("
+                             "directions, states)) first")
+        if as_prompts(X) is None:
+            raise ValueError("Delta_refuse is read at t_post_inst of prompts: pass prompts, not precomputed states")
+        return self._scores(X, self.layers_, refusal=True)[3][0]
 
     def delta_harmful(self, X: Any) -> np.ndarray:
         """``[n]`` Delta_harmful over the guard's reads and layers (no threshold subtracted)."""
@@ -513,7 +504,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
     def report(self, X: Any) -> GuardReport:
         """Delta_harmful, score, verdict, probability and category per prompt from one pass."""
         check_is_fitted(self, msg=_NOT_FITTED)
-        per, cats, score = self._decision_scores(X, categories=len(self.categories_) > 0)
+        per, cats, score, refuse = self._decision_scores(X, categories=len(self.categories_) > 0, refusal=True)
         d = score - self.threshold_
         category, cat_scores = None, None
         if cats is not None:
@@ -521,9 +512,10 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             category = [str(self.categories_[j]) for j in cat_scores.argmax(axis=1)]
         harmful = flag_decisions(d)
         probability = np.where(np.isfinite(d), self._proba_from_decision(np.nan_to_num(d)), 1.0)
+        refuse, refuse_p = refuse if refuse is not None else (None, None)
         return GuardReport(delta_harmful=per.mean(axis=1), per_layer=per, layers=tuple(self.layers_),
                            harmful=harmful, probability=probability, category=category, score=score,
-                           category_scores=cat_scores)
+                           category_scores=cat_scores, delta_refuse=refuse, refuse_probability=refuse_p)
 
     def judge_conversations(self, conversations: Sequence[Any]) -> list[ConversationVerdict]:
         """One verdict per conversation, from every text the model will read.

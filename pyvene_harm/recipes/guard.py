@@ -568,6 +568,7 @@ def _register_subcommands() -> None:
     from .guard_crossval import crossval
     from .guard_generate import generate
     from .guard_recall import recall
+    from .guard_refusal_fit import refusal_fit
     from .guard_reply_crossval import reply_crossval
     from .guard_reply_fit import reply_fit
     from .guard_reply_set import reply_set
@@ -579,6 +580,7 @@ def _register_subcommands() -> None:
     guard.add_command(reply_crossval)
     guard.add_command(reply_fit)
     guard.add_command(recall)
+    guard.add_command(refusal_fit)
 
 
 _register_subcommands()

@@ -35,6 +35,10 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
                    "states the decoding forward computes, and one that turns harmful is stopped (finish_reason "
                    "content_filter). Not with --upstream. Example: --reply-guard "
                    "artifacts/qwen2.5-coder-0.5b-instruct/reply-guard")
+@click.option("--refusal-read", "refusal_read_path", default=None, type=click.Path(file_okay=False),
+              help="Folder from `guard refusal-fit`: every verdict also carries the model's refusal belief "
+                   "(delta_refuse, refuse_probability), from the guard's own prefill. Default: the one shipped "
+                   "beside a shipped guard (artifacts/<model>/refusal-read).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. The default accepts local clients only; 0.0.0.0 exposes the server "
                    "to the network (set --api-key then).")
@@ -104,7 +108,7 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
                    "an engine on the same CPU (--upstream), fewer threads here leave the engine its cores.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level (one line per request at info).")
-def serve(guard_path, model_args, directions_path, reply_guard_path, host, port, api_key, served_model_name, max_batch, max_batch_tokens,
+def serve(guard_path, model_args, directions_path, reply_guard_path, refusal_read_path, host, port, api_key, served_model_name, max_batch, max_batch_tokens,
           max_wait_ms, max_reply_batch,
           max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message,
           request_timeout, read_timeout, limit_concurrency, keep_alive_timeout, graceful_shutdown_timeout,
@@ -155,6 +159,8 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, host, port,
         if shipped is None or not (shipped / "guard").is_dir():
             raise click.UsageError(f"give --guard: a guard ships only for -m {' or -m '.join(SHIPPED)}")
         guard_path = str(shipped / "guard")
+    if refusal_read_path is None:
+        refusal_read_path = _shipped_refusal_read(guard_path)
     g = load_guard(guard_path, model_args["revision"])
     mopts = resolve_model_options(model_args, g, guard_path)
     directions = resolve_directions(directions_path)
@@ -183,6 +189,15 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, host, port,
             raise click.ClickException(str(err)) from None
         click.echo(f"guard copy of the model: {keep} of {g.metadata_['num_layers']} decoder layers loaded (up to "
                    "the deepest state the guard reads); the engine writes the replies", err=True)
+    if refusal_read_path:
+        from ..guard.refusal_read import RefusalRead
+
+        try:
+            read = RefusalRead.load(refusal_read_path)
+            read.check_model(loaded.model, g.chat_formatter())
+            g.set_refusal_read(read)
+        except (FileNotFoundError, ValueError) as err:
+            raise click.BadParameter(str(err), param_hint="--refusal-read") from None
     try:  # fails here, with the guard's own message, rather than on the first request
         g.set_params(progress=False).report(["Hello."])
     except ValueError as err:
@@ -205,6 +220,9 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, host, port,
                f"replies {'with the refusal direction ablated' if steering or upstream_adapter else 'plain'}"
                f"{f' from {engine.url} ({engine.model})' if engine else ''})", err=True)
     click.echo(f"guard {g.describe_threshold()}", err=True)
+    if g.refusal_read_ is not None:
+        click.echo(f"refusal belief {refusal_read_path}: Delta_refuse at t_post_inst, states "
+                   f"{list(g.refusal_read_.states)}{', calibrated' if g.refusal_read_.calibrated else ''}", err=True)
     if reply_guard is not None:
         click.echo(f"reply guard {reply_guard_path}: states {list(reply_guard.states_)}, window {reply_guard.width}, "
                    f"threshold {reply_guard.threshold_:+.3f}; every reply is judged as it is written", err=True)
@@ -212,6 +230,21 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, host, port,
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, date_header=False,
                 http=header_deadline_protocol(read_timeout), limit_concurrency=limit_concurrency,
                 timeout_keep_alive=keep_alive_timeout, timeout_graceful_shutdown=graceful_shutdown_timeout)
+
+
+def _shipped_refusal_read(guard_path: str) -> str | None:
+    """The refusal read shipped beside a shipped guard (``artifacts/<model>/refusal-read``), if any:
+    a guard folder of the project's own artifacts gets the model's refusal belief by default."""
+    from .demo import SHIPPED, shipped_artifacts
+
+    folder = Path(guard_path)
+    if not folder.is_dir():
+        return None
+    for model in SHIPPED:
+        shipped = shipped_artifacts(model)
+        if shipped is not None and folder.resolve().parent == shipped.resolve() and (shipped / "refusal-read").is_dir():
+            return str(shipped / "refusal-read")
+    return None
 
 
 def _default_name(model_id: str) -> str:

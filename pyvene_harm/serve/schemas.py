@@ -57,6 +57,10 @@ class Verdict:
     """The score the threshold cuts (a linear read-out's log-odds); None: ``delta_harmful``."""
     flagged_by: tuple[str, ...] = ()
     """For a conversation: which reads called it harmful (``messages[0] (system)``, ``conversation``)."""
+    delta_refuse: float | None = None
+    """The model's refusal belief (Delta_refuse at t_post_inst), when the guard has a refusal read."""
+    refuse_probability: float | None = None
+    """P(the model would refuse), when that read is calibrated on the model's own refusals."""
 
     @property
     def decision(self) -> float:
@@ -282,6 +286,7 @@ def moderation_response(verdicts: list[Verdict], *, model: str, categories: list
             "score": _num(v.decision),
             "probability": scores["harmful"],
             "category": v.category,
+            **refusal_fields(v),
         })
     return {"id": f"modr-{uuid.uuid4().hex}", "model": model, "results": results}
 
@@ -291,7 +296,14 @@ def guard_summary(v: Verdict, action: str) -> dict[str, Any]:
     return {"flagged": v.harmful, "verdict": "harmful" if v.harmful else "harmless", "action": action,
             "delta_harmful": _num(v.delta_harmful), "score": _num(v.decision),
             "probability": _num(v.probability) if _num(v.probability) is not None else 1.0,
-            "category": v.category, "flagged_by": list(v.flagged_by)}
+            "category": v.category, "flagged_by": list(v.flagged_by), **refusal_fields(v)}
+
+
+def refusal_fields(v: Verdict) -> dict[str, Any]:
+    """Both beliefs in every verdict: the model's refusal belief beside the harmfulness one, so an
+    operator sees over-refusals (harmless, would refuse) and accepted harm (harmful, would comply)
+    before a token is written; null when the guard has no refusal read."""
+    return {"delta_refuse": _num(v.delta_refuse), "refuse_probability": _num(v.refuse_probability)}
 
 
 def with_reply(summary: dict[str, Any], reply: dict[str, Any] | None) -> dict[str, Any]:

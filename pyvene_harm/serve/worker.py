@@ -371,7 +371,8 @@ class GuardWorker:
             self.stats.nonfinite_scores += sum(not np.isfinite(p["score"]) for p in v.parts)
             mine.append(Verdict(harmful=v.harmful, delta_harmful=v.delta_harmful, score=v.score,
                                 probability=v.probability, category=v.category, category_scores=v.category_scores,
-                                flagged_by=v.flagged_by))
+                                flagged_by=v.flagged_by, delta_refuse=v.delta_refuse,
+                                refuse_probability=v.refuse_probability))
         if isinstance(job, ScoreJob):
             job.finish(mine)
             self._finished(job)
@@ -516,7 +517,9 @@ def _report_rows(rep: Any, a: int, b: int) -> list[dict[str, Any]]:
     return [{"harmful": bool(rep.harmful[i]), "score": float(rep.score[i]), "delta": float(rep.delta_harmful[i]),
              "probability": float(rep.probability[i]),
              "category": None if rep.category is None else rep.category[i],
-             "category_scores": None if rep.category_scores is None else rep.category_scores[i]}
+             "category_scores": None if rep.category_scores is None else rep.category_scores[i],
+             "delta_refuse": None if rep.delta_refuse is None else float(rep.delta_refuse[i]),
+             "refuse_probability": None if rep.refuse_probability is None else float(rep.refuse_probability[i])}
             for i in range(a, b)]
 
 
@@ -525,5 +528,7 @@ def _combine(guard: Any, labels: list[str], rows: list[dict[str, Any]], names: l
     col = lambda k: np.asarray([r[k] for r in rows])  # noqa: E731
     cats = None if rows[0]["category"] is None else [r["category"] for r in rows]
     cat_scores = None if rows[0]["category_scores"] is None else np.stack([r["category_scores"] for r in rows])
+    refuse = None if rows[0]["delta_refuse"] is None else col("delta_refuse")
+    refuse_p = None if rows[0]["refuse_probability"] is None else col("refuse_probability")
     return combine_parts(labels, col("harmful"), col("score"), col("delta"), col("probability"), guard.threshold_,
-                         cats, cat_scores, names)
+                         cats, cat_scores, names, refuse, refuse_p)
