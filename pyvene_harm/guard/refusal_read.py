@@ -36,6 +36,7 @@ CONFIG_FILE = "refusal_read.json"
 TENSORS_FILE = "refusal_read.safetensors"
 KIND = "RefusalRead"
 FORMAT_VERSION = 1
+_PROVENANCE = ("model_id", "architecture", "hidden_size", "num_layers", "chat_template_hash")
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,9 @@ class RefusalRead:
             raise ValueError("a refusal read needs at least one state")
         for s in states:
             directions.check_layer(s)
-        keep = ("model_id", "architecture", "hidden_size", "num_layers", "chat_template_hash")
         return cls(states=tuple(states), refused=c["refused"][states].double().numpy(),
                    accepted=c["accepted"][states].double().numpy(),
-                   provenance={k: directions.metadata.get(k) for k in keep if directions.metadata.get(k) is not None})
+                   provenance={k: directions.metadata[k] for k in _PROVENANCE if directions.metadata.get(k) is not None})
 
     @property
     def hidden_size(self) -> int:
@@ -238,8 +238,7 @@ class RefusalRead:
 
         actual = model_provenance(model, formatter)
         diffs = [f"{k}: read {self.provenance[k]!r}, model {actual[k]!r}"
-                 for k in ("architecture", "hidden_size", "num_layers", "chat_template_hash")
-                 if self.provenance.get(k) is not None and actual.get(k) is not None
+                 for k in _PROVENANCE[1:] if self.provenance.get(k) is not None and actual.get(k) is not None
                  and self.provenance[k] != actual[k]]
         if self.hidden_size != actual["hidden_size"] and not any(d.startswith("hidden_size") for d in diffs):
             diffs.append(f"hidden_size: read {self.hidden_size}, model {actual['hidden_size']}")
