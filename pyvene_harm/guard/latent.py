@@ -395,10 +395,12 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                        model, fmt, prompts, need, batch_size=self.batch_size,
                        progress=self.progress and "scoring prompts", reads=reads + extra)))
         n = len(self.states_)
+        if read_refusal:  # t_post_inst, from the same pass: its own block of columns
+            at = (reads + extra).index("t_post_inst")
+            post_cols = [at * n + self.states_.index(s) for s in self.refusal_read_.states]
         for idx, x, scanned in batches:
-            if read_refusal:  # t_post_inst, from the same pass: its own block of columns
-                at = (reads + extra).index("t_post_inst")
-                post = x[:, at * n:(at + 1) * n][:, [self.states_.index(s) for s in self.refusal_read_.states]]
+            if read_refusal:
+                post = x[:, post_cols]
                 out_f[idx], p = self.refusal_read_.read(post)
                 if out_p is not None:
                     out_p[idx] = p
