@@ -185,3 +185,133 @@ def test_crossval_scores_a_scan_design_by_its_highest_window(tiny):
     live = LatentGuard(model, tok, method="linear", reads=("scan:4",), layers=[1, 2], C=1.0, rank=None)
     live.__dict__.update({k: v for k, v in guard.__dict__.items() if k.endswith("_")})
     np.testing.assert_allclose(held.original(), live.decision_function(HARMFUL[:4]), rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- a calibrated maximum
+
+GROUPS = ["a", "a", "b", "b", "c", "c", "d", "d"] * 2
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny):
+    model, tok = tiny
+    kw = dict(method="linear", reads=("scan:4",), C=1.0, rank=None, batch_size=4)
+    plain = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, groups=GROUPS)
+    cal = LatentGuard(model, tok, calibrate_max=True, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, groups=GROUPS)
+    return plain, cal
+
+
+def test_out_of_group_refits_leave_their_fold_out():
+    from pyvene_harm.guard.max_calibration import OutOfGroupReadouts
+    from pyvene_harm.guard.readout import LinearReadout
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 2, 3))
+    y = np.r_[np.ones(12, bool), np.zeros(12, bool)]
+    x[y] += 1.0
+    g = np.asarray(["h1", "h2", "h3"] * 4 + ["s1", "s2", "s3"] * 4)
+    full = LinearReadout.fit(x, y, C=0.5, rank=None)
+    folds = OutOfGroupReadouts.fit(full, x, y, g, rank=None, n_folds=3)
+    assert len(folds.refits) == 3 and folds.fold_of_group["h1"] == folds.fold_of_group["s1"]  # dealt in sorted order
+    out = np.isin(g, ["h1", "s1"])
+    by_hand = LinearReadout.fit(x[~out], y[~out], C=0.5, rank=None)
+    v, offset = folds.projection("s1")
+    np.testing.assert_allclose(np.einsum("nsd,sd->n", x, v) + offset, by_hand.score(x), rtol=1e-6, atol=1e-8)
+    with pytest.raises(KeyError, match="no refit"):
+        folds.projection("elsewhere")
+    # the calibrated read-out is the full one mapped by the Platt fit of the scores given
+    s = rng.normal(size=24) + 2 * y
+    cal = folds.calibrate(s, y, g)
+    a, b = cal.cv["max_calibration"]["slope"], cal.cv["max_calibration"]["intercept"]
+    assert a > 0
+    np.testing.assert_allclose(cal.score(x), a * full.score(x) + b, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="do not rank"):
+        folds.calibrate(-s, y, g)
+
+
+def test_platt_weights_every_group_and_class_alike():
+    from sklearn.linear_model import LogisticRegression
+
+    from pyvene_harm.guard.max_calibration import balanced_weights, platt
+
+    y = np.r_[np.ones(6, bool), np.zeros(4, bool)]
+    g = np.asarray(["big"] * 5 + ["small"] + ["h"] * 4)
+    w = balanced_weights(y, g)
+    assert w[:5].sum() == pytest.approx(w[5]) and w[y].sum() == pytest.approx(w[~y].sum())
+    s = np.linspace(-1, 1, 10)[::-1] + np.r_[np.zeros(6), 0.8, 0, 0, 0]
+    ref = LogisticRegression(C=1e6, max_iter=1000).fit(s[:, None], y, sample_weight=w)
+    assert platt(s, y, w) == pytest.approx((ref.coef_[0, 0], ref.intercept_[0]), rel=1e-6)
+
+
+def test_a_calibrated_maximum_is_the_same_maximum_rescaled(tiny, calibrated):
+    model, tok = tiny
+    plain, cal = calibrated
+    info = cal.readout_.cv["max_calibration"]
+    assert info["slope"] > 0 and info["n"] == 16 and info["groups"] == 4 and info["folds"] == 4
+    prompts = HARMFUL + HARMLESS + [HARMFUL[0] + TAILS[0]]
+    np.testing.assert_allclose(cal.decision_function(prompts),
+                               info["slope"] * plain.decision_function(prompts) + info["intercept"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cal.decision_function(prompts), reference_scores(cal, model, tok, prompts),
+                               rtol=1e-5, atol=1e-5)
+    base = cal.decision_function(HARMFUL)
+    for tail in TAILS:
+        assert (cal.decision_function([h + tail for h in HARMFUL]) >= base - 1e-5).all(), tail
+
+
+def test_the_calibration_reads_each_prompt_under_the_refit_without_its_group(tiny, calibrated):
+    model, tok = tiny
+    plain, cal = calibrated
+    from pyvene_harm.guard.max_calibration import OutOfGroupReadouts
+
+    # the read-out the calibration started from is the plain fit's (the same rows, deterministic)
+    x = plain._collect(model, ChatFormatter(tok), HARMFUL + HARMLESS, plain.states_, ["last:4"], "x").numpy()
+    folds = OutOfGroupReadouts.fit(plain.readout_, x, np.r_[np.ones(8, bool), np.zeros(8, bool)], GROUPS,
+                                   rank=None)
+    got = cal._held_out_maxima(model, ChatFormatter(tok), HARMFUL + HARMLESS, np.asarray(GROUPS), plain.states_,
+                               ["scan:4"], folds, 4)
+    for j, p in enumerate(HARMFUL + HARMLESS):
+        one = LatentGuard(model, tok, method="linear", reads=("scan:4",), C=1.0, rank=None)
+        one.__dict__.update({k: v for k, v in plain.__dict__.items() if k.endswith("_")})
+        one.readout_ = folds.refits[folds.fold_of_group[GROUPS[j]]]
+        assert got[j] == pytest.approx(reference_scores(one, model, tok, [p])[0] + one.threshold_, abs=1e-5)
+
+
+def test_calibrated_guard_saves_and_loads(tmp_path, tiny, calibrated):
+    model, tok = tiny
+    _, cal = calibrated
+    cal.save(tmp_path / "g")
+    back = LatentGuard.load(tmp_path / "g", model, tok)
+    assert back.calibrate_max is True
+    np.testing.assert_allclose(back.decision_function(HARMFUL), cal.decision_function(HARMFUL), rtol=1e-5, atol=1e-5)
+
+
+def test_calibrate_max_errors(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="needs a scan:K read"):
+        LatentGuard(model, tok, method="linear", reads=("last:4",), calibrate_max=True).fit(HARMFUL, [1] * 4 + [0] * 4)
+    with pytest.raises(ValueError, match="not precomputed states"):
+        LatentGuard(method="linear", reads=("scan:4",), calibrate_max=True).fit(
+            np.zeros((4, 1, 3)), [1, 1, 0, 0])
+    with pytest.raises(ValueError, match="calibrates a scan read"):
+        parse_design("c:method=linear,reads=last:4,calibrate_max=1")
+    assert parse_design("c:method=linear,reads=scan:4,calibrate_max=1").calibrate_max
+
+
+def test_crossval_calibrates_the_maximum_on_held_out_groups(tiny):
+    model, tok = tiny
+    fmt = ChatFormatter(tok)
+    sources = [PromptSource("bombs", HARMFUL[:3], 1), PromptSource("more", HARMFUL[3:6], 1),
+               PromptSource("most", HARMFUL[6:], 1), PromptSource("bread", HARMLESS[:3], 0),
+               PromptSource("sea", HARMLESS[3:6], 0), PromptSource("rest", HARMLESS[6:], 0)]
+    design = parse_design("cal:method=linear,reads=scan:4,layers=1+2,C=1,rank=none,calibrate_max=1")
+    blocks = {s.name: collect_source_states(model, fmt, s, reads=["last:4"], states=[1, 2], n_variants=0, tokens=True,
+                                            batch_size=4) for s in sources}
+    from pyvene_harm.guard.crossval import _score_held_out, fit_design
+
+    guard = fit_design(blocks, design, held="bombs", held_texts=HARMFUL[:3])
+    info = guard.readout_.cv["max_calibration"]
+    assert guard.calibrate_max and info["n"] == 13 and info["groups"] == 5 and info["slope"] > 0
+    held = _score_held_out(blocks, design, "bombs")
+    live = LatentGuard(model, tok, method="linear", reads=("scan:4",), layers=[1, 2], C=1.0, rank=None)
+    live.__dict__.update({k: v for k, v in guard.__dict__.items() if k.endswith("_")})
+    np.testing.assert_allclose(held.original(), live.decision_function(HARMFUL[:3]), rtol=1e-3, atol=1e-3)

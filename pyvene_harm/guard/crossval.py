@@ -35,6 +35,7 @@ from ..surface import (
 from ..windows import max_window_scores, top_windows, window_means
 from .designs import DESIGNS, GuardDesign, middle_states, parse_design
 from .features import iter_prompt_states
+from .max_calibration import OutOfGroupReadouts
 from .metrics import AGAINST_KEYS, against_other_class, binary_metrics, pooled_metrics
 
 __all__ = [
@@ -220,23 +221,31 @@ class CrossvalResult:
     states do not separate them."""
 
 
-def _training(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign, layers: Sequence[int],
-              held_texts: Sequence[str]) -> tuple[Any, np.ndarray, np.ndarray]:
-    """The design's training rows without ``held``: states ``[n, F, d]`` (prompts for a control),
-    labels and source names. Surface variants enter only for augmenting designs, and only the
-    punctuation and case edits: the shifts are never trained on."""
-    xs, ys, gs = [], [], []
+def _training_rows(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign,
+                   held_texts: Sequence[str]) -> list[tuple[str, SourceStates, list[int]]]:
+    """``(source name, block, rows)`` the design is fitted on without ``held``: every trainable
+    source of another origin, its prompts and, for augmenting designs, their punctuation and case
+    edits (the shifts are never trained on), less any prompt that is also a held-out prompt."""
+    out = []
     origin = blocks[held].source.origin if held is not None else None
     for name, b in blocks.items():
         if (b.source.origin == origin or not b.source.evaluate or not b.source.train
                 or (design.train_on is not None and name not in design.train_on)):
             continue
         rows = [i for i, (_, e) in enumerate(b.rows) if e is None or (design.augment and e in SURFACE_EDITS)]
-        prompt_of = np.asarray([b.rows[i][0] for i in rows])
         drop = overlapping(b.source.prompts, held_texts)
-        rows = [r for r, p in zip(rows, prompt_of) if not drop[p]]
-        if not rows:
-            continue
+        rows = [r for r in rows if not drop[b.rows[r][0]]]
+        if rows:
+            out.append((name, b, rows))
+    return out
+
+
+def _training(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign, layers: Sequence[int],
+              held_texts: Sequence[str]) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The design's training rows without ``held`` (see :func:`_training_rows`): states
+    ``[n, F, d]`` (prompts for a control), labels and source names."""
+    xs, ys, gs = [], [], []
+    for name, b, rows in _training_rows(blocks, held, design, held_texts):
         xs.append(_features(b, design, layers, rows))
         ys += [b.source.label] * len(rows)
         gs += [name] * len(rows)
@@ -275,28 +284,30 @@ def _weights(y: np.ndarray, g: np.ndarray) -> np.ndarray:
 def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: str | None = None,
                held_texts: Sequence[str] = ()) -> Any:
     """A guard of ``design`` fitted on every trainable source but ``held`` (None: on all of
-    them), with its negatives mined from the training-only pools when the design asks for it."""
+    them), with its negatives mined from the training-only pools when the design asks for it,
+    and a scan read's maximum calibrated last when it asks for that."""
     layers = design.layers if design.layers is not None else next(iter(blocks.values())).states
     x, y, g = _training(blocks, held, design, layers, held_texts)
     w = _weights(y, g) if design.balance_sources else None
-    guard = design.estimator(layers).fit(x, y, groups=g, sample_weight=w)
+    guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
     width = _scan(design)
     if width is not None and design.scan_negatives:
         wx, wg = _window_negatives(blocks, held, design, layers, held_texts, guard, width)
         if len(wx):
             x, y, g = np.concatenate([x, wx]), np.concatenate([y, np.zeros(len(wx), int)]), np.concatenate([g, wg])
             w = _weights(y, g) if design.balance_sources else None
-            guard = design.estimator(layers).fit(x, y, groups=g, sample_weight=w)
+            guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
     origin = blocks[held].source.origin if held is not None else None
     pools = [b for n, b in blocks.items() if not b.source.evaluate and b.source.label == 0
              and b.source.origin != origin and (design.train_on is None or n in design.train_on)]
+    mined: list[tuple[str, SourceStates, list[int]]] = []
     if design.mine_negatives and pools:
         cand = _concat([_features(b, design, layers, b.original_rows()) for b in pools])
-        names = np.asarray([b.source.name for b in pools for _ in b.original_rows()])
-        texts = [b.source.prompts[b.rows[i][0]] for b in pools for i in b.original_rows()]
+        where = [(b, i) for b in pools for i in b.original_rows()]
+        names = np.asarray([b.source.name for b, _ in where])
+        texts = [b.source.prompts[b.rows[i][0]] for b, i in where]
         keep = np.flatnonzero(~overlapping(texts, held_texts))
         if width is not None:  # a pool prompt's score is its highest window's
-            where = [(b, i) for b in pools for i in b.original_rows()]
             scores = _scan_decisions(guard, [where[k] for k in keep], width)
         else:
             scores = guard.decision_function(_take(cand, keep))
@@ -305,8 +316,31 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
         y = np.concatenate([y, np.zeros(len(top), int)])
         g = np.concatenate([g, names[top]])
         w = _weights(y, g) if design.balance_sources else None
-        guard = design.estimator(layers).fit(x, y, groups=g, sample_weight=w)
+        guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
+        mined = [(names[k], where[k][0], [where[k][1]]) for k in top]
+    if design.calibrate_max:
+        prompts = _training_rows(blocks, held, design, held_texts) + mined
+        folds = OutOfGroupReadouts.fit(guard.readout_, x, y.astype(bool), g, rank=design.rank, sample_weight=w)
+        best, labels, groups = [], [], []
+        for name, b, rows in prompts:
+            v, offset = folds.projection(name)
+            for i in rows:
+                proj = np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v)
+                best.append(max_window_scores([proj], width, offset)[0][0])
+                labels.append(b.source.label == 1)
+                groups.append(name)
+        guard.readout_ = folds.calibrate(np.asarray(best), np.asarray(labels), groups)
+        guard.calibrate_max = True
     return guard
+
+
+def _estimator(design: GuardDesign, layers: Sequence[int]) -> Any:
+    """The design's unfitted estimator for precomputed states: a calibrated maximum is done by
+    :func:`fit_design` from the blocks' token states, which a fit on states does not see."""
+    est = design.estimator(layers)
+    if design.calibrate_max:
+        est.set_params(calibrate_max=False)
+    return est
 
 
 def _scan(design: GuardDesign) -> int | None:

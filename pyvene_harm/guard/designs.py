@@ -42,6 +42,9 @@ class GuardDesign:
         Cs: the grid ``C`` is chosen from: ``"default"`` (1e-3..10) or ``"wide"`` (1e-5..10).
         scan_negatives: for a ``scan:K`` read, the highest-scoring windows of each harmless
             training prompt added as harmless rows before the final fit (see :class:`LatentGuard`).
+        calibrate_max: for a ``scan:K`` read, map the read-out by a Platt fit of training prompts'
+            highest windows under refits that left their source out
+            (:mod:`~pyvene_harm.guard.max_calibration`).
     """
 
     name: str
@@ -56,6 +59,7 @@ class GuardDesign:
     balance_sources: bool = False
     Cs: str = "default"
     scan_negatives: int = 2
+    calibrate_max: bool = False
 
     @property
     def is_control(self) -> bool:
@@ -78,6 +82,8 @@ class GuardDesign:
         if not self.is_control and any(r.startswith("scan:") for r in self.reads):
             if len(self.reads) > 1 or self.method != "linear":
                 raise ValueError(f"design {self.name!r}: a scan read stands alone with method=linear")
+        if self.calibrate_max and (self.is_control or not self.reads[0].startswith("scan:")):
+            raise ValueError(f"design {self.name!r}: calibrate_max calibrates a scan read's maximum: use reads=scan:K")
 
     def estimator(self, layers: Sequence[int]) -> Any:
         """An unfitted :class:`LatentGuard` for precomputed states of ``layers`` (a
@@ -88,7 +94,8 @@ class GuardDesign:
         if self.is_control:
             return TextControl(self.method, C=self.C)
         return LatentGuard(method=self.method, reads=self.reads, layers=list(layers), C=self.C, rank=self.rank,
-                           Cs=WIDE_CS if self.Cs == "wide" else None, scan_negatives=self.scan_negatives)
+                           Cs=WIDE_CS if self.Cs == "wide" else None, scan_negatives=self.scan_negatives,
+                           calibrate_max=self.calibrate_max)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -145,7 +152,7 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
     """A design from a preset name (:data:`DESIGNS`), or ``name:key=value,key=value`` (keys:
     method, reads (``+`` between reads), layers (``8-16``, ``8+12+16``, ``middle`` or ``all``),
     augment, C, Cs (``default`` or ``wide``), rank, train_on (``+`` between source names),
-    mine_negatives, balance_sources, scan_negatives).
+    mine_negatives, balance_sources, scan_negatives, calibrate_max).
 
     Example:
         >>> parse_design("mine:method=linear,reads=mean_inst+t_post_inst,layers=8-16,augment=1").reads
@@ -173,7 +180,7 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
             kwargs[key] = middle_states(n_states)
         elif key == "layers":
             kwargs[key] = None if value == "all" else _parse_ints(value, text)
-        elif key in ("augment", "balance_sources"):
+        elif key in ("augment", "balance_sources", "calibrate_max"):
             kwargs[key] = value.lower() in ("1", "true", "yes", "on")
         elif key == "C":
             kwargs[key] = None if value.lower() in ("auto", "cv", "none") else float(value)

@@ -34,6 +34,7 @@ from ..windows import max_window_scores, top_windows, window_means
 from . import artifact
 from .conversations import ConversationVerdict, conversation_parts, judge_groups
 from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
+from .max_calibration import OutOfGroupReadouts
 from .readout import DEFAULT_CS, DEFAULT_RANK, METHODS, LinearReadout, centroid_gap
 from .report import GuardReport, flag_decisions
 from .spelling import normalize_prompts
@@ -102,6 +103,11 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             row), added as harmless rows before the final fit: the maximum over windows must not
             fire on a harmless prompt's opening words ("How do I kill" of "How do I kill a Python
             process?").
+        calibrate_max: with a ``scan:K`` read, map the read-out by a Platt fit of each training
+            prompt's highest window under a refit that left its group out
+            (:mod:`~pyvene_harm.guard.max_calibration`), so that the threshold is set for the
+            maximum over a prompt of an unseen source, not for the training windows. Needs prompts
+            (their token states); by ``groups`` when :meth:`fit` gets them.
         normalize_spelling: read every prompt (and every message of a conversation) with its
             spelling made plain first: invisible characters dropped, look-alike letters,
             full-width letters and leetspeak written as letters
@@ -126,7 +132,8 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                  augment: bool = False, Cs: Sequence[float] | None = None,
                  batch_size: int = 16, formatter: ChatFormatter | None = None,
                  system_prompt: str | None = None, template: str | None = None, progress: bool | None = None,
-                 n_states: int | None = None, normalize_spelling: bool = False, scan_negatives: int = 2) -> None:
+                 n_states: int | None = None, normalize_spelling: bool = False, scan_negatives: int = 2,
+                 calibrate_max: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.method = method
@@ -145,6 +152,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         self.n_states = n_states
         self.normalize_spelling = normalize_spelling
         self.scan_negatives = scan_negatives
+        self.calibrate_max = calibrate_max
 
     # --- fitting -----------------------------------------------------------------------
 
@@ -177,6 +185,9 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             if self.augment:
                 raise ValueError("augment=True makes surface variants of prompts; precomputed states "
                                  "cannot be edited: pass prompts, or states of the variants yourself")
+            if self.calibrate_max:
+                raise ValueError("calibrate_max scores every window of held-out prompts: fit on prompts, not "
+                                 "precomputed states (or calibrate with pyvene_harm.guard.max_calibration)")
             arr, y = states_array(self, X, y=y, reset=True)
             classes, positive = binary_labels(y, len(arr))
             if arr.shape[1] % len(reads):
@@ -215,7 +226,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         self.centroids_ = {k: mean[k] for k in ("harmful", "harmless")}
         readout = None
         if self.method == "linear":
-            fit_x, fit_y = x.numpy(), positive
+            fit_x, fit_y, fit_w = x.numpy(), positive, weights
             fit_g = None if groups is None else np.asarray(groups, dtype=object).astype(str)
             readout = LinearReadout.fit(fit_x, fit_y, C=self.C, Cs=tuple(self.Cs or DEFAULT_CS), sample_weight=weights,
                                         rank=self.rank, groups=fit_g)
@@ -226,10 +237,14 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                     fit_x = np.concatenate([fit_x, rows])
                     fit_y = np.concatenate([fit_y, np.zeros(len(rows), bool)])
                     fit_g = None if fit_g is None else np.concatenate([fit_g, fit_g[of]])
-                    w = None if weights is None else np.concatenate([weights, weights[of]])
+                    fit_w = None if weights is None else np.concatenate([weights, weights[of]])
                     readout = LinearReadout.fit(fit_x, fit_y, C=self.C, Cs=tuple(self.Cs or DEFAULT_CS),
-                                                sample_weight=w, rank=self.rank, groups=fit_g)
+                                                sample_weight=fit_w, rank=self.rank, groups=fit_g)
                     readout.cv = {**(readout.cv or {}), "window_negatives": int(len(rows))}
+            if self.calibrate_max:
+                folds = OutOfGroupReadouts.fit(readout, fit_x, fit_y, fit_g, rank=self.rank, sample_weight=fit_w)
+                best = self._held_out_maxima(model, fmt, prompts, fit_g[:len(prompts)], states, reads, folds, width)
+                readout = folds.calibrate(best, positive, fit_g[:len(prompts)])
         names = sorted(k for k in mean if k.startswith("category:"))
         artifact.set_fitted(self, states=states, reads=reads, classes=classes, n_train=counts, metadata=metadata,
                             fitted_on=fitted_on, categories=[k[len("category:"):] for k in names],
@@ -255,6 +270,10 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         if not isinstance(self.scan_negatives, int) or isinstance(self.scan_negatives, bool) or self.scan_negatives < 0:
             raise ValueError(f"scan_negatives must be an int >= 0, got {self.scan_negatives!r}")
         reads = check_reads(self.reads)
+        if not isinstance(self.calibrate_max, bool):
+            raise ValueError(f"calibrate_max must be True or False, got {self.calibrate_max!r}")
+        if self.calibrate_max and scan_width(reads[0]) is None:
+            raise ValueError(f"calibrate_max calibrates the maximum over windows: it needs a scan:K read, not {reads}")
         if any(scan_width(r) is not None for r in reads):
             if len(reads) > 1:
                 raise ValueError(f"a scan read takes the maximum over windows and stands alone: use reads=[{reads[0]!r}] "
@@ -283,6 +302,20 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         if not rows:
             return np.zeros((0, len(states), self.centroids_["harmless"].shape[-1])), np.zeros(0, int)
         return np.stack(rows), np.asarray(of, dtype=int)
+
+    def _held_out_maxima(self, model: Any, fmt: ChatFormatter, prompts: Sequence[Any], groups: np.ndarray,
+                         states: Sequence[int], reads: Sequence[str], folds: OutOfGroupReadouts,
+                         width: int) -> np.ndarray:
+        """``[n]`` each prompt's highest window score under the refit that left its group out."""
+        best = np.empty(len(prompts))
+        for idx, _, tokens in collect_token_states(model, fmt, prompts, states=states, positions=fixed_reads(reads),
+                                                   batch_size=self.batch_size,
+                                                   progress=self.progress and "calibrating the maximum"):
+            for j, t in zip(idx, tokens):
+                v, offset = folds.projection(groups[j])
+                proj = np.einsum("tsd,sd->t", t.double().numpy(), v)
+                best[j] = max_window_scores([proj], width, offset)[0][0]
+        return best
 
     @property
     def scan_width_(self) -> int | None:
