@@ -178,7 +178,8 @@ def test_crossval_scores_a_scan_design_by_its_highest_window(tiny):
     assert {r["source"] for r in result.rows} == {"bombs", "more", "bread", "sea"}
     assert {s["shift"] for s in result.shifts} >= {"tail", "prefix", "split"}
     # the held-out decision is the fitted read-out's highest window, as LatentGuard computes it
-    from pyvene_harm.guard.crossval import _score_held_out, fit_design
+    from pyvene_harm.guard.crossval import _score_held_out
+    from pyvene_harm.guard.design_fit import fit_design
 
     held = _score_held_out(blocks, design, "bombs")
     guard = fit_design(blocks, design, held="bombs", held_texts=HARMFUL[:4])
@@ -306,7 +307,8 @@ def test_crossval_calibrates_the_maximum_on_held_out_groups(tiny):
     design = parse_design("cal:method=linear,reads=scan:4,layers=1+2,C=1,rank=none,calibrate_max=1")
     blocks = {s.name: collect_source_states(model, fmt, s, reads=["last:4"], states=[1, 2], n_variants=0, tokens=True,
                                             batch_size=4) for s in sources}
-    from pyvene_harm.guard.crossval import _score_held_out, fit_design
+    from pyvene_harm.guard.crossval import _score_held_out
+    from pyvene_harm.guard.design_fit import fit_design
 
     guard = fit_design(blocks, design, held="bombs", held_texts=HARMFUL[:3])
     info = guard.readout_.cv["max_calibration"]

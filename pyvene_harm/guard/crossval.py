@@ -15,7 +15,6 @@ works on those arrays (:func:`cross_validate`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..collect import check_reads, collect_token_states, fixed_reads, scan_width
+from ..collect import check_reads, collect_token_states, fixed_reads
 from ..surface import (
     ALL_EDITS,
     SHIFT_EDITS,
@@ -32,10 +31,9 @@ from ..surface import (
     surface_change_rate,
     surface_variants,
 )
-from ..windows import max_window_scores, top_windows, window_means
+from .design_fit import design_features, design_scan_width, fit_design, overlapping, scan_decisions
 from .designs import DESIGNS, GuardDesign, middle_states, parse_design
 from .features import iter_prompt_states
-from .max_calibration import OutOfGroupReadouts
 from .metrics import AGAINST_KEYS, against_other_class, binary_metrics, pooled_metrics
 
 __all__ = [
@@ -183,25 +181,6 @@ def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, r
 # --------------------------------------------------------------------------- folds
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
-
-
-def overlapping(train: Sequence[str], held: Sequence[str]) -> np.ndarray:
-    """``[len(train)]`` True where a training prompt equals a held-out prompt or one of them
-    contains the other (case, punctuation and spacing ignored): a request inside a template."""
-    held_n = [_norm(h) for h in held]
-    joined = "\n".join(held_n)
-    held_set = set(held_n)
-    out = np.zeros(len(train), bool)
-    for i, t in enumerate(train):
-        tn = _norm(t)
-        if not tn:
-            continue
-        out[i] = tn in held_set or tn in joined or any(h and h in tn for h in held_n if len(h) < len(tn))
-    return out
-
-
 @dataclass
 class CrossvalResult:
     """Per held-out source and design: accuracy on its prompts and the surface flip rate."""
@@ -219,166 +198,6 @@ class CrossvalResult:
     from the fold that left its source out. High AUC with low accuracy on some sources means
     their scores shift between sources (the threshold does not transfer); low AUC means the
     states do not separate them."""
-
-
-def _training_rows(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign,
-                   held_texts: Sequence[str]) -> list[tuple[str, SourceStates, list[int]]]:
-    """``(source name, block, rows)`` the design is fitted on without ``held``: every trainable
-    source of another origin, its prompts and, for augmenting designs, their punctuation and case
-    edits (the shifts are never trained on), less any prompt that is also a held-out prompt."""
-    out = []
-    origin = blocks[held].source.origin if held is not None else None
-    for name, b in blocks.items():
-        if (b.source.origin == origin or not b.source.evaluate or not b.source.train
-                or (design.train_on is not None and name not in design.train_on)):
-            continue
-        rows = [i for i, (_, e) in enumerate(b.rows) if e is None or (design.augment and e in SURFACE_EDITS)]
-        drop = overlapping(b.source.prompts, held_texts)
-        rows = [r for r in rows if not drop[b.rows[r][0]]]
-        if rows:
-            out.append((name, b, rows))
-    return out
-
-
-def _training(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign, layers: Sequence[int],
-              held_texts: Sequence[str]) -> tuple[Any, np.ndarray, np.ndarray]:
-    """The design's training rows without ``held`` (see :func:`_training_rows`): states
-    ``[n, F, d]`` (prompts for a control), labels and source names."""
-    xs, ys, gs = [], [], []
-    for name, b, rows in _training_rows(blocks, held, design, held_texts):
-        xs.append(_features(b, design, layers, rows))
-        ys += [b.source.label] * len(rows)
-        gs += [name] * len(rows)
-    if not xs or len(set(ys)) < 2:
-        raise ValueError(f"design {design.name!r} without {held!r} has no training prompts of both classes: "
-                         "add sources (or widen train_on)")
-    return _concat(xs), np.asarray(ys), np.asarray(gs)
-
-
-def _features(b: SourceStates, design: GuardDesign, layers: Sequence[int], rows: Sequence[int]) -> Any:
-    """What the design reads for ``rows`` of a block: their texts for a control, else states."""
-    if design.is_control:
-        if len(b.texts) != len(b.rows):
-            raise ValueError(f"source {b.source.name!r} carries no texts of its rows: a control needs them")
-        return [b.texts[i] for i in rows]
-    return b.select(design.reads, layers, rows)
-
-
-def _concat(parts: Sequence[Any]) -> Any:
-    return [t for p in parts for t in p] if isinstance(parts[0], list) else np.concatenate(parts)
-
-
-def _weights(y: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Every source the same total weight within its class; classes as they are."""
-    w = np.ones(len(y))
-    for name in np.unique(g):
-        m = g == name
-        w[m] = 1.0 / m.sum()
-    for label in (0, 1):
-        m = y == label
-        if m.any():
-            w[m] *= m.sum() / w[m].sum()
-    return w
-
-
-def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: str | None = None,
-               held_texts: Sequence[str] = ()) -> Any:
-    """A guard of ``design`` fitted on every trainable source but ``held`` (None: on all of
-    them), with its negatives mined from the training-only pools when the design asks for it,
-    and a scan read's maximum calibrated last when it asks for that."""
-    layers = design.layers if design.layers is not None else next(iter(blocks.values())).states
-    x, y, g = _training(blocks, held, design, layers, held_texts)
-    w = _weights(y, g) if design.balance_sources else None
-    guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
-    width = _scan(design)
-    if width is not None and design.scan_negatives:
-        wx, wg = _window_negatives(blocks, held, design, layers, held_texts, guard, width)
-        if len(wx):
-            x, y, g = np.concatenate([x, wx]), np.concatenate([y, np.zeros(len(wx), int)]), np.concatenate([g, wg])
-            w = _weights(y, g) if design.balance_sources else None
-            guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
-    origin = blocks[held].source.origin if held is not None else None
-    pools = [b for n, b in blocks.items() if not b.source.evaluate and b.source.label == 0
-             and b.source.origin != origin and (design.train_on is None or n in design.train_on)]
-    mined: list[tuple[str, SourceStates, list[int]]] = []
-    if design.mine_negatives and pools:
-        cand = _concat([_features(b, design, layers, b.original_rows()) for b in pools])
-        where = [(b, i) for b in pools for i in b.original_rows()]
-        names = np.asarray([b.source.name for b, _ in where])
-        texts = [b.source.prompts[b.rows[i][0]] for b, i in where]
-        keep = np.flatnonzero(~overlapping(texts, held_texts))
-        if width is not None:  # a pool prompt's score is its highest window's
-            scores = _scan_decisions(guard, [where[k] for k in keep], width)
-        else:
-            scores = guard.decision_function(_take(cand, keep))
-        top = keep[np.argsort(-scores, kind="stable")[:design.mine_negatives]]
-        x = _concat([x, _take(cand, top)])
-        y = np.concatenate([y, np.zeros(len(top), int)])
-        g = np.concatenate([g, names[top]])
-        w = _weights(y, g) if design.balance_sources else None
-        guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
-        mined = [(names[k], where[k][0], [where[k][1]]) for k in top]
-    if design.calibrate_max:
-        prompts = _training_rows(blocks, held, design, held_texts) + mined
-        folds = OutOfGroupReadouts.fit(guard.readout_, x, y.astype(bool), g, rank=design.rank, sample_weight=w)
-        best, labels, groups = [], [], []
-        for name, b, rows in prompts:
-            v, offset = folds.projection(name)
-            for i in rows:
-                proj = np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v)
-                best.append(max_window_scores([proj], width, offset)[0][0])
-                labels.append(b.source.label == 1)
-                groups.append(name)
-        guard.readout_ = folds.calibrate(np.asarray(best), np.asarray(labels), groups)
-        guard.calibrate_max = True
-    return guard
-
-
-def _estimator(design: GuardDesign, layers: Sequence[int]) -> Any:
-    """The design's unfitted estimator for precomputed states: a calibrated maximum is done by
-    :func:`fit_design` from the blocks' token states, which a fit on states does not see."""
-    est = design.estimator(layers)
-    if design.calibrate_max:
-        est.set_params(calibrate_max=False)
-    return est
-
-
-def _scan(design: GuardDesign) -> int | None:
-    return None if design.is_control else scan_width(design.reads[0])
-
-
-def _window_negatives(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign, layers: Sequence[int],
-                      held_texts: Sequence[str], guard: Any, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``design.scan_negatives`` highest-scoring windows (last one aside) of every harmless
-    training row, as :meth:`LatentGuard.fit` adds them for a ``scan:K`` read."""
-    origin = blocks[held].source.origin if held is not None else None
-    xs, gs = [], []
-    for name, b in blocks.items():
-        if (b.source.label != 0 or b.source.origin == origin or not b.source.evaluate or not b.source.train
-                or (design.train_on is not None and name not in design.train_on)):
-            continue
-        drop = overlapping(b.source.prompts, held_texts)
-        for i, (p, e) in enumerate(b.rows):
-            if drop[p] or not (e is None or (design.augment and e in SURFACE_EDITS)):
-                continue
-            means = window_means(b.token_states(i, layers), width)
-            for k in top_windows(guard.readout_.score(means), design.scan_negatives):
-                xs.append(means[k])
-                gs.append(name)
-    if not xs:
-        return np.zeros((0, len(layers), 0)), np.zeros(0, dtype=object)
-    return np.stack(xs), np.asarray(gs)
-
-
-def _scan_decisions(guard: Any, where: Sequence[tuple[SourceStates, int]], width: int) -> np.ndarray:
-    """``[n]`` each (block, row)'s highest window score minus the guard's threshold."""
-    v, offset = guard.readout_.projection()
-    proj = [np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v) for b, i in where]
-    return max_window_scores(proj, width, offset)[0] - guard.threshold_
-
-
-def _take(x: Any, idx: Sequence[int]) -> Any:
-    return [x[i] for i in idx] if isinstance(x, list) else x[np.asarray(idx, dtype=int)]
 
 
 @dataclass
@@ -406,10 +225,10 @@ def _score_held_out(blocks: dict[str, SourceStates], design: GuardDesign, held: 
     guard = fit_design(blocks, design, held=fit_on, held_texts=b.source.prompts)
     all_rows = range(len(b.rows))
     if design.is_control:
-        decision = guard.decision_function(_features(b, design, (), all_rows))
+        decision = guard.decision_function(design_features(b, design, (), all_rows))
         fit_C = guard.C_
-    elif _scan(design) is not None:
-        decision = _scan_decisions(guard, [(b, i) for i in all_rows], _scan(design))
+    elif design_scan_width(design) is not None:
+        decision = scan_decisions(guard, [(b, i) for i in all_rows], design_scan_width(design))
         fit_C = guard.readout_.C
     else:
         decision = guard.decision_function(b.select(design.reads, guard.states_, all_rows))
