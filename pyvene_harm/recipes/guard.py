@@ -566,6 +566,7 @@ def _register_subcommands() -> None:
     # their own modules (guard.py is long); imported here so `pyvene-harm guard --help` lists them
     from .guard_calibrate import calibrate
     from .guard_crossval import crossval
+    from .guard_decide import decide
     from .guard_generate import generate
     from .guard_recall import recall
     from .guard_refusal_fit import refusal_fit
@@ -576,6 +577,7 @@ def _register_subcommands() -> None:
     guard.add_command(calibrate)
     guard.add_command(generate)
     guard.add_command(crossval)
+    guard.add_command(decide)
     guard.add_command(reply_set)
     guard.add_command(reply_crossval)
     guard.add_command(reply_fit)

@@ -1,0 +1,90 @@
+"""The declared rule of docs/guard-choice.md worked out from a crossval run's results.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pyvene_harm.cli import main
+from pyvene_harm.guard.decision_rule import declared_choice, standing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _results(designs: dict[str, dict]) -> dict:
+    """A results.json with two sources, one shift source and the shifts the rule reads."""
+    rows, shifts = [], []
+    for name, d in designs.items():
+        rows += [{"design": name, "source": "harm", "accuracy": d["harm"], "shift_source": False},
+                 {"design": name, "source": "safe", "accuracy": d["safe"], "shift_source": False},
+                 {"design": name, "source": "langs", "accuracy": d["langs"], "shift_source": True}]
+        shifts += [{"design": name, "shift": k, "n": n, "accuracy": d[k]}
+                   for k, n in (("typos", 10), ("leet", 30), ("spacing", 10), ("homoglyph", 10), ("tail", 20))]
+    return {"rows": rows, "shifts": shifts}
+
+
+BASE = dict(harm=0.9, safe=0.7, langs=0.8, typos=0.8, leet=0.2, spacing=0.8, homoglyph=0.2, tail=0.5)
+
+
+def test_standing_pools_the_spelling_shifts_by_count():
+    s = standing(_results({"ref": BASE}), "ref")
+    assert (s.worst, s.worst_source) == (0.7, "safe") and s.mean == pytest.approx(0.8)
+    assert s.spelling == pytest.approx((0.8 * 10 + 0.2 * 30 + 0.8 * 10 + 0.2 * 10) / 60)
+    assert s.other_languages == 0.8 and s.tail == 0.5
+
+
+def test_each_veto_and_the_tie_break():
+    designs = {"ref": BASE,
+               "good": {**BASE, "safe": 0.69, "tail": 0.8},
+               "better-mean": {**BASE, "safe": 0.69, "harm": 0.95, "tail": 0.8},
+               "worst-falls": {**BASE, "safe": 0.60, "tail": 0.9},
+               "spelling-falls": {**BASE, "leet": 0.0, "tail": 0.9},
+               "langs-fall": {**BASE, "langs": 0.7, "tail": 0.9},
+               "tail-level": {**BASE, "harm": 1.0}}
+    winner, st = declared_choice(_results(designs), "ref", list(designs)[1:])
+    by = {s.design: s for s in st}
+    assert winner == "better-mean"  # ties on the worst source go to the higher mean
+    assert not by["good"].vetoes and by["worst-falls"].vetoes[0].startswith("worst source 60.0% (safe)")
+    assert by["spelling-falls"].vetoes[0].startswith("spelling shifts")
+    assert by["langs-fall"].vetoes[0].startswith("other languages")
+    assert by["tail-level"].vetoes[0].startswith("tail shift 50.0% not above 50.0%")
+    assert declared_choice(_results(designs), "ref", ["tail-level"], tail_must_rise=False)[0] == "tail-level"
+    with pytest.raises(ValueError, match="not in this run"):
+        standing(_results(designs), "nope")
+
+
+@pytest.mark.parametrize("run, candidates", [
+    ("guard-scan", ["linear-scan16-mined", "linear-scan8-mined", "linear-scan4-mined"]),
+    ("guard-scan-neg", ["scan16-neg8", "scan16-neg16", "scan32-neg16"]),
+])
+def test_published_decisions_follow_from_their_runs(run, candidates):
+    # docs/guard-choice.md: reference 68.7 on SORRY-Bench, tail 59.5; every candidate vetoed on AlpacaEval
+    results = json.loads((ROOT / "results" / "demo" / run / "results.json").read_text())
+    winner, st = declared_choice(results, "linear-last16-mined", candidates)
+    assert winner is None
+    assert (round(100 * st[0].worst, 1), st[0].worst_source, round(100 * st[0].tail, 1)) == (68.7, "sorry-bench", 59.5)
+    assert all(s.worst_source == "alpacaeval" and s.vetoes[0].startswith("worst source") for s in st[1:])
+
+
+def test_decide_writes_the_decision_beside_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("config.json", "results.json"):
+        shutil.copy(ROOT / "results" / "demo" / "guard-scan-neg" / f, run / f)
+    res = CliRunner().invoke(main, ["guard", "decide", str(run), "--reference", "linear-last16-mined",
+                                    "--candidate", "scan16-neg8", "--json"])
+    assert res.exit_code == 0, res.output
+    written = json.loads((run / "decision.json").read_text())
+    assert written["winner"] is None and written["standings"][1]["worst_source"] == "alpacaeval"
+    bad = CliRunner().invoke(main, ["guard", "decide", str(run), "--reference", "linear-last16-mined",
+                                    "--candidate", "nope"])
+    assert bad.exit_code == 2 and "not in this run" in bad.output
+    empty = CliRunner().invoke(main, ["guard", "decide", str(tmp_path), "--reference", "a", "--candidate", "b"])
+    assert empty.exit_code == 2 and "finished `guard crossval` run" in empty.output
+    (run / "config.json").write_text(json.dumps({"command": "beliefs"}))
+    other = CliRunner().invoke(main, ["guard", "decide", str(run), "--reference", "a", "--candidate", "b"])
+    assert other.exit_code == 2 and "not a guard crossval" in other.output
