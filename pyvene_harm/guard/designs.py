@@ -116,6 +116,7 @@ DESIGNS: dict[str, str] = {
     "linear-scan16-mined": "method=linear,reads=scan:16,layers=middle,augment=1,mine_negatives=150",
     "linear-scan8-mined": "method=linear,reads=scan:8,layers=middle,augment=1,mine_negatives=150",
     "linear-scan4-mined": "method=linear,reads=scan:4,layers=middle,augment=1,mine_negatives=150",
+    "linear-scan16-cal": "method=linear,reads=scan:16,layers=middle,augment=1,mine_negatives=150,calibrate_max=1",
     "linear-post1-aug": "method=linear,reads=post:1,layers=middle,augment=1",
     "linear-mean-tpost-aug": "method=linear,reads=mean_inst+t_post_inst,layers=middle,augment=1",
     "ngram": "method=ngram,augment=1",
@@ -131,7 +132,10 @@ and ``length`` are the text-only controls, fitted on the same rows as the ``-aug
 ``linear-last16-mined`` adds 150 hard negatives mined from the harmless pools (``--pool``) and
 refits; the ``linear-scanK-mined`` designs read the same way at every window of K tokens along
 the instruction and take the highest (:mod:`~pyvene_harm.windows`): text appended after a
-request cannot dilute them.
+request cannot dilute them; ``linear-scan16-cal`` also calibrates the maximum on the training
+sources' out-of-source maxima (:mod:`~pyvene_harm.guard.max_calibration`), which cuts false
+positives on unseen harmless sources at some cost in recall (``docs/guard-choice.md``, fifth
+decision).
 """
 
 
