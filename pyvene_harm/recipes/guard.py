@@ -177,14 +177,15 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
     g = LatentGuard(loaded.model, loaded.tokenizer, method=chosen.method, reads=chosen.reads, layers=layer_list,
                     C=chosen.C, rank=chosen.rank, augment=chosen.augment, batch_size=mopts.batch_size,
                     system_prompt=fmt.system_prompt, template=fmt.template_override, progress=True,
-                    normalize_spelling=normalize_spelling)
+                    normalize_spelling=normalize_spelling, scan_negatives=chosen.scan_negatives,
+                    calibrate_max=chosen.calibrate_max)
     # folds by source need two sources of each class; otherwise folds by prompt (variants kept together)
     by_source = len(hfs) >= 2 and len(hls) >= 2
     from ..guard.states_cache import StatesCache
 
     cache = StatesCache(states_cache)
     cats = (categories + [None] * (len(labels) - len(categories))) if categories else None
-    g.fit(prompts, labels, groups=groups if by_source else None, categories=cats, states_cache=cache)
+    _fit(g, prompts, labels, groups=groups if by_source else None, categories=cats, states_cache=cache)
     mined: dict[str, Any] = {}
     if n_mine:
         from ..guard.mining import mine_hard_negatives
@@ -193,8 +194,8 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
         prompts += [p for p, _ in picked]
         labels += [0] * len(picked)
         groups += [f"mined:{name}" for _, name in picked]
-        g.fit(prompts, labels, groups=groups if by_source else None,
-              categories=(cats + [None] * len(picked)) if cats else None, states_cache=cache)
+        _fit(g, prompts, labels, groups=groups if by_source else None,
+             categories=(cats + [None] * len(picked)) if cats else None, states_cache=cache)
         mined = {"mine_negatives": n_mine, "pools": list(pools), "pool_limit": pool_limit,
                  "mined": dict(Counter(name for _, name in picked))}
         click.echo(f"mined {len(picked)} hard negatives ({mined['mined']})", err=True)
@@ -560,6 +561,15 @@ def _prediction_rows(ps: PromptSet, label: int, units: dict) -> list[dict]:
             row["generative_verdict"] = units["generative"]["label"][i]
         rows.append(row)
     return rows
+
+
+def _fit(guard: Any, prompts: list, labels: list, **kwargs: Any) -> None:
+    """``guard.fit``, its refusals of the data (one class, a maximum that cannot be calibrated,
+    ...) shown as a command-line error rather than a traceback."""
+    try:
+        guard.fit(prompts, labels, **kwargs)
+    except ValueError as err:
+        raise click.ClickException(f"cannot fit the guard: {err}") from None
 
 
 def _register_subcommands() -> None:
