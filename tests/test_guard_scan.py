@@ -268,8 +268,10 @@ def test_the_calibration_reads_each_prompt_under_the_refit_without_its_group(tin
     x = plain._collect(model, ChatFormatter(tok), HARMFUL + HARMLESS, plain.states_, ["last:4"], "x").numpy()
     folds = OutOfGroupReadouts.fit(plain.readout_, x, np.r_[np.ones(8, bool), np.zeros(8, bool)], GROUPS,
                                    rank=None)
-    got = cal._held_out_maxima(model, ChatFormatter(tok), HARMFUL + HARMLESS, np.asarray(GROUPS), plain.states_,
-                               ["scan:4"], folds, 4)
+    from pyvene_harm.guard.scan_fit import held_out_maxima
+
+    got = held_out_maxima(model, ChatFormatter(tok), HARMFUL + HARMLESS, np.asarray(GROUPS), plain.states_,
+                          ["last:4"], folds, 4)
     for j, p in enumerate(HARMFUL + HARMLESS):
         one = LatentGuard(model, tok, method="linear", reads=("scan:4",), C=1.0, rank=None)
         one.__dict__.update({k: v for k, v in plain.__dict__.items() if k.endswith("_")})

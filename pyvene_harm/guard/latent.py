@@ -30,13 +30,14 @@ from ..conversation import as_conversation
 from ..directions import model_provenance
 from ..literal_text import control_token_pattern
 from ..positions import ChatFormatter
-from ..windows import max_window_scores, top_windows, window_means
+from ..windows import max_window_scores
 from . import artifact
 from .conversations import ConversationVerdict, conversation_parts, judge_groups
 from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
 from .max_calibration import OutOfGroupReadouts
 from .readout import DEFAULT_CS, DEFAULT_RANK, METHODS, LinearReadout, centroid_gap
 from .report import GuardReport, flag_decisions
+from .scan_fit import harmless_windows, held_out_maxima
 from .spelling import normalize_prompts
 from .thresholds import ThresholdMixin
 from .training import (
@@ -232,7 +233,8 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                                         rank=self.rank, groups=fit_g)
             width = scan_width(reads[0])
             if width is not None and prompts is not None and self.scan_negatives:
-                rows, of = self._window_negatives(model, fmt, prompts, positive, states, reads, readout, width)
+                rows, of = harmless_windows(model, fmt, prompts, positive, states, fixed_reads(reads), readout, width,
+                                            self.scan_negatives, batch_size=self.batch_size, progress=self.progress)
                 if len(rows):
                     fit_x = np.concatenate([fit_x, rows])
                     fit_y = np.concatenate([fit_y, np.zeros(len(rows), bool)])
@@ -243,7 +245,8 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                     readout.cv = {**(readout.cv or {}), "window_negatives": int(len(rows))}
             if self.calibrate_max:
                 folds = OutOfGroupReadouts.fit(readout, fit_x, fit_y, fit_g, rank=self.rank, sample_weight=fit_w)
-                best = self._held_out_maxima(model, fmt, prompts, fit_g[:len(prompts)], states, reads, folds, width)
+                best = held_out_maxima(model, fmt, prompts, fit_g[:len(prompts)], states, fixed_reads(reads), folds,
+                                       width, batch_size=self.batch_size, progress=self.progress)
                 readout = folds.calibrate(best, positive, fit_g[:len(prompts)])
         names = sorted(k for k in mean if k.startswith("category:"))
         artifact.set_fitted(self, states=states, reads=reads, classes=classes, n_train=counts, metadata=metadata,
@@ -281,41 +284,6 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             if self.method != "linear":
                 raise ValueError(f"read {reads[0]!r} scores every window with a linear read-out: use method='linear'")
         return reads
-
-    def _window_negatives(self, model: Any, fmt: ChatFormatter, prompts: Sequence[Any], positive: np.ndarray,
-                          states: Sequence[int], reads: Sequence[str], readout: LinearReadout,
-                          width: int) -> tuple[np.ndarray, np.ndarray]:
-        """States ``[m, S, d]`` of the ``scan_negatives`` highest-scoring windows of every
-        harmless prompt under ``readout`` (its last window aside), and the prompt each came from."""
-        harmless = np.flatnonzero(~np.asarray(positive))
-        rows, of = [], []
-        if not len(harmless):
-            return np.zeros((0, len(states), self.centroids_["harmless"].shape[-1])), np.zeros(0, int)
-        for idx, _, tokens in collect_token_states(model, fmt, [prompts[i] for i in harmless], states=states,
-                                                   positions=fixed_reads(reads), batch_size=self.batch_size,
-                                                   progress=self.progress and "harmless windows"):
-            for j, t in zip(idx, tokens):
-                means = window_means(t, width)  # [T, S, d]
-                for w in top_windows(readout.score(means), self.scan_negatives):
-                    rows.append(means[w])
-                    of.append(harmless[j])
-        if not rows:
-            return np.zeros((0, len(states), self.centroids_["harmless"].shape[-1])), np.zeros(0, int)
-        return np.stack(rows), np.asarray(of, dtype=int)
-
-    def _held_out_maxima(self, model: Any, fmt: ChatFormatter, prompts: Sequence[Any], groups: np.ndarray,
-                         states: Sequence[int], reads: Sequence[str], folds: OutOfGroupReadouts,
-                         width: int) -> np.ndarray:
-        """``[n]`` each prompt's highest window score under the refit that left its group out."""
-        best = np.empty(len(prompts))
-        for idx, _, tokens in collect_token_states(model, fmt, prompts, states=states, positions=fixed_reads(reads),
-                                                   batch_size=self.batch_size,
-                                                   progress=self.progress and "calibrating the maximum"):
-            for j, t in zip(idx, tokens):
-                v, offset = folds.projection(groups[j])
-                proj = np.einsum("tsd,sd->t", t.double().numpy(), v)
-                best[j] = max_window_scores([proj], width, offset)[0][0]
-        return best
 
     @property
     def scan_width_(self) -> int | None:
