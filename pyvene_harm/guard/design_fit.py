@@ -67,12 +67,12 @@ def _training_rows(blocks: dict[str, SourceStates], held: str | None, design: Gu
     return out
 
 
-def _training(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign, layers: Sequence[int],
-              held_texts: Sequence[str]) -> tuple[Any, np.ndarray, np.ndarray]:
-    """The design's training rows without ``held`` (see :func:`_training_rows`): states
-    ``[n, F, d]`` (prompts for a control), labels and source names."""
+def _training(picked: list[tuple[str, SourceStates, list[int]]], held: str | None, design: GuardDesign,
+              layers: Sequence[int]) -> tuple[Any, np.ndarray, np.ndarray]:
+    """What the design reads of the rows :func:`_training_rows` picked: states ``[n, F, d]``
+    (prompts for a control), labels and source names."""
     xs, ys, gs = [], [], []
-    for name, b, rows in _training_rows(blocks, held, design, held_texts):
+    for name, b, rows in picked:
         xs.append(design_features(b, design, layers, rows))
         ys += [b.source.label] * len(rows)
         gs += [name] * len(rows)
@@ -114,7 +114,8 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
     them), with its negatives mined from the training-only pools when the design asks for it,
     and a scan read's maximum calibrated last when it asks for that."""
     layers = design.layers if design.layers is not None else next(iter(blocks.values())).states
-    x, y, g = _training(blocks, held, design, layers, held_texts)
+    picked = _training_rows(blocks, held, design, held_texts)
+    x, y, g = _training(picked, held, design, layers)
     w = _weights(y, g) if design.balance_sources else None
     guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
     width = design_scan_width(design)
@@ -146,7 +147,7 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
         guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
         mined = [(names[k], where[k][0], [where[k][1]]) for k in top]
     if design.calibrate_max:
-        prompts = _training_rows(blocks, held, design, held_texts) + mined
+        prompts = picked + mined
         folds = OutOfGroupReadouts.fit(guard.readout_, x, y.astype(bool), g, rank=design.rank, sample_weight=w)
         best, labels, groups = [], [], []
         for name, b, rows in prompts:
