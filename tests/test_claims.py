@@ -119,3 +119,18 @@ def test_refusal_falls_without_post_instruction_tokens(model):
     run = next(r for r in _rows(RESULTS / MODELS[model] / "post-inst" / "table1.csv") if r["model"] == "this run")
     with_, without = float(run["with"]), float(run["without"])
     assert cell == f"{'reproduced' if without < with_ else 'not reproduced'}: {with_:g} -> {without:g}"
+
+
+def test_paper_guard_validation_accuracy_comes_from_its_run():
+    # the 0.5B card's figure for guard-paper, recorded by `guard eval` in results/demo/guard-paper-val
+    card = (ROOT / "artifacts" / "qwen2.5-coder-0.5b-instruct" / "README.md").read_text(encoding="utf-8")
+    run = RESULTS / "demo" / "guard-paper-val"
+    import json
+
+    pooled = json.loads((run / "results.json").read_text(encoding="utf-8"))["pooled"]
+    sets = {r["set"]: r for r in _rows(run / "eval.csv")}
+    right = {k: round(float(r["latent_guard_accuracy"]) * int(r["n"]) / 100) for k, r in sets.items()}
+    assert json.loads((run / "config.json").read_text(encoding="utf-8"))["options"]["guard"].endswith("guard-paper")
+    assert (f"{100 * pooled['accuracy']:.1f}% on the {pooled['n']} validation prompts ("
+            f"{right['harmful-val']} of {sets['harmful-val']['n']} harmful, "
+            f"{right['harmless-val']} of {sets['harmless-val']['n']} harmless:") in " ".join(card.split())
