@@ -120,7 +120,7 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
     guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
     width = design_scan_width(design)
     if width is not None and design.scan_negatives:
-        wx, wg = _window_negatives(blocks, held, design, layers, held_texts, guard, width)
+        wx, wg = _window_negatives(picked, design, layers, guard, width)
         if len(wx):
             x, y, g = np.concatenate([x, wx]), np.concatenate([y, np.zeros(len(wx), int)]), np.concatenate([g, wg])
             w = _weights(y, g) if design.balance_sources else None
@@ -149,15 +149,11 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
     if design.calibrate_max:
         prompts = picked + mined
         folds = OutOfGroupReadouts.fit(guard.readout_, x, y.astype(bool), g, rank=design.rank, sample_weight=w)
-        best, labels, groups = [], [], []
-        for name, b, rows in prompts:
-            v, offset = folds.projection(name)
-            for i in rows:
-                proj = np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v)
-                best.append(max_window_scores([proj], width, offset)[0][0])
-                labels.append(b.source.label == 1)
-                groups.append(name)
-        guard.readout_ = folds.calibrate(np.asarray(best), np.asarray(labels), groups)
+        best = np.concatenate([_highest_windows([(b, i) for i in rows], guard.states_, *folds.projection(name), width)
+                               for name, b, rows in prompts])
+        labels = np.concatenate([np.full(len(rows), b.source.label == 1) for _, b, rows in prompts])
+        groups = [name for name, _, rows in prompts for _ in rows]
+        guard.readout_ = folds.calibrate(best, labels, groups)
         guard.calibrate_max = True
     return guard
 
@@ -176,20 +172,16 @@ def design_scan_width(design: GuardDesign) -> int | None:
     return None if design.is_control else scan_width(design.reads[0])
 
 
-def _window_negatives(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign, layers: Sequence[int],
-                      held_texts: Sequence[str], guard: Any, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _window_negatives(picked: list[tuple[str, SourceStates, list[int]]], design: GuardDesign,
+                      layers: Sequence[int], guard: Any, width: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``design.scan_negatives`` highest-scoring windows (last one aside) of every harmless
-    training row, as :meth:`LatentGuard.fit` adds them for a ``scan:K`` read."""
-    origin = blocks[held].source.origin if held is not None else None
+    training row (of those :func:`_training_rows` picked), as :meth:`LatentGuard.fit` adds them
+    for a ``scan:K`` read."""
     xs, gs = [], []
-    for name, b in blocks.items():
-        if (b.source.label != 0 or b.source.origin == origin or not b.source.evaluate or not b.source.train
-                or (design.train_on is not None and name not in design.train_on)):
+    for name, b, rows in picked:
+        if b.source.label != 0:
             continue
-        drop = overlapping(b.source.prompts, held_texts)
-        for i, (p, e) in enumerate(b.rows):
-            if drop[p] or not (e is None or (design.augment and e in SURFACE_EDITS)):
-                continue
+        for i in rows:
             means = window_means(b.token_states(i, layers), width)
             for k in top_windows(guard.readout_.score(means), design.scan_negatives):
                 xs.append(means[k])
@@ -199,11 +191,17 @@ def _window_negatives(blocks: dict[str, SourceStates], held: str | None, design:
     return np.stack(xs), np.asarray(gs)
 
 
+def _highest_windows(where: Sequence[tuple[SourceStates, int]], states: Sequence[int], v: np.ndarray,
+                     offset: float, width: int) -> np.ndarray:
+    """``[n]`` each (block, row)'s highest window score under the read-out ``(v, offset)``."""
+    proj = [np.einsum("tsd,sd->t", b.token_states(i, states), v) for b, i in where]
+    return max_window_scores(proj, width, offset)[0]
+
+
 def scan_decisions(guard: Any, where: Sequence[tuple[SourceStates, int]], width: int) -> np.ndarray:
     """``[n]`` each (block, row)'s highest window score minus the guard's threshold."""
     v, offset = guard.readout_.projection()
-    proj = [np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v) for b, i in where]
-    return max_window_scores(proj, width, offset)[0] - guard.threshold_
+    return _highest_windows(where, guard.states_, v, offset, width) - guard.threshold_
 
 
 def _take(x: Any, idx: Sequence[int]) -> Any:
