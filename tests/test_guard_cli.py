@@ -94,6 +94,15 @@ def test_fit_a_scan_design_keeps_its_scan_options(files, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     g = LatentGuard.load(tmp_path / "g")
     assert g.reads_ == ("scan:4",) and g.scan_negatives == 1 and g.calibrate_max
+    # the design's grid of strengths reaches the guard too; a text-only control is not a guard
+    from pyvene_harm.guard.readout import WIDE_CS
+
+    wide = _run([str(tmp_path / "gw") if c == str(tmp_path / "g") else c for c in cmd[:-1]]
+                + ["w:method=linear,reads=mean_inst,layers=1,Cs=wide"])
+    assert wide.exit_code == 0, wide.output
+    assert LatentGuard.load(tmp_path / "gw").readout_.cv["Cs"] == list(WIDE_CS)
+    control = _run([*cmd[:-1], "ngram"])
+    assert control.exit_code == 2 and "text-only control" in control.output
     assert g.readout_.cv["max_calibration"]["groups"] == 4 and g.readout_.cv["max_calibration"]["slope"] > 0
 
     def refuse(*args, **kwargs):

@@ -85,15 +85,17 @@ class GuardDesign:
         if self.calibrate_max and (self.is_control or not self.reads[0].startswith("scan:")):
             raise ValueError(f"design {self.name!r}: calibrate_max calibrates a scan read's maximum: use reads=scan:K")
 
-    def estimator(self, layers: Sequence[int]) -> Any:
-        """An unfitted :class:`LatentGuard` for precomputed states of ``layers`` (a
-        :class:`~pyvene_harm.guard.controls.TextControl` for a control)."""
+    def estimator(self, layers: Sequence[int] | None) -> Any:
+        """An unfitted :class:`LatentGuard` for precomputed states of ``layers`` (None: every
+        state; a :class:`~pyvene_harm.guard.controls.TextControl` for a control). Everything the
+        design says of the guard is set here; a caller adds the model and how to run it."""
         from .latent import LatentGuard
         from .readout import WIDE_CS
 
         if self.is_control:
             return TextControl(self.method, C=self.C)
-        return LatentGuard(method=self.method, reads=self.reads, layers=list(layers), C=self.C, rank=self.rank,
+        return LatentGuard(method=self.method, reads=self.reads, layers=None if layers is None else list(layers),
+                           C=self.C, rank=self.rank,
                            Cs=WIDE_CS if self.Cs == "wide" else None, scan_negatives=self.scan_negatives,
                            calibrate_max=self.calibrate_max)
 

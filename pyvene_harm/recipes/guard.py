@@ -139,6 +139,9 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
         chosen = parse_design(design, n_states)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--design") from None
+    if chosen.is_control:
+        raise click.BadParameter(f"{chosen.method} is a text-only control that `guard crossval` compares guards "
+                                 "with, not a latent guard: choose a paper or linear design", param_hint="--design")
     layer_list = parse_layers(layers, n_states) if layers is not None else (
         list(chosen.layers) if chosen.layers is not None else None)
     hfs = [prompt_set("harmful", f, field=harmful_field, limit=limit, seed=seed) for f in harmful]
@@ -161,7 +164,6 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
     if out.exists() and any(out.iterdir()) and not (out / "guard.json").exists():
         raise click.UsageError(f"{out} exists and holds something other than a guard: choose another --out")
 
-    from ..guard import LatentGuard
 
     if balance_punctuation:
         if category_field:
@@ -174,11 +176,10 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
     labels = [1] * sum(len(ps.prompts) for ps in hfs) + [0] * sum(len(ps.prompts) for ps in hls)
     groups = [f"{ps.name}:{ps.path}" for ps in hfs + hls for _ in ps.prompts]  # read-out strength: by source
     loaded, fmt = load_for_recipe(mopts)
-    g = LatentGuard(loaded.model, loaded.tokenizer, method=chosen.method, reads=chosen.reads, layers=layer_list,
-                    C=chosen.C, rank=chosen.rank, augment=chosen.augment, batch_size=mopts.batch_size,
-                    system_prompt=fmt.system_prompt, template=fmt.template_override, progress=True,
-                    normalize_spelling=normalize_spelling, scan_negatives=chosen.scan_negatives,
-                    calibrate_max=chosen.calibrate_max)
+    g = chosen.estimator(layer_list).set_params(
+        model=loaded.model, tokenizer=loaded.tokenizer, augment=chosen.augment, batch_size=mopts.batch_size,
+        system_prompt=fmt.system_prompt, template=fmt.template_override, progress=True,
+        normalize_spelling=normalize_spelling)
     # folds by source need two sources of each class; otherwise folds by prompt (variants kept together)
     by_source = len(hfs) >= 2 and len(hls) >= 2
     from ..guard.states_cache import StatesCache
