@@ -171,6 +171,31 @@ def test_leave_one_source_out_scores_every_reply_out_of_fold():
         parse_reply_design("twelve")
 
 
+def test_kind_balanced_crossval_scores_as_the_shipped_fit_weighs():
+    """With balance='kind' each fold is fitted with the weights `guard reply-fit` uses, so the
+    out-of-fold scores equal reply-fit's own out-of-fold scores, and differ from unweighted folds."""
+    from pyvene_harm.guard import reply_fit as rf
+    from pyvene_harm.guard.reply_crossval import cross_validate_replies, parse_reply_design
+    from pyvene_harm.guard.reply import scored_ends
+
+    X, y = _synthetic(n=48)
+    sources = [f"s{(i // 2) % 4}" for i in range(48)]
+    kinds = ["ablated" if lab else ("refusal" if i % 8 == 0 else "harmless") for i, lab in enumerate(y)]
+    texts = ["x"] * 48
+    design = [parse_reply_design("0/4")]
+    states = {0: [x[:, 0] for x in X]}
+    bal = cross_validate_replies(sources, y, texts, states, design, min_tokens=3, n_boot=10, kinds=kinds,
+                                 balance="kind")["scores"]["s0/w4"]
+    plain = cross_validate_replies(sources, y, texts, states, design, min_tokens=3, n_boot=10)["scores"]["s0/w4"]
+    oof = rf.out_of_fold_token_scores(sources, y, X, states=(0,), width=4, min_tokens=3,
+                                      weights=rf.kind_weights(kinds, y))
+    expect = [float(s[scored_ends(len(s), 3)].max()) for s in oof]
+    np.testing.assert_allclose(bal, expect, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(bal, plain)
+    with pytest.raises(ValueError, match="one kind per reply"):
+        cross_validate_replies(sources, y, texts, states, design, balance="kind")
+
+
 def test_shipped_fit_takes_its_threshold_from_held_out_sources():
     from pyvene_harm.guard import reply_fit as rf
 

@@ -5,6 +5,10 @@ harmful replies and its refusals go out together: they answer the same prompts).
 class, its replies are then taken against every out-of-fold reply of the other class (AUROC,
 AUPRC, F1, FPR, recall at 1% FPR). The text controls (``ngram``, ``length``) read the reply's
 words only and are scored the same way.
+
+With ``kinds`` and ``balance="kind"`` each fold is fitted as ``guard reply-fit`` fits the guard it
+ships (harmful replies, refusals and replies to harmless prompts weigh as kinds, not by count), so
+the design chosen here is judged with the weighting it will be shipped with.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from .controls import TextControl
 from .metrics import against_other_class, pooled_metrics
 from .reply import ReplyGuard
+from .reply_fit import BALANCES, kind_weights
 
 __all__ = ["ReplyDesign", "cross_validate_replies", "parse_reply_design"]
 
@@ -53,17 +58,27 @@ def parse_reply_design(text: str) -> ReplyDesign:
 
 def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replies: Sequence[str],
                            states: dict[int, Sequence[np.ndarray]], designs: Sequence[ReplyDesign], *,
-                           min_tokens: int = 8, n_boot: int = 300,
+                           min_tokens: int = 8, n_boot: int = 300, kinds: Sequence[str] | None = None,
+                           balance: str = "none",
                            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Out-of-fold scores and figures per design.
 
     Args:
         states: state id -> per reply ``[T, d]`` states (the union of what the designs read).
+        kinds: per reply, its kind (:data:`pyvene_harm.guard.reply_set.KINDS`); needed for
+            ``balance="kind"``. The text controls are fitted unweighted either way.
     Returns:
         ``{"rows": [...], "pooled": {design: metrics}, "delay": {design: {...}}, "scores": {design: [...]}}``.
     """
     src = np.asarray(sources, dtype=object)
     y = np.asarray(labels).astype(int)
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+    weights = None
+    if balance == "kind":
+        if kinds is None or len(kinds) != len(y):
+            raise ValueError("balance='kind' needs one kind per reply")
+        weights = kind_weights(kinds, y)
     names = sorted(set(src.tolist()))
     out_rows, pooled, delays, all_scores = [], {}, {}, {}
     for design in designs:
@@ -81,7 +96,8 @@ def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replie
                 continue
             x = [np.stack([states[s][i] for s in design.states], axis=1) for i in range(len(y))]
             g = ReplyGuard(states=design.states, width=design.width, min_tokens=min_tokens)
-            g.fit([x[i] for i in train], y[train], groups=src[train].tolist())
+            g.fit([x[i] for i in train], y[train], groups=src[train].tolist(),
+                  sample_weight=None if weights is None else weights[train])
             score[test] = g.decision_function([x[i] for i in test])
             for i, f in zip(test, g.first_flagged([x[i] for i in test])):
                 first[i] = f

@@ -26,10 +26,13 @@ DEFAULT_DESIGNS = ("8/16", "12/16", "16/16", "12/8", "12/32", "8+12+16/16", "ngr
                    "repeatable.")
 @click.option("--min-tokens", type=click.IntRange(min=1), default=8, show_default=True,
               help="Windows ending before this reply token do not count towards the verdict.")
+@click.option("--balance", type=click.Choice(["kind", "none"]), default="kind", show_default=True,
+              help="kind: each fold weighs harmful replies, refusals and replies to harmless prompts as kinds, "
+                   "not by count, as `guard reply-fit` fits the guard it ships.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, crossval.csv).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-def reply_crossval(mopts, replies_dir, designs, min_tokens, out, as_json):
+def reply_crossval(mopts, replies_dir, designs, min_tokens, balance, out, as_json):
     """Leave-one-source-out figures of reply-guard designs and the text controls.
 
     \b
@@ -48,7 +51,7 @@ def reply_crossval(mopts, replies_dir, designs, min_tokens, out, as_json):
     rows = [r for r in rows if r.reply.strip()]  # an empty reply has no tokens to read
     needed = sorted({s for d in parsed for s in d.states})
     run = RunDir(out, "guard-reply-crossval", {**mopts.as_dict(), "replies": replies_dir, "designs": list(designs),
-                                               "min_tokens": min_tokens})
+                                               "min_tokens": min_tokens, "balance": balance})
     states: dict[int, list] = {}
     if needed:
         loaded, fmt = LazyModel(mopts)()
@@ -57,7 +60,8 @@ def reply_crossval(mopts, replies_dir, designs, min_tokens, out, as_json):
                                  progress=f"reading {len(rows)} replies")
         states = {s: [g[:, j] for g in got] for j, s in enumerate(needed)}
     res = cross_validate_replies([r.source for r in rows], [r.label for r in rows], [r.reply for r in rows],
-                                 states, parsed, min_tokens=min_tokens,
+                                 states, parsed, min_tokens=min_tokens, kinds=[r.kind for r in rows],
+                                 balance=balance,
                                  progress=lambda m: click.echo(m, err=True))
     run.write_csv("crossval", res["rows"])
     worst = {}
