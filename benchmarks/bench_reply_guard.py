@@ -6,13 +6,15 @@ the layers it reads, :class:`pyvene_harm.serve.reply_watch.ReplyWatch`): per tok
 (``generate_reply`` for one reply, ``generate_reply_batch`` for a batch), greedy, on the same
 prompts, timed in turns. The reply guard's read-out is fitted on random states (its cost does not
 depend on its values) with an infinite threshold, so it never stops a reply and both sides write
-the same tokens.
+the same tokens; ``--reply-guard DIR`` times a saved guard's own read-out (states, window) instead,
+its threshold likewise set to infinity.
 
 Checks (a wrong run exits 1): the guarded replies equal the plain ones, and the guard judged every
 reply token but the last.
 
     python benchmarks/bench_reply_guard.py            # CPU: demo model, 1 reply and a batch of 8, 64 tokens
     python benchmarks/bench_reply_guard.py --quick
+    python benchmarks/bench_reply_guard.py --reply-guard artifacts/qwen2.5-coder-0.5b-instruct/reply-guard
     python benchmarks/bench_reply_guard.py --device cuda --model llama3-8b
 """
 
@@ -52,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     C.add_common_args(parser, name=NAME)
     parser.add_argument("--batch-size", type=int, default=None, help="replies per batched call (default 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="most tokens per reply (default 64)")
+    parser.add_argument("--reply-guard", type=Path, default=None,
+                        help="a `guard reply-fit` folder whose read-out is timed (default: a random one at state 2L/3-4)")
     args = parser.parse_args(argv)
     s = C.resolve_settings(args)
     batch_size = args.batch_size or (2 if s.quick else 8)
@@ -59,8 +63,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     bm = C.load_bench_model(s.model, device=s.device, dtype=s.dtype)
     fmt = ChatFormatter(bm.tokenizer)
-    states = (max(1, (2 * bm.n_layers) // 3 - 4),)  # the demo model's 12 of 24, the shipped design's state
-    guard = random_reply_guard(bm.model.config.hidden_size, states)
+    if args.reply_guard is not None:
+        guard = ReplyGuard.load(args.reply_guard)
+        guard.threshold_ = float("inf")  # never stops a reply: both sides write the same tokens
+        states, width = tuple(guard.states_), int(guard.width)
+    else:
+        states = (max(1, (2 * bm.n_layers) // 3 - 4),)  # the demo model's 12 of 24
+        guard, width = random_reply_guard(bm.model.config.hidden_size, states), 32
     _, harmless = C.bench_prompts(batch_size, max_chars=200)
     one = harmless[0]
     requests = [ReplyRequest(p, new_tokens) for p in harmless]
@@ -85,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     names = list(calls)
     slow_1 = timings[names[1]].median / timings[names[0]].median - 1
     slow_b = timings[names[3]].median / timings[names[2]].median - 1
-    C.print_table(f"reply guard while decoding: {bm.name} ({s.device}), up to {new_tokens} tokens, state {states}",
+    C.print_table(f"reply guard while decoding: {bm.name} ({s.device}), up to {new_tokens} tokens, states {states}, "
+                  f"window {width}",
                   ["decoding", "tokens", "median s", "tokens/s", "slower by"],
                   [[names[0], tokens["single"], timings[names[0]].median, tokens["single"] / timings[names[0]].median,
                     "-"],
@@ -106,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     C.print_targets(targets)
     payload = C.write_results(args.out, benchmark=NAME, settings=s, model=bm.describe(), results=results,
                               targets=targets, extra={"workload": {"batch_size": batch_size, "new_tokens": new_tokens,
-                                                                   "states": list(states), "width": 32}})
+                                                                   "states": list(states), "width": width,
+                                                                   "reply_guard": str(args.reply_guard or "random")}})
     print(f"wrote {args.out}")
     if not (same and judged):
         raise SystemExit("the guarded decoding is wrong (see the checks above): its timing means nothing")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("extraction", "guard", "steering", "memory", "preparation", "serve")
+SCRIPTS = ("extraction", "guard", "steering", "memory", "preparation", "serve", "reply_guard")
 
 
 def markdown(rows: Sequence[Sequence], device: torch.device) -> str:

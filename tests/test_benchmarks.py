@@ -109,6 +109,26 @@ def test_serve_quick(tmp_path):
     assert _target(r, "scores equal")["met"] is True
 
 
+def test_reply_guard_quick(tmp_path):
+    r = _run_quick("reply_guard", tmp_path)
+    assert r["results"]["checks"] == {"same_replies": True, "every_token_but_last_judged": True}
+    assert set(r["results"]["slowdown"]) == {"single", "batch"}
+    assert _target(r, "guarded replies equal plain ones")["met"] is True
+    assert r["workload"]["reply_guard"] == "random"
+
+
+def test_reply_guard_bench_times_a_saved_guards_own_read(tmp_path):
+    """--reply-guard DIR: the saved guard's states and window are what is timed."""
+    bench = _load("reply_guard")
+    guard = bench.random_reply_guard(64, (2, 3))  # the tiny bench model's hidden size
+    guard.threshold_ = 0.0
+    guard.save(tmp_path / "rg")
+    out = tmp_path / "r.json"
+    r = bench.main(["--quick", "--device", "cpu", "--out", str(out), "--reply-guard", str(tmp_path / "rg")])
+    assert r["workload"]["states"] == [2, 3] and r["workload"]["reply_guard"] == str(tmp_path / "rg")
+    assert r["results"]["checks"]["same_replies"] is True  # its threshold was lifted: nothing stopped
+
+
 def test_common_timing_and_memory_helpers():
     sys.path.insert(0, str(BENCH))
     import _common as C
