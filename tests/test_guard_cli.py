@@ -89,11 +89,13 @@ def test_fit_a_scan_design_keeps_its_scan_options(files, tmp_path, monkeypatch):
     cmd = ["guard", "fit", "--model", str(files / "model"), "--harmful", str(tmp_path / "bombs.txt"),
            "--harmful", str(tmp_path / "more.txt"), "--harmless", str(tmp_path / "bread.txt"),
            "--harmless", str(tmp_path / "calm.txt"), "--batch-size", "4", "-o", str(tmp_path / "g"),
-           "--design", "cal:method=linear,reads=scan:4,layers=1+2,C=1,rank=none,scan_negatives=1,calibrate_max=1"]
+           "--design", "cal:method=linear,reads=scan:4,layers=1+2,C=1,rank=none,scan_negatives=1,calibrate_max=1,"
+           "max_threshold=worst_source"]
     r = _run([*cmd, "--json"])
     assert r.exit_code == 0, r.output
     g = LatentGuard.load(tmp_path / "g")
-    assert g.reads_ == ("scan:4",) and g.scan_negatives == 1 and g.calibrate_max
+    assert g.reads_ == ("scan:4",) and g.scan_negatives == 1 and g.calibrate_max and g.max_threshold == "worst_source"
+    assert g.readout_.cv["max_calibration"]["threshold"] == "worst_source"
     # the design's grid of strengths reaches the guard too; a text-only control is not a guard
     from pyvene_harm.guard.readout import WIDE_CS
 

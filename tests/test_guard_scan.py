@@ -230,6 +230,52 @@ def test_out_of_group_refits_leave_their_fold_out():
         folds.calibrate(-s, y, g)
 
 
+def test_worst_source_cut_maximises_the_worst_unit_against_brute_force():
+    from pyvene_harm.guard.max_calibration import worst_source_threshold
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(30, bool), np.zeros(30, bool)]
+    g = np.asarray(["h1"] * 20 + ["h2"] * 10 + ["s1"] * 25 + ["s2"] * 5)
+    s = rng.normal(size=60) + 1.5 * y
+    s[20:30] -= 1.0  # a hard harmful source: the best cut sits below Platt's
+    t, worst = worst_source_threshold(s, y, g)
+    assert not np.isclose(s, t).any()  # no training score sits on the cut
+
+    def accs(cut):
+        f = s > cut
+        return [np.mean(f[(g == n) & (y == c)] == c) for n, c in (("h1", 1), ("h2", 1), ("s1", 0), ("s2", 0))]
+
+    grid = np.linspace(s.min() - 1, s.max() + 1, 4001)
+    best = max(min(accs(c)) for c in grid)
+    assert worst == pytest.approx(best) and min(accs(t)) == pytest.approx(best)
+    # ties go to the cut nearest 0: perfectly separated scores leave every cut in the gap tied
+    t2, w2 = worst_source_threshold(np.r_[np.linspace(2, 3, 5), np.linspace(-3, -1, 5)],
+                                    np.r_[np.ones(5, bool), np.zeros(5, bool)], ["h"] * 5 + ["s"] * 5)
+    assert w2 == 1.0 and -1 < t2 < 2
+
+
+def test_worst_source_threshold_moves_only_the_intercept():
+    from pyvene_harm.guard.max_calibration import OutOfGroupReadouts, worst_source_threshold
+    from pyvene_harm.guard.readout import LinearReadout
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 2, 3))
+    y = np.r_[np.ones(12, bool), np.zeros(12, bool)]
+    x[y] += 1.0
+    g = np.asarray(["h1", "h2", "h3"] * 4 + ["s1", "s2", "s3"] * 4)
+    folds = OutOfGroupReadouts.fit(LinearReadout.fit(x, y, C=0.5, rank=None), x, y, g, rank=None, n_folds=3)
+    s = rng.normal(size=24) + 2 * y
+    platt_cal = folds.calibrate(s, y, g)
+    worst = folds.calibrate(s, y, g, threshold="worst_source")
+    info = worst.cv["max_calibration"]
+    cut, acc = worst_source_threshold(info["slope"] * s + info["intercept"], y, g)
+    assert info["threshold"] == "worst_source" and info["shift"] == pytest.approx(cut)
+    assert info["worst_source_accuracy"] == pytest.approx(acc)
+    np.testing.assert_allclose(worst.score(x), platt_cal.score(x) - cut, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="threshold must be one of"):
+        folds.calibrate(s, y, g, threshold="median")
+
+
 def test_platt_weights_every_group_and_class_alike():
     from sklearn.linear_model import LogisticRegression
 
@@ -284,7 +330,7 @@ def test_calibrated_guard_saves_and_loads(tmp_path, tiny, calibrated):
     _, cal = calibrated
     cal.save(tmp_path / "g")
     back = LatentGuard.load(tmp_path / "g", model, tok)
-    assert back.calibrate_max is True
+    assert back.calibrate_max is True and back.max_threshold == "platt"
     np.testing.assert_allclose(back.decision_function(HARMFUL), cal.decision_function(HARMFUL), rtol=1e-5, atol=1e-5)
 
 
@@ -298,6 +344,16 @@ def test_calibrate_max_errors(tiny):
     with pytest.raises(ValueError, match="calibrates a scan read"):
         parse_design("c:method=linear,reads=last:4,calibrate_max=1")
     assert parse_design("c:method=linear,reads=scan:4,calibrate_max=1").calibrate_max
+    with pytest.raises(ValueError, match="add calibrate_max=1"):
+        parse_design("c:method=linear,reads=scan:4,max_threshold=worst_source")
+    with pytest.raises(ValueError, match="platt or worst_source"):
+        parse_design("c:method=linear,reads=scan:4,calibrate_max=1,max_threshold=lowest")
+    with pytest.raises(ValueError, match="max_threshold must be one of"):
+        LatentGuard(method="linear", reads=("scan:4",), max_threshold="lowest").fit(np.zeros((4, 1, 3)), [1, 1, 0, 0])
+    assert parse_design("linear-scan16-cal-worst", n_states=25).max_threshold == "worst_source"
+    # a run's config records max_threshold only where it is not the default (published configs stay resumable)
+    assert "max_threshold" not in parse_design("linear-scan16-cal", n_states=25).as_dict()
+    assert parse_design("linear-scan16-cal-worst", n_states=25).as_dict()["max_threshold"] == "worst_source"
 
 
 def test_crossval_calibrates_the_maximum_on_held_out_groups(tiny):
@@ -315,6 +371,12 @@ def test_crossval_calibrates_the_maximum_on_held_out_groups(tiny):
     guard = fit_design(blocks, design, held="bombs", held_texts=HARMFUL[:3])
     info = guard.readout_.cv["max_calibration"]
     assert guard.calibrate_max and info["n"] == 13 and info["groups"] == 5 and info["slope"] > 0
+    worst = fit_design(blocks, parse_design("w:method=linear,reads=scan:4,layers=1+2,C=1,rank=none,calibrate_max=1,"
+                                            "max_threshold=worst_source"), held="bombs", held_texts=HARMFUL[:3])
+    w_info = worst.readout_.cv["max_calibration"]
+    assert w_info["threshold"] == "worst_source" and w_info["slope"] == pytest.approx(info["slope"])
+    np.testing.assert_allclose(worst.readout_.intercept, guard.readout_.intercept - w_info["shift"], rtol=1e-9,
+                               atol=1e-9)
     held = _score_held_out(blocks, design, "bombs")
     live = LatentGuard(model, tok, method="linear", reads=("scan:4",), layers=[1, 2], C=1.0, rank=None)
     live.__dict__.update({k: v for k, v in guard.__dict__.items() if k.endswith("_")})

@@ -174,7 +174,8 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
                    "system_prompt": fmt.system_prompt if fmt is not None else guard.system_prompt,
                    "template": fmt.template_override if fmt is not None else guard.template,
                    "n_states": guard.n_states, "normalize_spelling": bool(guard.normalize_spelling),
-                   "scan_negatives": int(guard.scan_negatives), "calibrate_max": bool(guard.calibrate_max)},
+                   "scan_negatives": int(guard.scan_negatives), "calibrate_max": bool(guard.calibrate_max),
+                   "max_threshold": str(guard.max_threshold)},
         "versions": library_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -232,7 +233,8 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
                 template=params.get("template"),
                 n_states=params.get("n_states"), normalize_spelling=spelling,
                 scan_negatives=int(params.get("scan_negatives", 2)),
-                calibrate_max=bool(params.get("calibrate_max", False)))
+                calibrate_max=bool(params.get("calibrate_max", False)),
+                max_threshold=str(params.get("max_threshold", "platt")))
     guard.centroids_ = {k: tensors[f"centroid.{k}"].to(torch.float32).numpy() for k in ("harmful", "harmless")}
     states = meta["states"]
     if guard.centroids_["harmful"].shape[0] != len(states) * len(reads):

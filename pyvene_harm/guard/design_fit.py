@@ -153,7 +153,7 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
                                for name, b, rows in prompts])
         labels = np.concatenate([np.full(len(rows), b.source.label == 1) for _, b, rows in prompts])
         groups = [name for name, _, rows in prompts for _ in rows]
-        guard.readout_ = folds.calibrate(best, labels, groups)
+        guard.readout_ = folds.calibrate(best, labels, groups, threshold=design.max_threshold)
         guard.calibrate_max = True
     return guard
 

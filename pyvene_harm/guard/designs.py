@@ -45,6 +45,8 @@ class GuardDesign:
         calibrate_max: for a ``scan:K`` read, map the read-out by a Platt fit of training prompts'
             highest windows under refits that left their source out
             (:mod:`~pyvene_harm.guard.max_calibration`).
+        max_threshold: with ``calibrate_max``, where the calibrated maximum is cut (``platt`` or
+            ``worst_source``).
     """
 
     name: str
@@ -60,6 +62,7 @@ class GuardDesign:
     Cs: str = "default"
     scan_negatives: int = 2
     calibrate_max: bool = False
+    max_threshold: str = "platt"
 
     @property
     def is_control(self) -> bool:
@@ -84,6 +87,11 @@ class GuardDesign:
                 raise ValueError(f"design {self.name!r}: a scan read stands alone with method=linear")
         if self.calibrate_max and (self.is_control or not self.reads[0].startswith("scan:")):
             raise ValueError(f"design {self.name!r}: calibrate_max calibrates a scan read's maximum: use reads=scan:K")
+        if self.max_threshold not in ("platt", "worst_source"):
+            raise ValueError(f"design {self.name!r}: max_threshold must be platt or worst_source, got "
+                             f"{self.max_threshold!r}")
+        if self.max_threshold != "platt" and not self.calibrate_max:
+            raise ValueError(f"design {self.name!r}: max_threshold cuts a calibrated maximum: add calibrate_max=1")
 
     def estimator(self, layers: Sequence[int] | None) -> Any:
         """An unfitted :class:`LatentGuard` for precomputed states of ``layers`` (None: every
@@ -97,10 +105,15 @@ class GuardDesign:
         return LatentGuard(method=self.method, reads=self.reads, layers=None if layers is None else list(layers),
                            C=self.C, rank=self.rank,
                            Cs=WIDE_CS if self.Cs == "wide" else None, scan_negatives=self.scan_negatives,
-                           calibrate_max=self.calibrate_max)
+                           calibrate_max=self.calibrate_max, max_threshold=self.max_threshold)
 
     def as_dict(self) -> dict[str, Any]:
+        """The design as a run's ``config.json`` records it. ``max_threshold`` came after runs
+        were published with calibrated designs; it is written only where it is not ``platt``, so
+        those runs' configs still describe what they ran and can be resumed."""
         d = asdict(self)
+        if d["max_threshold"] == "platt":
+            del d["max_threshold"]
         d["reads"] = list(self.reads)
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["train_on"] = list(self.train_on) if self.train_on is not None else None
@@ -119,6 +132,8 @@ DESIGNS: dict[str, str] = {
     "linear-scan8-mined": "method=linear,reads=scan:8,layers=middle,augment=1,mine_negatives=150",
     "linear-scan4-mined": "method=linear,reads=scan:4,layers=middle,augment=1,mine_negatives=150",
     "linear-scan16-cal": "method=linear,reads=scan:16,layers=middle,augment=1,mine_negatives=150,calibrate_max=1",
+    "linear-scan16-cal-worst": ("method=linear,reads=scan:16,layers=middle,augment=1,mine_negatives=150,calibrate_max=1,"
+                                "max_threshold=worst_source"),
     "linear-post1-aug": "method=linear,reads=post:1,layers=middle,augment=1",
     "linear-mean-tpost-aug": "method=linear,reads=mean_inst+t_post_inst,layers=middle,augment=1",
     "ngram": "method=ngram,augment=1",
@@ -158,7 +173,7 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
     """A design from a preset name (:data:`DESIGNS`), or ``name:key=value,key=value`` (keys:
     method, reads (``+`` between reads), layers (``8-16``, ``8+12+16``, ``middle`` or ``all``),
     augment, C, Cs (``default`` or ``wide``), rank, train_on (``+`` between source names),
-    mine_negatives, balance_sources, scan_negatives, calibrate_max).
+    mine_negatives, balance_sources, scan_negatives, calibrate_max, max_threshold).
 
     Example:
         >>> parse_design("mine:method=linear,reads=mean_inst+t_post_inst,layers=8-16,augment=1").reads
@@ -190,7 +205,7 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
             kwargs[key] = value.lower() in ("1", "true", "yes", "on")
         elif key == "C":
             kwargs[key] = None if value.lower() in ("auto", "cv", "none") else float(value)
-        elif key == "Cs":
+        elif key in ("Cs", "max_threshold"):
             kwargs[key] = value
         elif key in ("mine_negatives", "rank", "scan_negatives"):
             kwargs[key] = None if value.lower() in ("all", "none") else int(value)

@@ -34,7 +34,7 @@ from ..windows import max_window_scores
 from . import artifact
 from .conversations import ConversationVerdict, conversation_parts, judge_groups
 from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
-from .max_calibration import OutOfGroupReadouts
+from .max_calibration import MAX_THRESHOLDS, OutOfGroupReadouts
 from .readout import DEFAULT_CS, DEFAULT_RANK, METHODS, LinearReadout, centroid_gap
 from .report import GuardReport, flag_decisions
 from .scan_fit import harmless_windows, held_out_maxima
@@ -109,6 +109,9 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             (:mod:`~pyvene_harm.guard.max_calibration`), so that the threshold is set for the
             maximum over a prompt of an unseen source, not for the training windows. Needs prompts
             (their token states); by ``groups`` when :meth:`fit` gets them.
+        max_threshold: with ``calibrate_max``, where the calibrated maximum is cut: ``"platt"``
+            (probability 1/2) or ``"worst_source"`` (where the worst training group does best on
+            the out-of-group maxima).
         normalize_spelling: read every prompt (and every message of a conversation) with its
             spelling made plain first: invisible characters dropped, look-alike letters,
             full-width letters and leetspeak written as letters
@@ -134,7 +137,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                  batch_size: int = 16, formatter: ChatFormatter | None = None,
                  system_prompt: str | None = None, template: str | None = None, progress: bool | None = None,
                  n_states: int | None = None, normalize_spelling: bool = False, scan_negatives: int = 2,
-                 calibrate_max: bool = False) -> None:
+                 calibrate_max: bool = False, max_threshold: str = "platt") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.method = method
@@ -154,6 +157,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         self.normalize_spelling = normalize_spelling
         self.scan_negatives = scan_negatives
         self.calibrate_max = calibrate_max
+        self.max_threshold = max_threshold
 
     # --- fitting -----------------------------------------------------------------------
 
@@ -247,7 +251,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                 folds = OutOfGroupReadouts.fit(readout, fit_x, fit_y, fit_g, rank=self.rank, sample_weight=fit_w)
                 best = held_out_maxima(model, fmt, prompts, fit_g[:len(prompts)], states, fixed_reads(reads), folds,
                                        width, batch_size=self.batch_size, progress=self.progress)
-                readout = folds.calibrate(best, positive, fit_g[:len(prompts)])
+                readout = folds.calibrate(best, positive, fit_g[:len(prompts)], threshold=self.max_threshold)
         names = sorted(k for k in mean if k.startswith("category:"))
         artifact.set_fitted(self, states=states, reads=reads, classes=classes, n_train=counts, metadata=metadata,
                             fitted_on=fitted_on, categories=[k[len("category:"):] for k in names],
@@ -275,6 +279,8 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         reads = check_reads(self.reads)
         if not isinstance(self.calibrate_max, bool):
             raise ValueError(f"calibrate_max must be True or False, got {self.calibrate_max!r}")
+        if self.max_threshold not in MAX_THRESHOLDS:
+            raise ValueError(f"max_threshold must be one of {MAX_THRESHOLDS}, got {self.max_threshold!r}")
         if self.calibrate_max and scan_width(reads[0]) is None:
             raise ValueError(f"calibrate_max calibrates the maximum over windows: it needs a scan:K read, not {reads}")
         if any(scan_width(r) is not None for r in reads):

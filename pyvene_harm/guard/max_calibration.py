@@ -14,6 +14,12 @@ regression (Platt scaling) on those out-of-group maxima gives a slope ``a > 0`` 
 ``b``. The guard's read-out becomes ``a * score + b``: one increasing map applied to every window,
 so the verdict is still the maximum over windows and appending text still cannot lower it.
 
+Where the verdict is cut is a second choice (``threshold``): ``"platt"`` cuts at probability 1/2 of
+that balanced fit; ``"worst_source"`` moves the cut along the same calibrated score to where the
+worst training source does best on those out-of-group maxima (each source's share of prompts on
+the right side of the cut, harmful sources and harmless ones alike), since a guard is judged by
+the source it handles worst. Either way only the intercept moves: the map stays increasing.
+
 The refits reuse the final fit's rows, harmless windows and mined negatives included; those were
 chosen by a read-out that had seen the left-out groups, a small leak the calibration accepts
 rather than re-running the whole fit per fold.
@@ -29,10 +35,14 @@ import numpy as np
 
 from .readout import LinearReadout
 
-__all__ = ["CALIBRATION_FOLDS", "OutOfGroupReadouts", "balanced_weights", "platt"]
+__all__ = ["CALIBRATION_FOLDS", "MAX_THRESHOLDS", "OutOfGroupReadouts", "balanced_weights", "platt",
+           "worst_source_threshold"]
 
 CALIBRATION_FOLDS = 10
 """Folds of training groups the read-out is refitted without (fewer when there are fewer groups)."""
+
+MAX_THRESHOLDS = ("platt", "worst_source")
+"""Where a calibrated maximum is cut (module docstring)."""
 
 
 def balanced_weights(positive: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -67,6 +77,26 @@ def platt(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | None =
         raise ValueError(f"the out-of-group maxima do not rank harmful prompts above harmless ones (slope {a:.3g}): "
                          "the maximum cannot be calibrated; use more training sources or a last:K read")
     return a, b
+
+
+def worst_source_threshold(scores: np.ndarray, positive: np.ndarray, groups: Sequence[Any]) -> tuple[float, float]:
+    """``(t, accuracy)``: the cut (flag ``score > t``) with the highest lowest accuracy over the
+    (group, class) units, ties to the higher mean accuracy over units and then to the cut nearest
+    0; ``t`` lies halfway between two neighbouring scores, so no training score sits on it."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    g = np.asarray(groups).astype(str)
+    if not np.isfinite(s).all():
+        raise ValueError("held-out maxima hold NaN or inf: the read-out's states are not finite")
+    u = np.unique(s)
+    cuts = np.r_[u[0] - 1.0, (u[:-1] + u[1:]) / 2, u[-1] + 1.0]
+    flagged = s[None, :] > cuts[:, None]  # [cuts, n]
+    correct = flagged == y[None, :]
+    units = sorted({(name, bool(c)) for name, c in zip(g.tolist(), y.tolist())})
+    acc = np.stack([correct[:, (g == name) & (y == c)].mean(axis=1) for name, c in units], axis=1)
+    worst, mean = acc.min(axis=1), acc.mean(axis=1)
+    order = np.lexsort((np.abs(cuts), -mean, -worst))
+    return float(cuts[order[0]]), float(worst[order[0]])
 
 
 @dataclass
@@ -120,13 +150,21 @@ class OutOfGroupReadouts:
             raise KeyError(f"group {name!r} held no training rows: it has no refit that left it out")
         return self.refits[self.fold_of_group[name]].projection()
 
-    def calibrate(self, max_scores: np.ndarray, positive: np.ndarray, groups: Sequence[Any]) -> LinearReadout:
+    def calibrate(self, max_scores: np.ndarray, positive: np.ndarray, groups: Sequence[Any], *,
+                  threshold: str = "platt") -> LinearReadout:
         """The full read-out mapped by the Platt fit of out-of-group maxima (every group and both
-        classes weighted equally); ``cv["max_calibration"]`` records the fit."""
+        classes weighted equally), cut where ``threshold`` says (:data:`MAX_THRESHOLDS`);
+        ``cv["max_calibration"]`` records the fit."""
+        if threshold not in MAX_THRESHOLDS:
+            raise ValueError(f"threshold must be one of {MAX_THRESHOLDS}, got {threshold!r}")
         g = np.asarray(groups).astype(str)
         y = np.asarray(positive, dtype=bool)
         a, b = platt(max_scores, y, balanced_weights(y, g))
         info = {"slope": a, "intercept": b, "folds": len(self.refits), "n": int(len(y)),
-                "groups": len(set(g.tolist()))}
+                "groups": len(set(g.tolist())), "threshold": threshold}
+        if threshold == "worst_source":
+            cut, worst = worst_source_threshold(a * np.asarray(max_scores, dtype=np.float64) + b, y, g)
+            b -= cut
+            info.update(shift=cut, worst_source_accuracy=worst)
         r = self.readout
         return replace(r, coef=r.coef * a, intercept=a * r.intercept + b, cv={**(r.cv or {}), "max_calibration": info})
