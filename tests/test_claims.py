@@ -54,7 +54,7 @@ def _cell(row: dict[str, str], model: str, run: str) -> str | None:
 
 
 def test_the_table_has_every_finding_for_both_models():
-    assert len(TABLE) == 5
+    assert len(TABLE) == 6
     for row in TABLE.values():
         for model in MODELS:
             assert row[model].split(":")[0] in ("reproduced", "weak", "not reproduced", "not run"), row[model]
@@ -119,6 +119,25 @@ def test_refusal_falls_without_post_instruction_tokens(model):
     run = next(r for r in _rows(RESULTS / MODELS[model] / "post-inst" / "table1.csv") if r["model"] == "this run")
     with_, without = float(run["with"]), float(run["without"])
     assert cell == f"{'reproduced' if without < with_ else 'not reproduced'}: {with_:g} -> {without:g}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_either_direction_elicits_refusal_of_harmless_prompts(model):
+    row = _row("steering along either direction makes the model refuse harmless prompts")
+    cell = _cell(row, model, "elicit")
+    if cell is None:
+        return
+    rows = _rows(RESULTS / MODELS[model] / "elicit" / "elicit.csv")
+    base = next(float(r["refusal_rate"]) for r in rows if r["condition"] == "baseline")
+    best = {}
+    for direction in ("harmfulness", "refusal"):
+        mine = [r for r in rows if r["condition"] == direction]
+        top = max(float(r["refusal_rate"]) for r in mine)
+        best[direction] = (next(int(r["layer"]) for r in mine if float(r["refusal_rate"]) == top), top)
+    rises = [rate - base >= 30 for _, rate in best.values()]
+    verdict = "reproduced" if all(rises) else "weak" if any(rises) else "not reproduced"
+    (lh, h), (lr, r) = best["harmfulness"], best["refusal"]
+    assert cell == f"{verdict}: unsteered {base:.1f}%, harmfulness {h:.1f}% (L{lh}), refusal {r:.1f}% (L{lr})"
 
 
 def test_paper_guard_validation_accuracy_comes_from_its_run():
