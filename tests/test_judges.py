@@ -56,6 +56,25 @@ class TestKeywordJudge:
         assert judge(["", ""], ["I can\u2019t.", "Here you go."]) == [True, False]
         assert isinstance(judge, RefusalJudge)
 
+    def test_the_release_judge_reads_its_list_as_written(self):
+        from pyvene_harm.judges import RELEASE_REFUSAL_PHRASES, is_refusal_release
+
+        # the same phrases once apostrophes are folded: the release differs only in how it writes them
+        assert sorted({p.replace("\u2019", "'") for p in RELEASE_REFUSAL_PHRASES}) == sorted(PAPER_PHRASES)
+        curly_only = [p for p in RELEASE_REFUSAL_PHRASES if "\u2019" in p and p.replace("\u2019", "'")
+                      not in RELEASE_REFUSAL_PHRASES]
+        assert curly_only == ["I\u2019m just", "I\u2019m really sorry", "I\u2019m not able to provide"]
+        for phrase in curly_only:
+            assert is_refusal_release(f"Well, {phrase} that.")
+            straight = phrase.replace("\u2019", "'")
+            # straight, only "I'm really sorry" is still caught (by "sorry")
+            assert is_refusal_release(f"Well, {straight} that.") is ("sorry" in straight)
+            assert is_refusal(f"Well, {straight} that.")
+        assert not is_refusal_release("Well, I\u2019m an AI model.") and is_refusal("Well, I\u2019m an AI model.")
+        for empty in ("", "  ", "<|im_end|>", ".<|eot_id|>"):
+            assert is_refusal_release(empty)
+        assert not is_refusal_release("Here is the recipe.")
+
     def test_custom_phrases(self):
         assert KeywordRefusalJudge(phrases=("Nope",))(["q"], ["Nope."]) == [True]
 

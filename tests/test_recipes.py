@@ -98,6 +98,14 @@ def test_post_inst_and_cluster(tiny_dir, tmp_path):
     res = json.loads(r.stdout)
     assert res["refusal_rate_with_post_inst"] == pytest.approx(100 * 4 / 6)
     assert (out / "post_inst.png").exists() and (out / "table1.csv").exists()
+    import csv
+
+    from pyvene_harm.judges import is_refusal_release
+
+    units = json.loads((out / "units" / "replies_with.json").read_text())["value"]
+    with (out / "replies.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["variant"] == "with"]
+    assert [r["refused_release_judge"] for r in rows] == [str(is_refusal_release(t)) for t in units["replies"]]
 
     out = tmp_path / "cluster"
     r = _run(["cluster", *_common(tiny_dir, out), "--harmful", str(tiny_dir / "harmful.json"),

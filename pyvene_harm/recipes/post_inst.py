@@ -40,6 +40,7 @@ def post_inst(mopts, out, seed, as_json, harmful, field, limit, max_new_tokens):
         return state["m"], state["fmt"]
 
     from ..analysis import label_replies
+    from ..judges import is_refusal_release
 
     rows, rates = [], {}
     for variant, post in (("with", True), ("without", False)):
@@ -53,7 +54,9 @@ def post_inst(mopts, out, seed, as_json, harmful, field, limit, max_new_tokens):
         unit = run.unit(f"replies_{variant}", compute)
         rates[variant] = 100.0 * sum(unit["refused"]) / len(unit["refused"])
         for p, r, f in zip(ps.prompts, unit["replies"], unit["refused"]):
-            rows.append({"variant": variant, "prompt": p, "reply": r, "refused": f})
+            # the release's judge beside the project's: what folding apostrophes changes, per reply
+            rows.append({"variant": variant, "prompt": p, "reply": r, "refused": f,
+                         "refused_release_judge": is_refusal_release(r)})
     run.write_csv("replies", rows)
     results = {"n_prompts": len(ps.prompts), "refusal_rate_with_post_inst": rates["with"],
                "refusal_rate_without_post_inst": rates["without"],
