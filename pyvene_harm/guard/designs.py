@@ -87,7 +87,7 @@ class GuardDesign:
                 raise ValueError(f"design {self.name!r}: a scan read stands alone with method=linear")
         if self.calibrate_max and (self.is_control or not self.reads[0].startswith("scan:")):
             raise ValueError(f"design {self.name!r}: calibrate_max calibrates a scan read's maximum: use reads=scan:K")
-        if self.max_threshold not in ("platt", "worst_source"):
+        if self.max_threshold not in ("platt", "worst_source"):  # max_calibration.MAX_THRESHOLDS (torch-free here)
             raise ValueError(f"design {self.name!r}: max_threshold must be platt or worst_source, got "
                              f"{self.max_threshold!r}")
         if self.max_threshold != "platt" and not self.calibrate_max:

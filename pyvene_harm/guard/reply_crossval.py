@@ -84,6 +84,9 @@ def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replie
     for design in designs:
         score = np.full(len(y), np.nan)
         first: list[int | None] = [None] * len(y)
+        # per reply [T, S, d]: stacked once per design, not once per fold
+        x = None if design.control else [np.stack([states[s][i] for s in design.states], axis=1)
+                                          for i in range(len(y))]
         for held in names:
             test = np.flatnonzero(src == held)
             train = np.flatnonzero(src != held)
@@ -94,7 +97,6 @@ def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replie
                                                       groups=src[train].tolist())
                 score[test] = ctl.decision_function([replies[i] for i in test])
                 continue
-            x = [np.stack([states[s][i] for s in design.states], axis=1) for i in range(len(y))]
             g = ReplyGuard(states=design.states, width=design.width, min_tokens=min_tokens)
             g.fit([x[i] for i in train], y[train], groups=src[train].tolist(),
                   sample_weight=None if weights is None else weights[train])
