@@ -175,8 +175,8 @@ def test_kind_balanced_crossval_scores_as_the_shipped_fit_weighs():
     """With balance='kind' each fold is fitted with the weights `guard reply-fit` uses, so the
     out-of-fold scores equal reply-fit's own out-of-fold scores, and differ from unweighted folds."""
     from pyvene_harm.guard import reply_fit as rf
-    from pyvene_harm.guard.reply_crossval import cross_validate_replies, parse_reply_design
     from pyvene_harm.guard.reply import scored_ends
+    from pyvene_harm.guard.reply_crossval import cross_validate_replies, parse_reply_design
 
     X, y = _synthetic(n=48)
     sources = [f"s{(i // 2) % 4}" for i in range(48)]
