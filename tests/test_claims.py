@@ -153,3 +153,31 @@ def test_paper_guard_validation_accuracy_comes_from_its_run():
     assert (f"{100 * pooled['accuracy']:.1f}% on the {pooled['n']} validation prompts ("
             f"{right['harmful-val']} of {sets['harmful-val']['n']} harmful, "
             f"{right['harmless-val']} of {sets['harmless-val']['n']} harmless:") in " ".join(card.split())
+
+
+def _batching_and_apostrophes() -> dict[str, float]:
+    """What left padding and the folded apostrophes change, from the published runs: the same
+    `beliefs` and `post-inst` at batch size 1 (results/demo/batch-size-1) against the batched ones."""
+    single, batched = RESULTS / "demo" / "batch-size-1", RESULTS / "demo"
+    a = {(r["set"], r["prompt"]): r for r in _rows(batched / "beliefs" / "beliefs.csv")}
+    b = {(r["set"], r["prompt"]): r for r in _rows(single / "beliefs" / "beliefs.csv")}
+    assert set(a) == set(b)
+    delta = max(abs(float(a[k][c]) - float(b[k][c])) for k in a for c in ("delta_harmful", "delta_refuse"))
+    p = {(r["variant"], r["prompt"]): r for r in _rows(batched / "post-inst" / "replies.csv")}
+    q = {(r["variant"], r["prompt"]): r for r in _rows(single / "post-inst" / "replies.csv")}
+    assert set(p) == set(q)
+    replies = list(p.values()) + list(q.values())
+    return {"prompts": len(a), "delta": delta, "replies": len(p),
+            "flags_equal": sum(p[k]["refused"] == q[k]["refused"] for k in p),
+            "judged": len(replies),
+            "judges_differ": sum(r["refused"] != r["refused_release_judge"] for r in replies)}
+
+
+def test_batching_and_apostrophe_sentence_comes_from_the_runs():
+    m = _batching_and_apostrophes()
+    text = " ".join(PAGE.split())
+    assert (f"Delta_harmful and Delta_refuse of the {m['prompts']} `beliefs` prompts differ by at most "
+            f"{m['delta']:.0e}") in text
+    assert f"{m['flags_equal']} of the {m['replies']} `post-inst` refusal flags are the same" in text
+    assert (f"the release's judge as written and this project's disagree on {m['judges_differ']} of the "
+            f"{m['judged']} replies") in text
