@@ -202,7 +202,9 @@ def calibrated(tiny):
     return plain, cal
 
 
-def test_out_of_group_refits_leave_their_fold_out():
+def _three_fold_refits():
+    """Rows of six groups (three per class), a read-out and its refits in three folds; the rng
+    goes on to draw scores."""
     from pyvene_harm.guard.max_calibration import OutOfGroupReadouts
     from pyvene_harm.guard.readout import LinearReadout
 
@@ -212,7 +214,13 @@ def test_out_of_group_refits_leave_their_fold_out():
     x[y] += 1.0
     g = np.asarray(["h1", "h2", "h3"] * 4 + ["s1", "s2", "s3"] * 4)
     full = LinearReadout.fit(x, y, C=0.5, rank=None)
-    folds = OutOfGroupReadouts.fit(full, x, y, g, rank=None, n_folds=3)
+    return rng, x, y, g, full, OutOfGroupReadouts.fit(full, x, y, g, rank=None, n_folds=3)
+
+
+def test_out_of_group_refits_leave_their_fold_out():
+    from pyvene_harm.guard.readout import LinearReadout
+
+    rng, x, y, g, full, folds = _three_fold_refits()
     assert len(folds.refits) == 3 and folds.fold_of_group["h1"] == folds.fold_of_group["s1"]  # dealt in sorted order
     out = np.isin(g, ["h1", "s1"])
     by_hand = LinearReadout.fit(x[~out], y[~out], C=0.5, rank=None)
@@ -255,15 +263,9 @@ def test_worst_source_cut_maximises_the_worst_unit_against_brute_force():
 
 
 def test_worst_source_threshold_moves_only_the_intercept():
-    from pyvene_harm.guard.max_calibration import OutOfGroupReadouts, worst_source_threshold
-    from pyvene_harm.guard.readout import LinearReadout
+    from pyvene_harm.guard.max_calibration import worst_source_threshold
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(24, 2, 3))
-    y = np.r_[np.ones(12, bool), np.zeros(12, bool)]
-    x[y] += 1.0
-    g = np.asarray(["h1", "h2", "h3"] * 4 + ["s1", "s2", "s3"] * 4)
-    folds = OutOfGroupReadouts.fit(LinearReadout.fit(x, y, C=0.5, rank=None), x, y, g, rank=None, n_folds=3)
+    rng, x, y, g, _, folds = _three_fold_refits()
     s = rng.normal(size=24) + 2 * y
     platt_cal = folds.calibrate(s, y, g)
     worst = folds.calibrate(s, y, g, threshold="worst_source")
