@@ -229,3 +229,22 @@ def test_demo_server_stops_a_harmful_reply_mid_stream(demo):
             max_tokens=MAX_NEW * 2)
         assert calm.choices[0].finish_reason in ("stop", "length")
         assert calm.to_dict()["guard"]["reply"]["flagged"] is False
+
+
+def test_a_batched_reply_ended_by_its_end_of_turn_is_judged_as_when_alone():
+    """The step that writes the end of turn is the forward that reads the token before it: a
+    batched row must judge that token too, or the client is shown one unjudged token."""
+    model, tok = make_model("qwen2").eval(), make_tokenizer("qwen2")
+    fmt = ChatFormatter(tok)
+    guard = _fitted(model, tok)
+    guard.threshold_ = 1e9
+    new = _plain_reply_ids(model, fmt)
+    j = next(j for j in range(guard.min_tokens + 2, len(new)) if new[j] not in new[:j])
+    model.generation_config.eos_token_id = new[j]  # the reply now ends at token j, its end of turn
+    alone = generate_reply(model, fmt, PROMPT, max_new_tokens=MAX_NEW, reply_guard=guard)
+    assert (alone.finish_reason, alone.completion_tokens, alone.reply_guard["tokens_judged"]) == ("stop", j + 1, j)
+    rows = generate_reply_batch(model, fmt, [ReplyRequest(PROMPT, MAX_NEW), ReplyRequest("Go on", MAX_NEW)],
+                                reply_guard=guard)
+    assert (rows[0].finish_reason, rows[0].completion_tokens) == ("stop", j + 1)
+    assert rows[0].reply_guard["tokens_judged"] == j
+    np.testing.assert_allclose(rows[0].reply_guard["score"], alone.reply_guard["score"], rtol=1e-4, atol=1e-4)

@@ -231,12 +231,15 @@ class _BatchRelay(StoppingCriteria):
         for i, (relay, req) in enumerate(zip(self.rows, self.requests)):
             if self.ended[i] is not None:
                 continue
-            if n and int(input_ids[i, -1]) in self.eos:
+            # the relay runs on the end-of-turn step too: that forward read the token before it,
+            # which the reply guard judges (and the client sees) as when the row is decoded alone
+            done = bool(relay(input_ids[i:i + 1], scores).all())
+            if relay.cut_at is not None:
+                self.ended[i] = (n, "content_filter")
+            elif n and int(input_ids[i, -1]) in self.eos:
                 self.ended[i] = (n, "stop")
-            elif relay(input_ids[i:i + 1], scores).all():
-                reason = "content_filter" if relay.cut_at is not None else \
-                    "stop" if relay.stopped_at is not None else "cancelled"
-                self.ended[i] = (n, reason)
+            elif done:
+                self.ended[i] = (n, "stop" if relay.stopped_at is not None else "cancelled")
             elif n >= req.max_new_tokens:
                 self.ended[i] = (n, "length")
         return torch.tensor([e is not None for e in self.ended], dtype=torch.bool, device=input_ids.device)
