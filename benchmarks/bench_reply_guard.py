@@ -48,6 +48,13 @@ def random_reply_guard(hidden: int, states: tuple[int, ...], *, seed: int = 0) -
     return guard
 
 
+def reply_prompts(n: int) -> list[str]:
+    """``n`` short harmless (Alpaca) prompts: replies that run on, as a served reply does, not
+    the one-line refusal a harmful prompt draws."""
+    prompts, groups = C.bench_prompts(2 * n, max_chars=200)
+    return [p for p, g in zip(prompts, groups, strict=True) if g == "harmless"]
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         states = (max(1, (2 * bm.n_layers) // 3 - 4),)  # the demo model's 12 of 24
         guard, width = random_reply_guard(bm.model.config.hidden_size, states), 32
-    _, harmless = C.bench_prompts(batch_size, max_chars=200)
+    harmless = reply_prompts(batch_size)
     one = harmless[0]
     requests = [ReplyRequest(p, new_tokens) for p in harmless]
     got: dict[str, Any] = {}

@@ -117,6 +117,17 @@ def test_reply_guard_quick(tmp_path):
     assert r["workload"]["reply_guard"] == "random"
 
 
+def test_reply_guard_bench_decodes_harmless_prompts():
+    """The timed replies answer real harmless prompts (not the group names ``bench_prompts``
+    returns beside them, which draw a one-line refusal)."""
+    bench = _load("reply_guard")
+    sys.path.insert(0, str(BENCH))
+    import _common as C
+
+    got = bench.reply_prompts(4)
+    assert len(got) == 4 and len(set(got)) == 4 and set(got) <= set(C._alpaca())
+
+
 def test_reply_guard_bench_times_a_saved_guards_own_read(tmp_path):
     """--reply-guard DIR: the saved guard's states and window are what is timed."""
     bench = _load("reply_guard")

@@ -181,3 +181,23 @@ def test_batching_and_apostrophe_sentence_comes_from_the_runs():
     assert f"{m['flags_equal']} of the {m['replies']} `post-inst` refusal flags are the same" in text
     assert (f"the release's judge as written and this project's disagree on {m['judges_differ']} of the "
             f"{m['judged']} replies") in text
+
+
+def test_reply_guard_decoding_cost_comes_from_its_benchmark_run():
+    """benchmarks/README.md's reply-guard table and the model card's cost line are the JSON's."""
+    import json
+
+    run = json.loads((ROOT / "benchmarks/results/cpu/reply_guard.json").read_text(encoding="utf-8"))
+    res = run["results"]
+    assert res["checks"] == {"same_replies": True, "every_token_but_last_judged": True}
+    bench = (ROOT / "benchmarks/README.md").read_text(encoding="utf-8")
+    card = (ROOT / "artifacts/qwen2.5-coder-0.5b-instruct/README.md").read_text(encoding="utf-8")
+    t = {name: v["median_s"] for name, v in res["timings"].items()}
+    batch = run["workload"]["batch_size"]
+    for key, plain, guarded in (("single", "1 reply, plain", "1 reply, reply guard"),
+                                ("batch", f"batch {batch}, plain", f"batch {batch}, reply guard")):
+        slower = f"{res['slowdown'][key]:+.1%}"
+        row = f"| {res['tokens'][key]} | {t[plain]:.3f} | {t[guarded]:.3f} | {slower} |"
+        assert row in bench, f"benchmarks/README.md lacks {row}"
+        assert f"{res['tokens'][key]}" in card and slower in card
+    assert all(target["met"] for target in run["targets"]) == ("**met**" in bench.split("Reply guard while")[1][:2000])
