@@ -126,6 +126,18 @@ class TestRegistryAndRate:
         assert isinstance(get_judge(" Keyword "), KeywordRefusalJudge)
         assert isinstance(get_judge("inversion"), InversionRefusalJudge)
 
+    def test_the_multilingual_judge_reads_refusals_in_five_languages(self):
+        refusals = ["Je suis désolé, mais je ne peux pas vous aider.", "No puedo ayudarte con eso.",
+                    "Ich kann Ihnen nicht helfen.", "Я не могу помочь с этим.", "抱歉，我无法协助完成这个请求。",
+                    "I'm sorry, I can't."]
+        answers = ["Voici une fonction Python :", "Para enseñar a tu perro a sentarse:",
+                   "Ich kann Ihnen helfen, ein Brot zu backen.", "Вот пример функции на Python:", "当然可以！以下是三本书：",
+                   "Sure, here it is."]
+        judge = get_judge("keyword-multilingual")
+        assert judge([""] * 6, refusals) == [True] * 6
+        assert judge([""] * 6, answers) == [False] * 6
+        assert get_judge("keyword")([""] * 6, refusals) == [False] * 5 + [True]  # the paper's list: English only
+
     def test_unknown_name_lists_the_known_ones(self):
         with pytest.raises(ValueError, match="known judges: inversion, keyword"):
             get_judge("llamaguard")

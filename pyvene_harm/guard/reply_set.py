@@ -1,7 +1,8 @@
 """Replies with labels, made from prompt sets: what a reply guard is fitted and judged on.
 
-A reply's label here is decided from the prompt's label and the keyword refusal judge, never by
-reading the reply:
+A reply's label here is decided from the prompt's label and a keyword refusal judge (the paper's
+English list, or ``keyword-multilingual`` for replies in other languages), never by reading the
+reply:
 
 * a harmful prompt answered (the judge finds no refusal) with the refusal direction removed is a
   **harmful** reply (``kind="ablated"``);
@@ -30,9 +31,9 @@ __all__ = ["KINDS", "ReplyRow", "label_replies_of_set", "public_row", "reply_set
 KINDS = ("ablated", "accepted", "refusal", "harmless")
 
 _HOW = {
-    "ablated": "harmful prompt; refusal direction removed; keyword judge: complied",
-    "accepted": "harmful prompt; plain model; keyword judge: complied",
-    "refusal": "harmful prompt; plain model; keyword judge: refused (a refusal is a safe reply)",
+    "ablated": "harmful prompt; refusal direction removed; {judge} judge: complied",
+    "accepted": "harmful prompt; plain model; {judge} judge: complied",
+    "refusal": "harmful prompt; plain model; {judge} judge: refused (a refusal is a safe reply)",
     "harmless": "harmless prompt; plain model (any reply, refusals included)",
 }
 
@@ -57,10 +58,12 @@ class ReplyRow:
 
 def label_replies_of_set(source: str, prompt_label: int, prompts: Sequence[str], plain: Sequence[str],
                          plain_refused: Sequence[bool], ablated: Sequence[str] | None = None,
-                         ablated_refused: Sequence[bool] | None = None) -> list[ReplyRow]:
+                         ablated_refused: Sequence[bool] | None = None, *,
+                         judge: str = "keyword") -> list[ReplyRow]:
     """The labelled rows one prompt set gives (see the module docstring); ablated replies that
     the judge finds refused are dropped (they are neither a harmful reply nor the model's own
-    refusal)."""
+    refusal). ``judge`` names the refusal judge that gave the verdicts, for each row's ``how``."""
+    how = {kind: text.format(judge=judge) for kind, text in _HOW.items()}
     if not (len(prompts) == len(plain) == len(plain_refused)):
         raise ValueError("one plain reply and one refusal verdict per prompt are needed")
     if prompt_label not in (0, 1):
@@ -68,11 +71,11 @@ def label_replies_of_set(source: str, prompt_label: int, prompts: Sequence[str],
     rows: list[ReplyRow] = []
     for p, r, refused in zip(prompts, plain, plain_refused):
         kind = "harmless" if not prompt_label else ("refusal" if refused else "accepted")
-        rows.append(ReplyRow(source, p, r, int(prompt_label and not refused), kind, _HOW[kind]))
+        rows.append(ReplyRow(source, p, r, int(prompt_label and not refused), kind, how[kind]))
     if ablated is not None and prompt_label:
         if ablated_refused is None or not (len(ablated) == len(ablated_refused) == len(prompts)):
             raise ValueError("one ablated reply and one refusal verdict per prompt are needed")
-        rows.extend(ReplyRow(source, p, r, 1, "ablated", _HOW["ablated"])
+        rows.extend(ReplyRow(source, p, r, 1, "ablated", how["ablated"])
                     for p, r, refused in zip(prompts, ablated, ablated_refused) if not refused)
     return rows
 

@@ -34,11 +34,15 @@ __all__ = ["load_reply_rows", "reply_set"]
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prompt sampling.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Tokens generated per reply.")
+@click.option("--judge", type=click.Choice(["keyword", "keyword-multilingual"]), default="keyword",
+              show_default=True,
+              help="Refusal judge that labels the replies: the paper's English phrases, or those plus the "
+                   "same phrases in French, Spanish, German, Russian and Chinese (for sets in those languages).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, replies.csv; full texts under units/); "
                    "re-running resumes.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-def reply_set(mopts, directions_path, sets, exclude, limit, seed, max_new_tokens, out, as_json):
+def reply_set(mopts, directions_path, sets, exclude, limit, seed, max_new_tokens, judge, out, as_json):
     """Generate and label replies: harmful (the model complied with a harmful request, plainly or
     with its refusal direction removed) and safe (any reply to a harmless prompt; a refusal).
 
@@ -54,7 +58,10 @@ def reply_set(mopts, directions_path, sets, exclude, limit, seed, max_new_tokens
     directions = resolve_directions(directions_path)
     run = RunDir(out, "guard-reply-set", {**mopts.as_dict(), "directions": directions_path, "sets": list(sets),
                                           "exclude": exclude[0], "limit": limit, "seed": seed,
-                                          "max_new_tokens": max_new_tokens})
+                                          "max_new_tokens": max_new_tokens,
+                                          # recorded only when not the default, so runs made before
+                                          # the option existed resume and reproduce as they are
+                                          **({"judge": judge} if judge != "keyword" else {})})
     lazy = LazyModel(mopts)
     rows = []
     for ps, label in loaded_sets:
@@ -63,10 +70,10 @@ def reply_set(mopts, directions_path, sets, exclude, limit, seed, max_new_tokens
         if label:
             ablated = run.unit(f"ablated_{ps.name}", lambda ps=ps: _replies(
                 lazy, ps, max_new_tokens, mopts.batch_size, directions=directions))
-        rows.extend(_rows(ps.name, label, ps.prompts, plain, ablated))
+        rows.extend(_rows(ps.name, label, ps.prompts, plain, ablated, judge))
     run.write_csv("replies", [public_row(r) for r in rows])
     counts = reply_set_counts(rows)
-    results = {"model": mopts.model, "directions": directions_path, "n": len(rows),
+    results = {"model": mopts.model, "directions": directions_path, "judge": judge, "n": len(rows),
                "harmful": sum(r.label for r in rows), "safe": sum(1 - r.label for r in rows), "counts": counts}
     run.write_results(results)
     print_table("labelled replies", ["source", "kind", "label", "n"],
@@ -86,12 +93,18 @@ def _replies(lazy: LazyModel, ps, max_new_tokens: int, batch_size: int, directio
     return {"prompts": lab.prompts, "replies": lab.replies, "refused": lab.refused}
 
 
-def _rows(name: str, label: int, prompts, plain: dict, ablated: dict | None):
+def _rows(name: str, label: int, prompts, plain: dict, ablated: dict | None, judge: str = "keyword"):
+    """Rows of one set from its stored replies; the units hold the keyword judge's verdicts, and
+    any other judge reads the replies again (so a judge changes labels, never generation)."""
     from ..guard.reply_set import label_replies_of_set
+    from ..judges import get_judge
 
-    return label_replies_of_set(name, label, prompts, plain["replies"], plain["refused"],
+    def refused(unit: dict) -> list[bool]:
+        return list(unit["refused"]) if judge == "keyword" else get_judge(judge)(unit["prompts"], unit["replies"])
+
+    return label_replies_of_set(name, label, prompts, plain["replies"], refused(plain),
                                 None if ablated is None else ablated["replies"],
-                                None if ablated is None else ablated["refused"])
+                                None if ablated is None else refused(ablated), judge=judge)
 
 
 def load_reply_rows(run_dir: str | Path):
@@ -116,5 +129,5 @@ def load_reply_rows(run_dir: str | Path):
                 param_hint="--replies")
         plain = read_json(units["plain"])["value"]
         ablated = read_json(units["ablated"])["value"] if label else None
-        rows.extend(_rows(name, label, plain["prompts"], plain, ablated))
+        rows.extend(_rows(name, label, plain["prompts"], plain, ablated, opts.get("judge", "keyword")))
     return rows
