@@ -207,6 +207,16 @@ def test_reply_set_then_reply_crossval(tiny_dir, tmp_path):
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert set(out["pooled"]) == {"s2/w4", "length"}
     assert (cv / "crossval.csv").exists()
+    assert "hold_out_together" not in json.loads((cv / "config.json").read_text())["options"]
+    cvt = tmp_path / "cv-together"
+    r = _run(["guard", "reply-crossval", "--model", str(tiny_dir / "model"), "-o", str(cvt), "--replies", str(rs),
+              "--design", "length", "--hold-out-together", "c,d", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((cvt / "config.json").read_text())["options"]["hold_out_together"] == [["c", "d"]]
+    assert json.loads(r.stdout[r.stdout.index("{"):])["held_out_together"] == ["c+d"]
+    r = CliRunner().invoke(main, ["guard", "reply-crossval", "--model", str(tiny_dir / "model"), "-o",
+                                  str(tmp_path / "cv-bad"), "--replies", str(rs), "--hold-out-together", "c,zz"])
+    assert r.exit_code == 2 and "zz" in r.output and not (tmp_path / "cv-bad").exists()
     rg = tmp_path / "reply-guard"
     r = _run(["guard", "reply-fit", "--model", str(tiny_dir / "model"), "--replies", str(rs), "--design", "2/4",
               "--min-tokens", "2", "--max-safe-flagged", "0.1", "-o", str(rg), "--json"])
@@ -217,6 +227,11 @@ def test_reply_set_then_reply_crossval(tiny_dir, tmp_path):
 
     loaded = ReplyGuard.load(rg)
     assert loaded.threshold_ == fit["out_of_fold"]["threshold"] and loaded.extra_["design"] == "2/4"
+    assert "held_out_together" not in fit
+    r = _run(["guard", "reply-fit", "--model", str(tiny_dir / "model"), "--replies", str(rs), "--design", "2/4",
+              "--min-tokens", "2", "--hold-out-together", "a,c", "-o", str(tmp_path / "rg2"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout[r.stdout.index("{"):])["held_out_together"] == ["a+c"]
     r = CliRunner().invoke(main, ["guard", "reply-fit", "--model", str(tiny_dir / "model"), "--replies", str(rs),
                                   "--design", "ngram", "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "cannot be served" in r.output

@@ -240,3 +240,38 @@ def test_reply_set_relabels_with_a_judge_that_reads_other_languages():
     read = _rows("ml", 1, prompts, plain, ablated, "keyword-multilingual")
     assert [(r.kind, r.label) for r in read] == [("refusal", 0), ("accepted", 1), ("ablated", 1)]
     assert all("keyword-multilingual judge" in r.how for r in read)
+
+
+def test_sources_held_out_together_are_scored_by_the_fit_without_both():
+    """--hold-out-together: the grouped sources' replies are scored by one fit that saw neither,
+    the others as before; crossval and reply-fit agree; figures stay per source."""
+    from pyvene_harm.guard import reply_fit as rf
+    from pyvene_harm.guard.reply import scored_ends
+    from pyvene_harm.guard.reply_crossval import cross_validate_replies, held_out_units, parse_reply_design
+
+    X, y = _synthetic(n=48)
+    sources = [f"s{(i // 2) % 4}" for i in range(48)]
+    texts = ["x"] * 48
+    design = [parse_reply_design("0/4")]
+    states = {0: [x[:, 0] for x in X]}
+    units = held_out_units(sources, [["s1", "s2"]])
+    assert sorted(set(units.tolist())) == ["s0", "s1+s2", "s3"]
+    res = cross_validate_replies(sources, y, texts, states, design, min_tokens=3, n_boot=10, together=[["s1", "s2"]])
+    alone = cross_validate_replies(sources, y, texts, states, design, min_tokens=3, n_boot=10)
+    both = np.isin(sources, ["s1", "s2"])
+    out = np.flatnonzero(~both)
+    g = ReplyGuard(states=(0,), width=4, min_tokens=3).fit([X[i] for i in out], y[out],
+                                                           groups=[sources[i] for i in out])
+    got = np.asarray(res["scores"]["s0/w4"])
+    np.testing.assert_allclose(got[both], g.decision_function([X[i] for i in np.flatnonzero(both)]), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(got[~both], np.asarray(alone["scores"]["s0/w4"])[~both], rtol=1e-9, atol=1e-9)
+    assert {r["source"] for r in res["rows"]} == {"s0", "s1", "s2", "s3"}
+    oof = rf.out_of_fold_token_scores(sources, y, X, states=(0,), width=4, min_tokens=3, together=[["s1", "s2"]])
+    np.testing.assert_allclose([float(s[scored_ends(len(s), 3)].max()) for s in oof], got, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="do not have: nope"):
+        held_out_units(sources, [["s1", "nope"]])
+    with pytest.raises(ValueError, match="in two held-out groups"):
+        held_out_units(sources, [["s1", "s2"], ["s2", "s3"]])
+    with pytest.raises(ValueError, match="two sources or more"):
+        held_out_units(sources, [["s1"]])

@@ -24,7 +24,7 @@ from .metrics import against_other_class, pooled_metrics
 from .reply import ReplyGuard
 from .reply_fit import BALANCES, kind_weights
 
-__all__ = ["ReplyDesign", "cross_validate_replies", "parse_reply_design"]
+__all__ = ["ReplyDesign", "cross_validate_replies", "held_out_units", "parse_reply_design"]
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,46 @@ def parse_reply_design(text: str) -> ReplyDesign:
                          "8+12/32") from None
 
 
+def held_out_units(sources: Sequence[str], together: Sequence[Sequence[str]] = ()) -> np.ndarray:
+    """Per reply, the unit a fold leaves out with it: its source, or the group of ``together`` it is
+    in (named by its sources joined with ``+``).
+
+    Why groups: two sources that share what a read-out could key on (the same five languages, one
+    harmful and one harmless) teach a fit that leaves only one of them out that the language itself
+    is the label; leaving them out together asks the question a new deployment asks.
+    """
+    src = np.asarray(sources, dtype=object)
+    present = set(src.tolist())
+    unit = {s: s for s in present}
+    seen: set[str] = set()
+    for group in together:
+        names = [g.strip() for g in group]
+        missing = sorted(set(names) - present)
+        if missing:
+            raise ValueError(f"held-out group {'+'.join(names)} names sources the replies do not have: "
+                             f"{', '.join(missing)} (sources: {', '.join(sorted(present))})")
+        if len(set(names)) < 2:
+            raise ValueError(f"a held-out group needs two sources or more, got {'+'.join(names)}")
+        twice = sorted(seen & set(names))
+        if twice:
+            raise ValueError(f"source(s) {', '.join(twice)} are in two held-out groups: each may be in one")
+        seen |= set(names)
+        for name in names:
+            unit[name] = "+".join(sorted(set(names)))
+    return np.asarray([unit[s] for s in src.tolist()], dtype=object)
+
+
 def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replies: Sequence[str],
                            states: dict[int, Sequence[np.ndarray]], designs: Sequence[ReplyDesign], *,
                            min_tokens: int = 8, n_boot: int = 300, kinds: Sequence[str] | None = None,
-                           balance: str = "none",
+                           balance: str = "none", together: Sequence[Sequence[str]] = (),
                            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Out-of-fold scores and figures per design.
 
     Args:
         states: state id -> per reply ``[T, d]`` states (the union of what the designs read).
+        together: groups of sources each fold leaves out as one (:func:`held_out_units`); the
+            figures are still given per source.
         kinds: per reply, its kind (:data:`pyvene_harm.guard.reply_set.KINDS`); needed for
             ``balance="kind"``. The text controls are fitted unweighted either way.
     Returns:
@@ -80,6 +111,7 @@ def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replie
             raise ValueError("balance='kind' needs one kind per reply")
         weights = kind_weights(kinds, y)
     names = sorted(set(src.tolist()))
+    units = held_out_units(sources, together)
     out_rows, pooled, delays, all_scores = [], {}, {}, {}
     for design in designs:
         score = np.full(len(y), np.nan)
@@ -87,9 +119,9 @@ def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replie
         # per reply [T, S, d]: stacked once per design, not once per fold
         x = None if design.control else [np.stack([states[s][i] for s in design.states], axis=1)
                                           for i in range(len(y))]
-        for held in names:
-            test = np.flatnonzero(src == held)
-            train = np.flatnonzero(src != held)
+        for held in sorted(set(units.tolist())):
+            test = np.flatnonzero(units == held)
+            train = np.flatnonzero(units != held)
             if progress is not None:
                 progress(f"{design.name} without {held}")
             if design.control:

@@ -43,13 +43,18 @@ def kind_weights(kinds: Sequence[str], labels: Sequence[int]) -> np.ndarray:
 
 def out_of_fold_token_scores(sources: Sequence[str], labels: Sequence[int], x: Sequence[np.ndarray], *,
                              states: tuple[int, ...], width: int, min_tokens: int,
-                             weights: np.ndarray | None = None) -> list[np.ndarray]:
-    """Per reply, ``[T]`` window scores from the fit that left its source out (threshold 0)."""
+                             weights: np.ndarray | None = None,
+                             together: Sequence[Sequence[str]] = ()) -> list[np.ndarray]:
+    """Per reply, ``[T]`` window scores from the fit that left its source (or its group of
+    ``together``) out (threshold 0)."""
+    from .reply_crossval import held_out_units
+
     src = np.asarray(sources, dtype=object)
+    units = held_out_units(sources, together)
     y = np.asarray(labels).astype(int)
     out: list[np.ndarray | None] = [None] * len(y)
-    for held in sorted(set(src.tolist())):
-        test, train = np.flatnonzero(src == held), np.flatnonzero(src != held)
+    for held in sorted(set(units.tolist())):
+        test, train = np.flatnonzero(units == held), np.flatnonzero(units != held)
         g = ReplyGuard(states=states, width=width, min_tokens=min_tokens)
         g.fit([x[i] for i in train], y[train], groups=src[train].tolist(),
               sample_weight=None if weights is None else weights[train])
@@ -107,10 +112,11 @@ def _report(token_scores: Sequence[np.ndarray], y: np.ndarray, kinds: Sequence[s
 
 def fit_reply_guard(sources: Sequence[str], labels: Sequence[int], kinds: Sequence[str], x: Sequence[np.ndarray], *,
                     states: tuple[int, ...], width: int, min_tokens: int = 8, max_safe_flagged: float = 0.02,
-                    balance: str = "kind", model: Any = None, tokenizer: Any = None,
-                    formatter: Any = None) -> tuple[ReplyGuard, dict[str, Any]]:
+                    balance: str = "kind", together: Sequence[Sequence[str]] = (), model: Any = None,
+                    tokenizer: Any = None, formatter: Any = None) -> tuple[ReplyGuard, dict[str, Any]]:
     """The guard fitted on every reply, cut at the out-of-fold threshold (module docstring), and
-    the out-of-fold report at that threshold. ``x``: per reply ``[T, S, d]`` states of ``states``."""
+    the out-of-fold report at that threshold. ``x``: per reply ``[T, S, d]`` states of ``states``;
+    ``together``: groups of sources the out-of-fold fits leave out as one."""
     if balance not in BALANCES:
         raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     if not 0 <= max_safe_flagged < 1:
@@ -119,15 +125,18 @@ def fit_reply_guard(sources: Sequence[str], labels: Sequence[int], kinds: Sequen
     if len(set(sources)) < 2:
         raise ValueError("choosing a threshold on unseen sources needs replies from at least two prompt sources")
     w = kind_weights(kinds, y) if balance == "kind" else None
-    oof = out_of_fold_token_scores(sources, y, x, states=states, width=width, min_tokens=min_tokens, weights=w)
+    oof = out_of_fold_token_scores(sources, y, x, states=states, width=width, min_tokens=min_tokens, weights=w,
+                                   together=together)
     safe = _verdicts([s for s, lab in zip(oof, y) if not lab], min_tokens)
     threshold = threshold_for_safe_share(safe, max_safe_flagged)
     guard = ReplyGuard(model, tokenizer, states=states, width=width, min_tokens=min_tokens, threshold=threshold,
                        formatter=formatter)
     guard.fit(list(x), y, groups=list(sources), sample_weight=w)
     report = {"rule": f"threshold: the lowest that flags at most {max_safe_flagged:.1%} of the safe replies, "
-                      "scored by fits that left their prompt source out",
+                      "scored by fits that left their prompt source out"
+                      + (" (grouped sources together)" if together else ""),
               "balance": balance, "max_safe_flagged": max_safe_flagged,
+              **({"held_out_together": ["+".join(g) for g in together]} if together else {}),
               "out_of_fold": _report(oof, y, kinds, sources, threshold, min_tokens),
               "training": {"sources": dict(sorted(Counter(sources).items())),
                            "kinds": dict(sorted(Counter(kinds).items()))}}

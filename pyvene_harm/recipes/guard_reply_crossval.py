@@ -12,9 +12,30 @@ from .options import emit, model_options
 from .rundir import RunDir
 from .tables import print_table
 
-__all__ = ["reply_crossval"]
+__all__ = ["hold_out_together_option", "reply_crossval", "resolve_together"]
 
 DEFAULT_DESIGNS = ("8/16", "12/16", "16/16", "12/8", "12/32", "8+12+16/16", "ngram", "length")
+
+
+def hold_out_together_option(fn):
+    """``--hold-out-together A,B``: prompt sources every fold leaves out as one unit."""
+    return click.option(
+        "--hold-out-together", "together", multiple=True, metavar="SOURCE,SOURCE[,...]",
+        help="Sources a fold leaves out together, as one unseen unit (repeatable), e.g. the harmful and "
+             "harmless requests of the same languages: --hold-out-together other-languages,other-languages-harmless. "
+             "Figures are still given per source.")(fn)
+
+
+def resolve_together(together: tuple[str, ...], sources: list[str]) -> list[list[str]]:
+    """The groups of ``--hold-out-together``, checked against the reply set's sources."""
+    from ..guard.reply_crossval import held_out_units
+
+    groups = [[name.strip() for name in g.split(",") if name.strip()] for g in together]
+    try:
+        held_out_units(sources, groups)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--hold-out-together") from None
+    return groups
 
 
 @click.command("reply-crossval")
@@ -29,10 +50,11 @@ DEFAULT_DESIGNS = ("8/16", "12/16", "16/16", "12/8", "12/32", "8+12+16/16", "ngr
 @click.option("--balance", type=click.Choice(["kind", "none"]), default="kind", show_default=True,
               help="kind: each fold weighs harmful replies, refusals and replies to harmless prompts as kinds, "
                    "not by count, as `guard reply-fit` fits the guard it ships.")
+@hold_out_together_option
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (config.json, results.json, crossval.csv).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-def reply_crossval(mopts, replies_dir, designs, min_tokens, balance, out, as_json):
+def reply_crossval(mopts, replies_dir, designs, min_tokens, balance, together, out, as_json):
     """Leave-one-source-out figures of reply-guard designs and the text controls.
 
     \b
@@ -49,9 +71,12 @@ def reply_crossval(mopts, replies_dir, designs, min_tokens, balance, out, as_jso
         raise click.BadParameter(str(err), param_hint="--design") from None
     rows = load_reply_rows(replies_dir)
     rows = [r for r in rows if r.reply.strip()]  # an empty reply has no tokens to read
+    groups = resolve_together(together, [r.source for r in rows])
     needed = sorted({s for d in parsed for s in d.states})
     run = RunDir(out, "guard-reply-crossval", {**mopts.as_dict(), "replies": replies_dir, "designs": list(designs),
-                                               "min_tokens": min_tokens, "balance": balance})
+                                               "min_tokens": min_tokens, "balance": balance,
+                                               # only when given: earlier runs resume as they are
+                                               **({"hold_out_together": groups} if groups else {})})
     states: dict[int, list] = {}
     if needed:
         loaded, fmt = LazyModel(mopts)()
@@ -61,13 +86,14 @@ def reply_crossval(mopts, replies_dir, designs, min_tokens, balance, out, as_jso
         states = {s: [g[:, j] for g in got] for j, s in enumerate(needed)}
     res = cross_validate_replies([r.source for r in rows], [r.label for r in rows], [r.reply for r in rows],
                                  states, parsed, min_tokens=min_tokens, kinds=[r.kind for r in rows],
-                                 balance=balance,
+                                 balance=balance, together=groups,
                                  progress=lambda m: click.echo(m, err=True))
     run.write_csv("crossval", res["rows"])
     worst = {}
     for r in res["rows"]:
         worst[r["design"]] = min(worst.get(r["design"], 1.0), r["auroc"])
     results = {"replies": replies_dir, "n": len(rows), "min_source_auroc": worst,
+               **({"held_out_together": ["+".join(g) for g in groups]} if groups else {}),
                "pooled": {k: {m: v[m] for m in ("auroc", "auprc", "f1", "fpr", "recall", "tpr_at_1pct_fpr")}
                           for k, v in res["pooled"].items() if v},
                "delay": res["delay"]}

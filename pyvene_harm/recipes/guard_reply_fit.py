@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .guard_reply_crossval import hold_out_together_option, resolve_together
 from .labelled import LazyModel
 from .options import emit, model_options
 from .tables import print_table
@@ -28,10 +29,11 @@ __all__ = ["reply_fit"]
                    "their prompt source out.")
 @click.option("--balance", type=click.Choice(["kind", "none"]), default="kind", show_default=True,
               help="kind: harmful replies, refusals and replies to harmless prompts weigh as kinds, not by count.")
+@hold_out_together_option
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for reply_guard.{json,safetensors} (what `serve --reply-guard` loads).")
 @click.option("--json", "as_json", is_flag=True, help="Print the out-of-fold report to stdout.")
-def reply_fit(mopts, replies_dir, design, min_tokens, max_safe_flagged, balance, out, as_json):
+def reply_fit(mopts, replies_dir, design, min_tokens, max_safe_flagged, balance, together, out, as_json):
     """Fit a reply guard on every source of a reply set; threshold from held-out sources.
 
     \b
@@ -52,13 +54,15 @@ def reply_fit(mopts, replies_dir, design, min_tokens, max_safe_flagged, balance,
         raise click.BadParameter("a text control reads no states and cannot be served: give STATES/WIDTH, "
                                  "e.g. 12/32", param_hint="--design")
     rows = [r for r in load_reply_rows(replies_dir) if r.reply.strip()]  # an empty reply has no tokens
+    groups = resolve_together(together, [r.source for r in rows])
     loaded, fmt = LazyModel(mopts)()
     x = reply_token_states(loaded.model, fmt, [r.prompt for r in rows], [r.reply for r in rows],
                            states=parsed.states, batch_size=mopts.batch_size, progress=f"reading {len(rows)} replies")
     try:
         guard, report = fit_reply_guard([r.source for r in rows], [r.label for r in rows], [r.kind for r in rows], x,
                                         states=parsed.states, width=parsed.width, min_tokens=min_tokens,
-                                        max_safe_flagged=max_safe_flagged, balance=balance, model=loaded.model,
+                                        max_safe_flagged=max_safe_flagged, balance=balance, together=groups,
+                                        model=loaded.model,
                                         tokenizer=loaded.tokenizer, formatter=fmt)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
