@@ -182,6 +182,12 @@ def test_elicit_and_invert_sweeps(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "t_nope" in r.output
 
 
+def _empty_replies(run) -> int:
+    from pyvene_harm.recipes.guard_reply_set import load_reply_rows
+
+    return sum(1 for r in load_reply_rows(run) if not r.reply.strip())
+
+
 def test_reply_set_then_reply_crossval(tiny_dir, tmp_path):
     ext = tmp_path / "extract"
     r = _run(["extract", *_common(tiny_dir, ext), "--harmful", str(tiny_dir / "harmful.json"),
@@ -228,6 +234,13 @@ def test_reply_set_then_reply_crossval(tiny_dir, tmp_path):
     loaded = ReplyGuard.load(rg)
     assert loaded.threshold_ == fit["out_of_fold"]["threshold"] and loaded.extra_["design"] == "2/4"
     assert "held_out_together" not in fit
+    tr = tmp_path / "trace"
+    r = _run(["guard", "reply-trace", "--model", str(tiny_dir / "model"), "--replies", str(rs), "--reply-guard", str(rg),
+              "--directions", str(ext), "--plot", "1", "-o", str(tr), "--json"])
+    assert r.exit_code == 0, r.output
+    trace = json.loads(r.stdout[r.stdout.index("{"):])
+    assert trace["matches_the_guard_report"] is True and trace["n"] == res["n"] - _empty_replies(rs)
+    assert (tr / "trace.png").stat().st_size > 0 and (tr / "traces.csv").exists() and (tr / "replies.csv").exists()
     r = _run(["guard", "reply-fit", "--model", str(tiny_dir / "model"), "--replies", str(rs), "--design", "2/4",
               "--min-tokens", "2", "--hold-out-together", "a,c", "-o", str(tmp_path / "rg2"), "--json"])
     assert r.exit_code == 0, r.output

@@ -275,3 +275,43 @@ def test_sources_held_out_together_are_scored_by_the_fit_without_both():
         held_out_units(sources, [["s1", "s2"], ["s2", "s3"]])
     with pytest.raises(ValueError, match="two sources or more"):
         held_out_units(sources, [["s1"]])
+
+
+def test_belief_traces_equal_a_plain_forward_and_the_summary_separates():
+    """Delta_harmful at each reply token equals the cosine gap computed from a plain
+    ``output_hidden_states`` forward over prompt + reply; the states kept beside it are that
+    forward's too."""
+    import torch
+    from torch.nn.functional import cosine_similarity
+
+    from pyvene_harm.guard.reply_states import encode_reply
+    from pyvene_harm.guard.reply_trace import reply_belief_traces, trace_summary
+    from pyvene_harm.positions import ChatFormatter
+    from tiny import make_model, make_tokenizer
+
+    model, tok = make_model("qwen2").eval(), make_tokenizer("qwen2")
+    fmt = ChatFormatter(tok)
+    n_states, d = model.config.num_hidden_layers + 1, model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+
+    class Centroids:  # the two attributes resolve_layers and the trace read
+        centroids = {"harmful": torch.randn(n_states, d, generator=g), "harmless": torch.randn(n_states, d, generator=g)}
+
+        def check_layer(self, layer):
+            assert 0 <= layer < n_states
+
+    Centroids.n_states = n_states
+    prompts, replies = ["Tell me a story", "How do I bake bread?"], ["Once upon a time there was", "Mix flour"]
+    deltas, kept = reply_belief_traces(model, fmt, prompts, replies, Centroids(), layers=[1, 2], keep=(2,), chunk=1)
+    for p, r, dl, k in zip(prompts, replies, deltas, kept):
+        ids, first = encode_reply(fmt, p, r)
+        with torch.no_grad():
+            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        ref = torch.stack([cosine_similarity(hs[s][0, first:].double(), Centroids.centroids["harmful"][s].double()[None])
+                           - cosine_similarity(hs[s][0, first:].double(), Centroids.centroids["harmless"][s].double()[None])
+                           for s in (1, 2)]).mean(0)
+        np.testing.assert_allclose(dl, ref.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(k[:, 0], hs[2][0, first:].numpy(), rtol=1e-4, atol=1e-5)
+    s = trace_summary([1, 0], ["ablated", "harmless"], [np.array([0.5, 0.7]), np.array([-0.1, 0.0])])
+    assert s["auroc_harmful_vs_safe"] == 1.0 and s["auroc_complied_vs_refused"] is None
+    assert s["per_kind"]["ablated"]["mean"] == pytest.approx(0.6) and s["per_kind"]["harmless"]["last_token"] == 0.0

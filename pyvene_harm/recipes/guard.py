@@ -584,6 +584,7 @@ def _register_subcommands() -> None:
     from .guard_reply_crossval import reply_crossval
     from .guard_reply_fit import reply_fit
     from .guard_reply_set import reply_set
+    from .guard_reply_trace import reply_trace
 
     guard.add_command(calibrate)
     guard.add_command(generate)
@@ -592,6 +593,7 @@ def _register_subcommands() -> None:
     guard.add_command(reply_set)
     guard.add_command(reply_crossval)
     guard.add_command(reply_fit)
+    guard.add_command(reply_trace)
     guard.add_command(recall)
     guard.add_command(refusal_fit)
 
