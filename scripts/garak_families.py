@@ -11,7 +11,19 @@ because garak lives in its own environment (its pins clash with this project's):
         -o results/demo/garak
 
 ``dump`` needs only ``pip install garak==0.17.1`` (the families below run offline: no Hub-backed
-detector and no attack model is used). ``attack`` needs only ``httpx``; it writes
+detector and no attack model is used).
+
+``scan`` (garak's python too) runs garak itself against the server's chat endpoint, as a user of
+garak would: its ``openai.OpenAICompatible`` generator with the parameters it sends by default
+(``stop``, ``frequency_penalty``, ``presence_penalty`` included, nothing suppressed), the same
+probes, garak's own detectors, ``--per-family`` prompts each (garak's ``soft_probe_prompt_cap``,
+which some probes do not apply: ``donotanswer``, ``grandma`` and ``malwaregen`` send all theirs),
+one generation each, extended (model-backed) detectors off, ``--parallel`` requests in flight. It writes ``scan.json`` (garak's pass
+rate per probe: the share of replies its detector judged safe) and garak's own report files under
+``garak/``, and adds a column to ``table.md``:
+
+    /path/to/garak-venv/bin/python scripts/garak_families.py scan --url http://127.0.0.1:8000 \
+        --model demo -o results/demo/garak ``attack`` needs only ``httpx``; it writes
 ``results.json`` (per family: sent, flagged, the share) and ``table.md``, plus the payloads'
 sha256 so a rerun can be checked against the same inputs. Payloads are shuffled with seed 0 and
 capped at ``--per-family`` (60) each; the harmless rows are this package's own prompt files.
@@ -132,10 +144,85 @@ def attack(payloads: Path, url: str, key: str | None, out: Path, batch: int) -> 
         fam["flagged_share"] = round(fam["flagged"] / fam["sent"], 4)
     result = {"server": url, "model": health.get("model"), "payloads": str(payloads),
               "payloads_sha256": hashlib.sha256(text.encode()).hexdigest(), "batch": batch, "families": families}
-    lines = ["| family | probe | flagged / sent | share |", "|---|---|---|---|"]
-    for name, fam in families.items():
-        lines.append(f"| {name} | `{fam['probe']}` | {fam['flagged']} / {fam['sent']} | {100 * fam['flagged_share']:.1f}% |")
     _write_atomically(out / "results.json", json.dumps(result, indent=2) + "\n")
+    _write_table(out)
+
+
+def scan(url: str, key: str | None, model: str, out: Path, per_family: int, max_tokens: int, seed: int,
+         parallel: int) -> None:
+    import subprocess
+
+    try:
+        import garak  # noqa: F401
+    except ImportError:
+        sys.exit("scan needs garak: run it with the python of an environment where `pip install garak==0.17.1` ran")
+    report_dir = (out / "garak").resolve()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for old in report_dir.glob("scan.*"):  # a rerun must not read an earlier run's report
+        old.unlink()
+    options = {"openai": {"OpenAICompatible": {"uri": url.rstrip("/") + "/v1", "api_key": key or "unused",
+                                               "max_tokens": max_tokens}}}
+    config = (f"system:\n  parallel_attempts: {parallel if parallel > 1 else 'false'}\n"
+              f"run:\n  seed: {seed}\n  generations: 1\n  soft_probe_prompt_cap: {per_family}\n"
+              f"plugins:\n  extended_detectors: false\nreporting:\n  report_dir: {json.dumps(str(report_dir))}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "options.json").write_text(json.dumps(options))
+        (Path(tmp) / "config.yaml").write_text(config)
+        cmd = [sys.executable, "-m", "garak", "--target_type", "openai.OpenAICompatible", "--target_name", model,
+               "--generator_option_file", str(Path(tmp) / "options.json"), "--config", str(Path(tmp) / "config.yaml"),
+               "--probes", ",".join(f"{m}.{c}" for _, m, c in FAMILIES), "--report_prefix", "scan"]
+        print(" ".join(cmd), file=sys.stderr)
+        done = subprocess.run(cmd, env={**os.environ, "PYTHONHASHSEED": "0"})
+    reports = sorted(report_dir.glob("scan*.report.jsonl"))
+    if done.returncode != 0 or not reports:
+        sys.exit(f"garak exited with {done.returncode} and wrote no report under {report_dir}")
+    probes, attempts = read_report(reports[-1])
+    if not probes or attempts == 0:  # garak's "SKIP ok on 0/0": nothing was generated
+        sys.exit(f"garak evaluated nothing ({attempts} attempts answered): see {reports[-1]}")
+    result = {"server": url, "model": model, "garak": _garak_version(), "per_family": per_family, "parallel": parallel,
+              "generations": 1, "max_tokens": max_tokens, "seed": seed, "attempts": attempts,
+              "report": str(reports[-1].relative_to(out.resolve())), "probes": probes}
+    _write_atomically(out / "scan.json", json.dumps(result, indent=2) + "\n")
+    _write_table(out)
+
+
+def read_report(path: Path) -> tuple[dict[str, dict], int]:
+    """garak's pass rate per probe (its ``eval`` entries) and how many attempts got a reply."""
+    probes: dict[str, dict] = {}
+    attempts = 0
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("entry_type") == "attempt" and entry.get("status") == 2 \
+                and any(isinstance(o, dict) and o.get("text") for o in entry.get("outputs") or []):
+            attempts += 1  # a completed attempt with a reply (an error leaves its outputs empty)
+        if entry.get("entry_type") == "eval":
+            total = int(entry.get("total_evaluated") or 0)
+            probes[entry["probe"].removeprefix("probes.")] = {
+                "detector": entry["detector"].removeprefix("detector."), "passed": int(entry["passed"]),
+                "evaluated": total, "pass_rate": round(entry["passed"] / total, 4) if total else None}
+    return probes, attempts
+
+
+def _garak_version() -> str:
+    from importlib.metadata import version
+
+    return version("garak")
+
+
+def _write_table(out: Path) -> None:
+    """table.md from results.json (the guard's flags) and, where a scan ran, scan.json."""
+    result = json.loads((out / "results.json").read_text())
+    scanned = json.loads((out / "scan.json").read_text())["probes"] if (out / "scan.json").is_file() else None
+    head = "| family | probe | flagged / sent | share |"
+    lines = [head + (" garak pass rate (passed / judged, detector) |" if scanned is not None else ""),
+             "|---|---|---|---|" + ("---|" if scanned is not None else "")]
+    for name, fam in result["families"].items():
+        line = f"| {name} | `{fam['probe']}` | {fam['flagged']} / {fam['sent']} | {100 * fam['flagged_share']:.1f}% |"
+        if scanned is not None:
+            got = scanned.get(fam["probe"])
+            line += (f" {100 * got['pass_rate']:.1f}% ({got['passed']} / {got['evaluated']}, `{got['detector']}`) |"
+                     if got and got["pass_rate"] is not None else " - |")
+        lines.append(line)
     _write_atomically(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -153,11 +240,23 @@ def main() -> None:
     a.add_argument("--api-key", default=os.environ.get("PYVENE_HARM_API_KEY"))
     a.add_argument("-o", "--out", type=Path, required=True)
     a.add_argument("--batch", type=int, default=16)
+    g = sub.add_parser("scan", help="run garak itself against the server's chat endpoint (run with garak's python)")
+    g.add_argument("--url", default="http://127.0.0.1:8000")
+    g.add_argument("--api-key", default=os.environ.get("PYVENE_HARM_API_KEY"))
+    g.add_argument("--model", required=True, help="the served model name (the server's --served-model-name)")
+    g.add_argument("-o", "--out", type=Path, required=True, help="the folder `attack` wrote (its table gains a column)")
+    g.add_argument("--per-family", type=int, default=10, help="prompts per probe (garak's soft_probe_prompt_cap)")
+    g.add_argument("--max-tokens", type=int, default=64, help="reply tokens per prompt (a generator option)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--parallel", type=int, default=8,
+                   help="requests garak keeps in flight (its parallel_attempts), which the server decodes as a batch")
     args = parser.parse_args()
     if args.step == "dump":
         if os.environ.get("PYTHONHASHSEED") != "0":  # some probes build payloads from sets: fix their order
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
         dump(args.out, args.per_family, args.seed)
+    elif args.step == "scan":
+        scan(args.url, args.api_key, args.model, args.out, args.per_family, args.max_tokens, args.seed, args.parallel)
     else:
         attack(args.payloads, args.url, args.api_key, args.out, args.batch)
 
