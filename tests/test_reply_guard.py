@@ -247,7 +247,8 @@ def test_sources_held_out_together_are_scored_by_the_fit_without_both():
     the others as before; crossval and reply-fit agree; figures stay per source."""
     from pyvene_harm.guard import reply_fit as rf
     from pyvene_harm.guard.reply import scored_ends
-    from pyvene_harm.guard.reply_crossval import cross_validate_replies, held_out_units, parse_reply_design
+    from pyvene_harm.guard.reply_crossval import cross_validate_replies, parse_reply_design
+    from pyvene_harm.guard.reply_fit import held_out_units
 
     X, y = _synthetic(n=48)
     sources = [f"s{(i // 2) % 4}" for i in range(48)]
@@ -287,6 +288,7 @@ def test_belief_traces_equal_a_plain_forward_and_the_summary_separates():
     from pyvene_harm.guard.reply_states import encode_reply
     from pyvene_harm.guard.reply_trace import reply_belief_traces, trace_summary
     from pyvene_harm.positions import ChatFormatter
+
     from tiny import make_model, make_tokenizer
 
     model, tok = make_model("qwen2").eval(), make_tokenizer("qwen2")

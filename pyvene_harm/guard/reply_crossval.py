@@ -22,9 +22,9 @@ import numpy as np
 from .controls import TextControl
 from .metrics import against_other_class, pooled_metrics
 from .reply import ReplyGuard
-from .reply_fit import BALANCES, kind_weights
+from .reply_fit import BALANCES, held_out_units, kind_weights
 
-__all__ = ["ReplyDesign", "cross_validate_replies", "held_out_units", "parse_reply_design"]
+__all__ = ["ReplyDesign", "cross_validate_replies", "parse_reply_design"]
 
 
 @dataclass(frozen=True)
@@ -54,35 +54,6 @@ def parse_reply_design(text: str) -> ReplyDesign:
     except ValueError:
         raise ValueError(f"{text!r} is not a reply design: use ngram, length or STATES/WIDTH, e.g. 12/16 or "
                          "8+12/32") from None
-
-
-def held_out_units(sources: Sequence[str], together: Sequence[Sequence[str]] = ()) -> np.ndarray:
-    """Per reply, the unit a fold leaves out with it: its source, or the group of ``together`` it is
-    in (named by its sources joined with ``+``).
-
-    Why groups: two sources that share what a read-out could key on (the same five languages, one
-    harmful and one harmless) teach a fit that leaves only one of them out that the language itself
-    is the label; leaving them out together asks the question a new deployment asks.
-    """
-    src = np.asarray(sources, dtype=object)
-    present = set(src.tolist())
-    unit = {s: s for s in present}
-    seen: set[str] = set()
-    for group in together:
-        names = [g.strip() for g in group]
-        missing = sorted(set(names) - present)
-        if missing:
-            raise ValueError(f"held-out group {'+'.join(names)} names sources the replies do not have: "
-                             f"{', '.join(missing)} (sources: {', '.join(sorted(present))})")
-        if len(set(names)) < 2:
-            raise ValueError(f"a held-out group needs two sources or more, got {'+'.join(names)}")
-        twice = sorted(seen & set(names))
-        if twice:
-            raise ValueError(f"source(s) {', '.join(twice)} are in two held-out groups: each may be in one")
-        seen |= set(names)
-        for name in names:
-            unit[name] = "+".join(sorted(set(names)))
-    return np.asarray([unit[s] for s in src.tolist()], dtype=object)
 
 
 def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replies: Sequence[str],

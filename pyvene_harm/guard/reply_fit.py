@@ -25,7 +25,8 @@ import numpy as np
 from .metrics import pooled_metrics
 from .reply import ReplyGuard, scored_ends
 
-__all__ = ["BALANCES", "fit_reply_guard", "kind_weights", "out_of_fold_token_scores", "threshold_for_safe_share"]
+__all__ = ["BALANCES", "fit_reply_guard", "held_out_units", "kind_weights", "out_of_fold_token_scores",
+           "threshold_for_safe_share"]
 
 BALANCES = ("kind", "none")
 
@@ -41,14 +42,41 @@ def kind_weights(kinds: Sequence[str], labels: Sequence[int]) -> np.ndarray:
     return w * len(w) / w.sum()
 
 
+def held_out_units(sources: Sequence[str], together: Sequence[Sequence[str]] = ()) -> np.ndarray:
+    """Per reply, the unit a fold leaves out with it: its source, or the group of ``together`` it is
+    in (named by its sources joined with ``+``).
+
+    Why groups: two sources that share what a read-out could key on (the same five languages, one
+    harmful and one harmless) teach a fit that leaves only one of them out that the language itself
+    is the label; leaving them out together asks the question a new deployment asks.
+    """
+    src = np.asarray(sources, dtype=object)
+    present = set(src.tolist())
+    unit = {s: s for s in present}
+    seen: set[str] = set()
+    for group in together:
+        names = [g.strip() for g in group]
+        missing = sorted(set(names) - present)
+        if missing:
+            raise ValueError(f"held-out group {'+'.join(names)} names sources the replies do not have: "
+                             f"{', '.join(missing)} (sources: {', '.join(sorted(present))})")
+        if len(set(names)) < 2:
+            raise ValueError(f"a held-out group needs two sources or more, got {'+'.join(names)}")
+        twice = sorted(seen & set(names))
+        if twice:
+            raise ValueError(f"source(s) {', '.join(twice)} are in two held-out groups: each may be in one")
+        seen |= set(names)
+        for name in names:
+            unit[name] = "+".join(sorted(set(names)))
+    return np.asarray([unit[s] for s in src.tolist()], dtype=object)
+
+
 def out_of_fold_token_scores(sources: Sequence[str], labels: Sequence[int], x: Sequence[np.ndarray], *,
                              states: tuple[int, ...], width: int, min_tokens: int,
                              weights: np.ndarray | None = None,
                              together: Sequence[Sequence[str]] = ()) -> list[np.ndarray]:
     """Per reply, ``[T]`` window scores from the fit that left its source (or its group of
     ``together``) out (threshold 0)."""
-    from .reply_crossval import held_out_units
-
     src = np.asarray(sources, dtype=object)
     units = held_out_units(sources, together)
     y = np.asarray(labels).astype(int)

@@ -28,7 +28,7 @@ def hold_out_together_option(fn):
 
 def resolve_together(together: tuple[str, ...], sources: list[str]) -> list[list[str]]:
     """The groups of ``--hold-out-together``, checked against the reply set's sources."""
-    from ..guard.reply_crossval import held_out_units
+    from ..guard.reply_fit import held_out_units
 
     groups = [[name.strip() for name in g.split(",") if name.strip()] for g in together]
     try:
