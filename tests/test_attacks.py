@@ -939,6 +939,17 @@ def _(c):
     assert not rg.judge(HARMLESS[0], reply)["flagged"]
 
 
+@row("a harmful reply to a harmless-looking request passes the prompt guard and is caught by the reply guard")
+def _(c):
+    guard, loaded = c.fitted()
+    rg = _reply_guard(loaded)
+    request, reply = HARMLESS[2], f"Sure. {HARMFUL[5]} {HARMFUL[6]}"  # a pair the reply guard was not fitted on
+    assert guard.predict([request]).tolist() == [0]  # the request alone reads harmless
+    judged = rg.judge(request, reply)
+    assert judged["flagged"] and judged["token"] is not None, judged
+    assert not rg.judge(request, f"Sure. {HARMLESS[3]}")["flagged"]  # a harmless reply to it is let through
+
+
 @row("a finished reply sent to a server without a reply guard is a 404 naming --reply-guard, not a pass")
 def _(c):
     r = post(c.server, "/v1/chat/moderations", {"messages": [user(HARMLESS[0]),
