@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from pyvene_harm.beliefs import belief_per_layer  # noqa: E402
-from pyvene_harm.collect import layers_to_run  # noqa: E402
+from pyvene_harm.decoder_depth import layers_to_run  # noqa: E402
 from pyvene_harm.guard import GenerativeGuard, LatentGuard  # noqa: E402
 from pyvene_harm.guard.crossval import parse_design  # noqa: E402
 from pyvene_harm.positions import ChatFormatter  # noqa: E402

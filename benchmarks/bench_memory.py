@@ -116,7 +116,7 @@ def guard_copy_job(*, device: str, dtype: str, keep: bool, **_: Any) -> Callable
     """Load the demo model for its shipped guard, cut to the layers it reads, and score once."""
     import gc
 
-    from pyvene_harm.collect import drop_unread_layers, layers_to_run
+    from pyvene_harm.decoder_depth import drop_unread_layers, layers_to_run
     from pyvene_harm.guard import LatentGuard
     from pyvene_harm.models import load_model
     from pyvene_harm.pyvene_support import decoder_layers

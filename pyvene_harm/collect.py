@@ -9,27 +9,33 @@ result over their union (``stats_a + stats_b``): extraction can be split across 
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .cache_compat import cache_argument, output_cache
 from .data import fingerprint
+from .decoder_depth import (
+    decoder_of,
+    drop_unread_layers,
+    layers_to_run,
+    mark_full_depth,
+    truncated_decoder,
+)
 from .distributed import active, exchange_batches
-from .positions import ChatFormatter, EncodedPrompt, PromptBatch
+from .positions import ChatFormatter, EncodedPrompt
 from .progress import progress_bar
 from .pyvene_support import (
     HarmIntervenableModel,
     PoolCollector,
     ScanCollector,
     decoder_layers,
-    layers_path,
 )
+from .reads import READS, check_reads, fixed_reads, read_span, scan_width
+from .shared_prefix import SharedPrefix
 
+# decoder_depth's and reads' names stay importable from here, where they were first defined
 __all__ = [
     "ActivationStats",
     "collect_stats",
@@ -135,139 +141,6 @@ class ActivationStats:
         by_pos[position] = by_pos[position] + s if position in by_pos else s
 
 
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The bare decoder (no language-model head) under a causal LM.
-
-    Collection and scoring need hidden states only; skipping the head saves the largest matrix
-    multiply of small models (a 150k-word vocabulary on Qwen).
-    """
-    path = layers_path(model)
-    if path.endswith(".layers") and path != "layers":
-        inner = model
-        for part in path.split(".")[:-1]:
-            inner = getattr(inner, part)
-        return inner
-    return model
-
-
-@contextlib.contextmanager
-def truncated_decoder(decoder: nn.Module, n_layers: int) -> Iterator[nn.Module]:
-    """Run only the first ``n_layers`` decoder layers (the guard's early exit).
-
-    The layer list is swapped for a shorter one and restored in ``finally``; no weights move.
-    """
-    layers = decoder_layers(decoder)
-    if n_layers >= len(layers):
-        yield decoder
-        return
-    _set_layers(decoder, nn.ModuleList(list(layers)[:n_layers]))
-    try:
-        yield decoder
-    finally:
-        _set_layers(decoder, layers)
-
-
-def _set_layers(decoder: nn.Module, layers: nn.ModuleList) -> None:
-    """Put ``layers`` where the decoder keeps its layer list."""
-    holder = decoder
-    path = layers_path(decoder).split(".")
-    for part in path[:-1]:
-        holder = getattr(holder, part)
-    setattr(holder, path[-1], layers)
-
-
-def drop_unread_layers(model: nn.Module, states: Sequence[int]) -> int:
-    """Delete the decoder layers that reading ``states`` never runs; returns how many are kept.
-
-    For a model that only scores (a guard server whose replies come from a serving engine): a
-    guard reading states up to 2/3 of the depth keeps 2/3 of the layers, and the rest of their
-    weights are freed. The model can no longer generate. Its provenance still reports the full
-    depth (``pyvene_harm_num_layers``), so artifacts made for the whole model still fit it.
-    """
-    decoder = decoder_of(model)
-    layers = decoder_layers(decoder)
-    n = getattr(model, "pyvene_harm_num_layers", len(layers))
-    keep = layers_to_run(len(layers), states)
-    if keep < len(layers):
-        _set_layers(decoder, nn.ModuleList(list(layers)[:keep]))
-    mark_full_depth(model, n)
-    return keep
-
-
-def mark_full_depth(model: nn.Module, n_layers: int) -> None:
-    """Record that ``model`` stands for a model of ``n_layers`` decoder layers, whatever it
-    holds now: provenance (:func:`~pyvene_harm.directions.model_provenance`) reports that depth,
-    so a guard or directions made for the whole model still fit a copy cut short."""
-    decoder = decoder_of(model)
-    for mod in {id(model): model, id(decoder): decoder}.values():
-        mod.pyvene_harm_num_layers = n_layers
-
-
-READS = ("t_inst", "t_post_inst", "post:K", "last:K", "scan:K", "mean_inst", "mean_post")
-"""What :func:`collect_states` can read, per state: one token, or the mean over a span of them.
-
-``scan:K`` is the mean of the K-token window ending at *every* token of the instruction (see
-:mod:`~pyvene_harm.windows`); as one row per prompt, as :func:`collect_states` returns it, it is
-its last window, the same span as ``last:K``."""
-
-
-def _parse_read(name: str) -> tuple[str, int]:
-    head, sep, k = str(name).partition(":")
-    if not sep and head in ("t_inst", "t_post_inst", "mean_inst", "mean_post"):
-        return head, 0
-    if sep and head in ("post", "last", "scan") and k.isdigit() and (head == "post" or int(k) >= 1):
-        return head, int(k)
-    raise ValueError(f"unknown read {name!r}: use t_inst, t_post_inst, post:K, last:K, scan:K (K >= 1), "
-                     "mean_inst or mean_post")
-
-
-def scan_width(name: str) -> int | None:
-    """K of a ``scan:K`` read (the mean of every K-token window along the instruction), else None."""
-    kind, k = _parse_read(name)
-    return k if kind == "scan" else None
-
-
-def fixed_reads(names: Sequence[str]) -> list[str]:
-    """``names`` with each ``scan:K`` as ``last:K``: the one row per prompt that
-    :func:`collect_states` returns for it (so both share cached states)."""
-    return [f"last:{scan_width(n)}" if scan_width(n) is not None else n for n in names]
-
-
-def check_reads(names: Sequence[str]) -> list[str]:
-    """``names`` without repeats, each a valid read (see :func:`read_span`), or a clear error."""
-    if isinstance(names, str):
-        names = [names]
-    out = list(dict.fromkeys(names))
-    if not out:
-        raise ValueError("no reads given: name at least one, e.g. t_inst or mean_inst")
-    for name in out:
-        _parse_read(name)
-    return out
-
-
-def read_span(batch: PromptBatch, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last token (``[b]`` each, inclusive) that the read ``name`` averages.
-
-    ``t_inst``, ``t_post_inst`` and ``post:K`` (K tokens after t_inst) are single tokens;
-    ``mean_inst`` is every token of the user message, ``last:K`` its last K tokens (fewer when
-    it is shorter; ``scan:K``'s last window is the same span), ``mean_post`` the post-instruction tokens after t_inst (t_inst itself when
-    the prompt has none). A mean over many tokens depends less on any one of them, the final
-    punctuation mark above all, than the state at t_inst does.
-    """
-    kind, k = _parse_read(name)
-    if kind in ("t_inst", "t_post_inst"):
-        p = getattr(batch, kind)
-        return p, p
-    if kind == "post":
-        p = torch.minimum(batch.t_inst + k, batch.t_post_inst)
-        return p, p
-    if kind in ("last", "scan"):
-        return torch.maximum(batch.inst_start, batch.t_inst - k + 1), batch.t_inst
-    if kind == "mean_inst":
-        return batch.inst_start, batch.t_inst
-    return torch.minimum(batch.t_inst + 1, batch.t_post_inst), batch.t_post_inst
-
-
 def _pool_weights(starts: torch.Tensor, ends: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """``[b, reads, hi - lo]``: each read's span as an average over columns ``lo .. hi - 1``."""
     cols = torch.arange(lo, hi, device=starts.device)[None, None]
@@ -287,91 +160,9 @@ def _representations(n_layers: int, states: Sequence[int], collector: type = Poo
     return reps
 
 
-def layers_to_run(n_layers: int, states: Sequence[int]) -> int:
-    """Decoder layers a collection of ``states`` runs: the input of layer k is the output of
-    layer k - 1, so layers k and above never need to run (at least one always does)."""
-    return min(n_layers, max(1, max(states)))
-
-
 def _length_sorted(n: int, lengths: Sequence[int]) -> list[int]:
     # similar lengths in a batch waste less compute on padding; stable for determinism
     return sorted(range(n), key=lambda i: lengths[i])
-
-
-# below this many shared tokens, the cache bookkeeping costs more than it saves
-MIN_SHARED_PREFIX = 4
-
-
-def _common_prefix(token_lists: Sequence[Sequence[int]]) -> list[int]:
-    first = token_lists[0]
-    n = min(len(t) for t in token_lists)
-    for ids in token_lists[1:]:
-        k = 0
-        while k < n and ids[k] == first[k]:
-            k += 1
-        n = k
-    return list(first[:n])
-
-
-class SharedPrefix:
-    """The template prefix every prompt starts with (system prompt, user header), run once.
-
-    Its key/value cache is copied into each batch, which then runs only the tokens after it:
-    with Qwen2.5's default system prompt that is 24 of the ~40 tokens of a typical prompt.
-    States after the prefix are the same as in a full run (the cache holds exactly what the
-    full run would compute for those tokens), so positions read must lie after it.
-    """
-
-    def __init__(self, decoder: nn.Module, ids: Sequence[int], device: torch.device) -> None:
-        self.ids = torch.tensor(list(ids), dtype=torch.long)
-        self._decoder, self._device = decoder, device
-        self._cache_key = cache_argument(decoder)
-        self._caches: dict[int, object] = {}  # run lazily: how much can be shared depends on the batch
-        self._usable = True
-
-    def _cache(self, n: int):
-        """The cache of the first ``n`` prefix tokens (a shorter one is run, not cropped: the
-        meaning of ``Cache.crop`` changed between transformers versions)."""
-        if n not in self._caches:
-            with torch.inference_mode():
-                out = self._decoder(input_ids=self.ids[None, :n].to(self._device), use_cache=True)
-            self._caches[n] = output_cache(out)
-        return self._caches[n]
-
-    @classmethod
-    def build(cls, decoder: nn.Module, token_lists: Sequence[Sequence[int]],
-              device: torch.device) -> SharedPrefix | None:
-        ids = _common_prefix(token_lists)
-        return cls(decoder, ids, device) if len(ids) >= MIN_SHARED_PREFIX else None
-
-    def split(self, inputs: dict[str, torch.Tensor], locs: torch.Tensor):
-        """``(inputs, locs)`` for the tokens after the prefix, or None when this batch cannot share it.
-
-        The batch is left-padded, so every row ends in the last column; the suffix window is
-        the last ``S`` columns, in which tokens of a row's own prefix are masked out.
-        """
-        ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
-        b, t = ids.shape
-        starts = t - mask.sum(dim=1)
-        # every position read must come after the prefix
-        n = min(len(self.ids), int((locs.min(dim=1).values - starts).min()))
-        if n < MIN_SHARED_PREFIX or not self._usable:
-            return None
-        cols = starts[:, None] + torch.arange(n, device=ids.device)[None]
-        if not torch.equal(ids.gather(1, cols), self.ids[:n].to(ids.device)[None].expand(b, n)):
-            return None  # tokenised differently in this batch
-        width = int((t - starts - n).max())
-        col = torch.arange(t - width, t, device=ids.device)
-        suffix_mask = mask[:, t - width:] * (col[None] >= (starts + n)[:, None])
-        if not hasattr(self._cache(n), "batch_repeat_interleave"):
-            self._usable = False  # a cache type that cannot be expanded per batch: run full prompts
-            return None
-        cache = copy.deepcopy(self._cache(n))  # each forward appends to its cache
-        cache.batch_repeat_interleave(b)
-        new = {"input_ids": ids[:, t - width:], "position_ids": pos[:, t - width:],
-               "attention_mask": torch.cat([torch.ones(b, n, dtype=mask.dtype, device=mask.device), suffix_mask], 1),
-               self._cache_key: cache}
-        return new, locs - (t - width)
 
 
 def _plan(model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str], states: Sequence[int] | None,

@@ -68,7 +68,7 @@ def model_provenance(model: nn.Module, formatter=None) -> dict[str, Any]:
         "model_id": getattr(config, "_name_or_path", "") or type(model).__name__,
         "architecture": type(model).__name__,
         "hidden_size": int(getattr(text, "hidden_size", 0) or 0),
-        # a scoring-only copy may have dropped the layers it never runs (collect.drop_unread_layers)
+        # a scoring-only copy may have dropped the layers it never runs (decoder_depth.drop_unread_layers)
         "num_layers": int(getattr(model, "pyvene_harm_num_layers", 0) or len(decoder_layers(model))),
         "chat_template_hash": template_hash(formatter.template_source) if formatter is not None else None,
     }

@@ -282,7 +282,7 @@ def load_model(
     if source.gguf_file:
         _drop_gguf_quantizer(model)
     if keep_layers is not None:
-        from .collect import drop_unread_layers, mark_full_depth
+        from .decoder_depth import drop_unread_layers, mark_full_depth
 
         if full_depth is None:  # not cut at load (see CUT_AT_LOAD): cut now, the same model in the end
             drop_unread_layers(model, [keep_layers])

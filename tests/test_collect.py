@@ -114,7 +114,7 @@ def test_bad_arguments(tiny_llama):
 
 def test_shared_prefix_gives_the_full_run_states(arch):
     """The template prefix run once and cached per batch: same states as full prompts, every family."""
-    from pyvene_harm.collect import MIN_SHARED_PREFIX, SharedPrefix
+    from pyvene_harm.shared_prefix import MIN_SHARED_PREFIX, SharedPrefix
 
     model = make_model(arch)
     fmt = ChatFormatter(make_tokenizer("qwen2.5"))  # default system prompt: a long shared prefix

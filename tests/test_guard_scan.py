@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvene_harm.collect import collect_token_states, fixed_reads, scan_width
+from pyvene_harm.collect import collect_token_states
 from pyvene_harm.guard import LatentGuard
 from pyvene_harm.guard.crossval import (
     PromptSource,
@@ -19,6 +19,7 @@ from pyvene_harm.guard.crossval import (
     parse_design,
 )
 from pyvene_harm.positions import ChatFormatter
+from pyvene_harm.reads import fixed_reads, scan_width
 from pyvene_harm.windows import max_window_scores, top_windows, window_means, window_starts
 
 from hook_reference import states_by_hooks

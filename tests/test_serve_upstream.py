@@ -253,7 +253,7 @@ def test_serve_threads_sets_the_worker_threads(tmp_path, parts, monkeypatch):
 
 
 def test_a_scoring_only_copy_keeps_the_layers_the_guard_reads_and_scores_the_same(parts):
-    from pyvene_harm.collect import drop_unread_layers
+    from pyvene_harm.decoder_depth import drop_unread_layers
     from pyvene_harm.directions import model_provenance
     from pyvene_harm.guard.features import check_fits_model
     from pyvene_harm.pyvene_support import decoder_layers
@@ -273,7 +273,7 @@ def test_a_scoring_only_copy_keeps_the_layers_the_guard_reads_and_scores_the_sam
 
 
 def test_a_copy_loaded_with_only_the_read_layers_scores_as_the_whole_model(parts, tmp_path):
-    from pyvene_harm.collect import layers_to_run
+    from pyvene_harm.decoder_depth import layers_to_run
     from pyvene_harm.guard.features import check_fits_model
     from pyvene_harm.models import load_model
     from pyvene_harm.pyvene_support import decoder_layers

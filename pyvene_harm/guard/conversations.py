@@ -131,7 +131,7 @@ def score_reads(guard: Any, reads: Sequence[str | Conversation]) -> GuardReport:
     """``guard.report(reads)``, with instructions and conversations scored in separate passes.
 
     A scoring pass runs the template prefix its prompts share once
-    (:class:`~pyvene_harm.collect.SharedPrefix`). Instructions share the guard's whole template
+    (:class:`~pyvene_harm.shared_prefix.SharedPrefix`). Instructions share the guard's whole template
     prefix (its system prompt included); a conversation brings its own system message, and
     mixed into one pass it would shrink the shared prefix to a few tokens for everyone. Scored
     apart, each kind keeps its own.

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..collect import check_reads, collect_token_states, fixed_reads
+from ..collect import collect_token_states
+from ..reads import check_reads, fixed_reads
 from ..surface import (
     ALL_EDITS,
     SHIFT_EDITS,

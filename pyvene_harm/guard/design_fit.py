@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..collect import scan_width
+from ..reads import scan_width
 from ..surface import SURFACE_EDITS
 from ..windows import max_window_scores, top_windows, window_means
 from .designs import GuardDesign

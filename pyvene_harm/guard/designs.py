@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..collect import check_reads
+from ..reads import check_reads
 from .controls import CONTROLS, TextControl
 
 __all__ = ["DESIGNS", "GuardDesign", "middle_states", "parse_design"]
@@ -28,7 +28,7 @@ class GuardDesign:
         name: the design's name in tables.
         method: ``"paper"`` or ``"linear"`` (see :class:`LatentGuard`), or a control that reads
             only the text: ``"ngram"`` or ``"length"`` (see :mod:`~pyvene_harm.guard.controls`).
-        reads: where states are read (see :data:`~pyvene_harm.collect.READS`).
+        reads: where states are read (see :data:`~pyvene_harm.reads.READS`).
         layers: state indices; None = all.
         augment: fit on surface variants of every training prompt as well.
         C: the linear read-out's strength; None = chosen by cross-validation over the training

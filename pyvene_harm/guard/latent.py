@@ -7,7 +7,7 @@ served model, and it reads the harmfulness belief rather than the refusal decisi
 jailbreaks that only suppress refusal do not fool it.
 
 Beyond the paper: other reads than t_inst (a mean over the instruction's tokens, the last few
-tokens, post-instruction tokens; see :data:`~pyvene_harm.collect.READS`), a regularised linear
+tokens, post-instruction tokens; see :data:`~pyvene_harm.reads.READS`), a regularised linear
 read-out (``method="linear"``, :class:`~pyvene_harm.guard.readout.LinearReadout`), fitting on
 surface variants of every training prompt (``augment=True``) so that a final period cannot
 decide the verdict, layer set and threshold chosen on validation data, calibrated
@@ -25,11 +25,12 @@ from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d
 
-from ..collect import check_reads, collect_token_states, fixed_reads, scan_width
+from ..collect import collect_token_states
 from ..conversation import as_conversation
 from ..directions import model_provenance
 from ..literal_text import control_token_pattern
 from ..positions import ChatFormatter
+from ..reads import check_reads, fixed_reads, scan_width
 from ..windows import max_window_scores
 from . import artifact
 from .conversations import ConversationVerdict, conversation_parts, judge_groups
@@ -74,7 +75,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         method: ``"paper"``: the paper's centroid gap (Delta_harmful > threshold); ``"linear"``:
             a regularised logistic regression on the standardised states
             (:class:`~pyvene_harm.guard.readout.LinearReadout`).
-        reads: where states are read (see :data:`~pyvene_harm.collect.READS`): ``t_inst`` (the
+        reads: where states are read (see :data:`~pyvene_harm.reads.READS`): ``t_inst`` (the
             paper), ``mean_inst`` (the mean over the instruction's tokens), ``last:K``,
             ``post:K``, ``t_post_inst``, ``mean_post``; several are concatenated.
         layers: state indices to fit on (0..L-1 layer inputs, L the last output); None = all

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collect import decoder_of, layers_to_run, truncated_decoder
+from ..decoder_depth import decoder_of, layers_to_run, truncated_decoder
 from ..progress import progress_bar
 from ..pyvene_support import decoder_layers
 

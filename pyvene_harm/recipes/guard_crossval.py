@@ -126,7 +126,7 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
         if unknown:
             raise click.BadParameter(f"design {d.name!r} trains on unknown sources {unknown}", param_hint="--design")
         _check_folds_for_c(d, [s for s in evaluated if s.train])
-    from ..collect import fixed_reads, scan_width
+    from ..reads import fixed_reads, scan_width
 
     reads = sorted({r for d in chosen if not d.is_control for r in fixed_reads(d.reads)})
     tokens = any(not d.is_control and scan_width(d.reads[0]) is not None for d in chosen)

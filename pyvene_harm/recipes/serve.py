@@ -166,7 +166,7 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, refusal_rea
     directions = resolve_directions(directions_path)
     keep = None
     if upstream:  # this copy only scores: the layers the guard never runs are not even loaded
-        from ..collect import layers_to_run
+        from ..decoder_depth import layers_to_run
 
         keep = layers_to_run(int(g.metadata_["num_layers"]), g.states_)
     loaded = bind_model(g, mopts, keep_layers=keep)
