@@ -33,10 +33,12 @@ from .pyvene_support import (
     decoder_layers,
 )
 from .reads import READS, check_reads, fixed_reads, read_span, scan_width
-from .shared_prefix import SharedPrefix
+from .shared_prefix import MIN_SHARED_PREFIX, SharedPrefix
 
-# decoder_depth's and reads' names stay importable from here, where they were first defined
+# decoder_depth's, reads' and shared_prefix's names stay importable from here, where they were first defined
 __all__ = [
+    "MIN_SHARED_PREFIX",
+    "SharedPrefix",
     "ActivationStats",
     "collect_stats",
     "drop_unread_layers",

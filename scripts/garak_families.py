@@ -22,8 +22,10 @@ one generation each, extended (model-backed) detectors off, ``--parallel`` reque
 rate per probe: the share of replies its detector judged safe) and garak's own report files under
 ``garak/``, and adds a column to ``table.md``:
 
-    /path/to/garak-venv/bin/python scripts/garak_families.py scan --url http://127.0.0.1:8000 \
-        --model demo -o results/demo/garak ``attack`` needs only ``httpx``; it writes
+    /path/to/garak-venv/bin/python scripts/garak_families.py scan --url http://127.0.0.1:8000 \\
+        --model demo -o results/demo/garak
+
+``attack`` needs only ``httpx``; it writes
 ``results.json`` (per family: sent, flagged, the share) and ``table.md``, plus the payloads'
 sha256 so a rerun can be checked against the same inputs. Payloads are shuffled with seed 0 and
 capped at ``--per-family`` (60) each; the harmless rows are this package's own prompt files.
@@ -174,8 +176,10 @@ def scan(url: str, key: str | None, model: str, out: Path, per_family: int, max_
         print(" ".join(cmd), file=sys.stderr)
         done = subprocess.run(cmd, env={**os.environ, "PYTHONHASHSEED": "0"})
     reports = sorted(report_dir.glob("scan*.report.jsonl"))
-    if done.returncode != 0 or not reports:
-        sys.exit(f"garak exited with {done.returncode} and wrote no report under {report_dir}")
+    if not reports:
+        sys.exit(f"garak exited with {done.returncode} and wrote no report under {report_dir}: see its output above")
+    if done.returncode != 0:
+        sys.exit(f"garak exited with {done.returncode} (its report, perhaps partial: {reports[-1]})")
     probes, attempts = read_report(reports[-1])
     if not probes or attempts == 0:  # garak's "SKIP ok on 0/0": nothing was generated
         sys.exit(f"garak evaluated nothing ({attempts} attempts answered): see {reports[-1]}")
@@ -183,6 +187,10 @@ def scan(url: str, key: str | None, model: str, out: Path, per_family: int, max_
               "generations": 1, "max_tokens": max_tokens, "seed": seed, "attempts": attempts,
               "report": str(reports[-1].relative_to(out.resolve())), "probes": probes}
     _write_atomically(out / "scan.json", json.dumps(result, indent=2) + "\n")
+    if not (out / "results.json").is_file():
+        print(f"wrote {out / 'scan.json'}; table.md needs the guard's flags too: run `attack` with -o {out}",
+              file=sys.stderr)
+        return
     _write_table(out)
 
 

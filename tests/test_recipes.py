@@ -241,6 +241,13 @@ def test_reply_set_then_reply_crossval(tiny_dir, tmp_path):
     trace = json.loads(r.stdout[r.stdout.index("{"):])
     assert trace["matches_the_guard_report"] is True and trace["n"] == res["n"] - _empty_replies(rs)
     assert (tr / "trace.png").stat().st_size > 0 and (tr / "traces.csv").exists() and (tr / "replies.csv").exists()
+    for bad, hint in ((["--reply-guard", str(tmp_path)], "--reply-guard"), (["--layers", "99"], "--layers")):
+        args = {"--reply-guard": str(rg), "--layers": None, **dict(zip(bad[::2], bad[1::2]))}
+        r = CliRunner().invoke(main, ["guard", "reply-trace", "--model", str(tiny_dir / "model"), "--replies", str(rs),
+                                      "--directions", str(ext), "-o", str(tmp_path / "trace-bad"),
+                                      *[x for k, v in args.items() if v is not None for x in (k, v)]])
+        assert r.exit_code == 2 and hint in r.output, r.output  # a usage error, not a traceback
+        assert not (tmp_path / "trace-bad").exists()
     r = _run(["guard", "reply-fit", "--model", str(tiny_dir / "model"), "--replies", str(rs), "--design", "2/4",
               "--min-tokens", "2", "--hold-out-together", "a,c", "-o", str(tmp_path / "rg2"), "--json"])
     assert r.exit_code == 0, r.output

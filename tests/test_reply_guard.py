@@ -276,6 +276,10 @@ def test_sources_held_out_together_are_scored_by_the_fit_without_both():
         held_out_units(sources, [["s1", "s2"], ["s2", "s3"]])
     with pytest.raises(ValueError, match="two sources or more"):
         held_out_units(sources, [["s1"]])
+    by_source = [0 if s in ("s0", "s1") else 1 for s in sources]  # s2 and s3 hold every harmful reply
+    with pytest.raises(ValueError, match="one class only"):
+        held_out_units(sources, [["s2", "s3"]], by_source)
+    assert sorted(set(held_out_units(sources, [["s1", "s2"]], by_source).tolist())) == ["s0", "s1+s2", "s3"]
 
 
 def test_belief_traces_equal_a_plain_forward_and_the_summary_separates():

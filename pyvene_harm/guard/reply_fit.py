@@ -42,9 +42,11 @@ def kind_weights(kinds: Sequence[str], labels: Sequence[int]) -> np.ndarray:
     return w * len(w) / w.sum()
 
 
-def held_out_units(sources: Sequence[str], together: Sequence[Sequence[str]] = ()) -> np.ndarray:
+def held_out_units(sources: Sequence[str], together: Sequence[Sequence[str]] = (),
+                   labels: Sequence[int] | None = None) -> np.ndarray:
     """Per reply, the unit a fold leaves out with it: its source, or the group of ``together`` it is
-    in (named by its sources joined with ``+``).
+    in (named by its sources joined with ``+``). With ``labels``, also checks that every fold
+    still trains on both classes (a group holding all of one class leaves its fold none).
 
     Why groups: two sources that share what a read-out could key on (the same five languages, one
     harmful and one harmless) teach a fit that leaves only one of them out that the language itself
@@ -68,7 +70,16 @@ def held_out_units(sources: Sequence[str], together: Sequence[Sequence[str]] = (
         seen |= set(names)
         for name in names:
             unit[name] = "+".join(sorted(set(names)))
-    return np.asarray([unit[s] for s in src.tolist()], dtype=object)
+    units = np.asarray([unit[s] for s in src.tolist()], dtype=object)
+    if labels is not None:
+        y = np.asarray(labels)
+        for u in sorted(set(units.tolist())):
+            rest = set(y[units != u].tolist())
+            if len(rest) < 2:
+                raise ValueError(f"leaving out {u} leaves its fold "
+                                 f"{'no replies' if not rest else 'one class only'} to train on: "
+                                 "hold fewer sources out together")
+    return units
 
 
 def out_of_fold_token_scores(sources: Sequence[str], labels: Sequence[int], x: Sequence[np.ndarray], *,

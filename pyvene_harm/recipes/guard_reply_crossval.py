@@ -26,13 +26,14 @@ def hold_out_together_option(fn):
              "Figures are still given per source.")(fn)
 
 
-def resolve_together(together: tuple[str, ...], sources: list[str]) -> list[list[str]]:
-    """The groups of ``--hold-out-together``, checked against the reply set's sources."""
+def resolve_together(together: tuple[str, ...], sources: list[str], labels: list[int]) -> list[list[str]]:
+    """The groups of ``--hold-out-together``, checked against the reply set's sources and labels
+    before any model is loaded."""
     from ..guard.reply_fit import held_out_units
 
     groups = [[name.strip() for name in g.split(",") if name.strip()] for g in together]
     try:
-        held_out_units(sources, groups)
+        held_out_units(sources, groups, labels)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--hold-out-together") from None
     return groups
@@ -71,7 +72,7 @@ def reply_crossval(mopts, replies_dir, designs, min_tokens, balance, together, o
         raise click.BadParameter(str(err), param_hint="--design") from None
     rows = load_reply_rows(replies_dir)
     rows = [r for r in rows if r.reply.strip()]  # an empty reply has no tokens to read
-    groups = resolve_together(together, [r.source for r in rows])
+    groups = resolve_together(together, [r.source for r in rows], [r.label for r in rows])
     needed = sorted({s for d in parsed for s in d.states})
     run = RunDir(out, "guard-reply-crossval", {**mopts.as_dict(), "replies": replies_dir, "designs": list(designs),
                                                "min_tokens": min_tokens, "balance": balance,

@@ -54,7 +54,7 @@ def reply_fit(mopts, replies_dir, design, min_tokens, max_safe_flagged, balance,
         raise click.BadParameter("a text control reads no states and cannot be served: give STATES/WIDTH, "
                                  "e.g. 12/32", param_hint="--design")
     rows = [r for r in load_reply_rows(replies_dir) if r.reply.strip()]  # an empty reply has no tokens
-    groups = resolve_together(together, [r.source for r in rows])
+    groups = resolve_together(together, [r.source for r in rows], [r.label for r in rows])
     loaded, fmt = LazyModel(mopts)()
     x = reply_token_states(loaded.model, fmt, [r.prompt for r in rows], [r.reply for r in rows],
                            states=parsed.states, batch_size=mopts.batch_size, progress=f"reading {len(rows)} replies")

@@ -52,6 +52,8 @@ def reply_trace(mopts, replies_dir, reply_guard_dir, directions_path, layers, n_
     """
     import numpy as np
 
+    from ..beliefs import resolve_layers
+    from ..guard.features import check_fits_model
     from ..guard.reply import ReplyGuard, scored_ends
     from ..guard.reply_fit import kind_weights, out_of_fold_token_scores
     from ..guard.reply_set import public_row
@@ -65,14 +67,25 @@ def reply_trace(mopts, replies_dir, reply_guard_dir, directions_path, layers, n_
         raise click.BadParameter(f"{layers!r} is not a list of state indices, e.g. 8,12,16",
                                  param_hint="--layers") from None
     rows = [r for r in load_reply_rows(replies_dir) if r.reply.strip()]  # an empty reply has no tokens
-    guard = ReplyGuard.load(reply_guard_dir)
+    try:
+        guard = ReplyGuard.load(reply_guard_dir)
+    except (OSError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint="--reply-guard") from None
     directions = resolve_directions(directions_path)
+    try:  # before the model loads: a wrong --layers costs nothing
+        resolve_layers(directions, layer_list)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--layers") from None
     extra = dict(getattr(guard, "extra_", {}) or {})
     together = [g.split("+") for g in extra.get("held_out_together", [])]
     run = RunDir(out, "guard-reply-trace", {**mopts.as_dict(), "replies": replies_dir, "reply_guard": reply_guard_dir,
                                             "directions": directions_path, "layers": layer_list, "plot": n_plot,
                                             "seed": seed})
     loaded, fmt = LazyModel(mopts)()
+    try:  # a reply guard made for another model would lend this one its threshold
+        check_fits_model(guard.metadata_, guard.hidden_size_, guard.states_, loaded.model, fmt)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--reply-guard") from None
     deltas, x = reply_belief_traces(loaded.model, fmt, [r.prompt for r in rows], [r.reply for r in rows], directions,
                                     layers=layer_list, keep=guard.states_, batch_size=mopts.batch_size,
                                     progress=f"reading {len(rows)} replies")
