@@ -19,9 +19,10 @@ __all__ = ["reply_fit"]
 @model_options
 @click.option("--replies", "replies_dir", required=True, type=click.Path(file_okay=False),
               help="A `guard reply-set` run directory (with its units/). Example: --replies results/demo/reply-set")
-@click.option("--design", default="12/32", show_default=True,
-              help="STATES/WIDTH: states read and window width in tokens. The default is the design with the "
-                   "highest worst-source AUROC in results/demo/reply-crossval.")
+@click.option("--design", default="16/16", show_default=True,
+              help="STATES/WIDTH: states read and window width in tokens. The default is the demo model's "
+                   "shipped design (chosen in results/demo/reply-crossval-wide); for another model, choose with "
+                   "`guard reply-crossval` (the state index depends on the model's depth).")
 @click.option("--min-tokens", type=click.IntRange(min=1), default=8, show_default=True,
               help="Windows ending before this reply token do not count towards the verdict.")
 @click.option("--max-safe-flagged", type=click.FloatRange(0, 1, max_open=True), default=0.02, show_default=True,
@@ -38,8 +39,8 @@ def reply_fit(mopts, replies_dir, design, min_tokens, max_safe_flagged, balance,
 
     \b
     Example:
-      pyvene-harm guard reply-fit -m demo --replies results/demo/reply-set \\
-        -o artifacts/qwen2.5-coder-0.5b-instruct/reply-guard
+      pyvene-harm guard reply-fit -m demo --replies results/demo/reply-set-wide \\
+        -o runs/reply-guard
     """
     from ..guard.reply_crossval import parse_reply_design
     from ..guard.reply_fit import fit_reply_guard
