@@ -118,14 +118,14 @@ def _harmless_rows() -> list[dict]:
     return rows
 
 
-def attack(payloads: Path, url: str, key: str | None, out: Path, batch: int) -> None:
+def attack(payloads: Path, url: str, key: str | None, out: Path, batch: int, timeout: float = 600) -> None:
     import httpx
 
     text = payloads.read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()] + _harmless_rows()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     flagged: list[bool] = []
-    with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+    with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
         for at in range(0, len(rows), batch):
             r = client.post("/v1/moderations", json={"input": [x["prompt"] for x in rows[at:at + batch]]})
             if r.status_code != 200:
@@ -248,6 +248,9 @@ def main() -> None:
     a.add_argument("--api-key", default=os.environ.get("PYVENE_HARM_API_KEY"))
     a.add_argument("-o", "--out", type=Path, required=True)
     a.add_argument("--batch", type=int, default=16)
+    a.add_argument("--timeout", type=float, default=600,
+                   help="seconds to wait for one batch's verdicts (long DAN and TAP payloads on a larger model "
+                        "on a CPU can take longer; raise the server's --request-timeout with it)")
     g = sub.add_parser("scan", help="run garak itself against the server's chat endpoint (run with garak's python)")
     g.add_argument("--url", default="http://127.0.0.1:8000")
     g.add_argument("--api-key", default=os.environ.get("PYVENE_HARM_API_KEY"))
@@ -266,7 +269,7 @@ def main() -> None:
     elif args.step == "scan":
         scan(args.url, args.api_key, args.model, args.out, args.per_family, args.max_tokens, args.seed, args.parallel)
     else:
-        attack(args.payloads, args.url, args.api_key, args.out, args.batch)
+        attack(args.payloads, args.url, args.api_key, args.out, args.batch, args.timeout)
 
 
 if __name__ == "__main__":
