@@ -246,6 +246,25 @@ def test_shipped_refusal_read_is_found_beside_shipped_guards_only(tmp_path):
     assert _shipped_refusal_read(str(tmp_path / "guard")) is None  # a user's own folder: only when asked
 
 
+def test_every_shipped_refusal_read_belongs_to_the_guard_beside_it():
+    """Each model's refusal-read/ is found beside its guard/ and was made for the same model
+    (provenance) at states the guard's one prefill reads, so `serve -m MODEL` loads it."""
+    import json
+    from pathlib import Path
+
+    from pyvene_harm.recipes.serve import _shipped_refusal_read
+
+    roots = sorted((Path(__file__).resolve().parents[1] / "artifacts").glob("*/refusal-read"))
+    assert {r.parent.name for r in roots} >= {"qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"}
+    for root in roots:
+        guard = json.loads((root.parent / "guard" / "guard.json").read_text())
+        read = json.loads((root / "refusal_read.json").read_text())
+        assert _shipped_refusal_read(str(root.parent / "guard")) == str(root)
+        for key in ("architecture", "hidden_size", "num_layers", "chat_template_hash", "model_id"):
+            assert read["provenance"][key] == guard[key], (root, key)
+        assert read["states"] == guard["states"], root
+
+
 def test_shipped_refusal_read_on_the_demo_model(demo):
     """The shipped read loads, fits the demo model, and the guard's one prefill gives the same
     beliefs as reading the t_post_inst states apart."""
