@@ -82,7 +82,7 @@ def cross_validate_replies(sources: Sequence[str], labels: Sequence[int], replie
             raise ValueError("balance='kind' needs one kind per reply")
         weights = kind_weights(kinds, y)
     names = sorted(set(src.tolist()))
-    units = held_out_units(sources, together)
+    units = held_out_units(sources, together, y)
     out_rows, pooled, delays, all_scores = [], {}, {}, {}
     for design in designs:
         score = np.full(len(y), np.nan)

@@ -89,8 +89,8 @@ def out_of_fold_token_scores(sources: Sequence[str], labels: Sequence[int], x: S
     """Per reply, ``[T]`` window scores from the fit that left its source (or its group of
     ``together``) out (threshold 0)."""
     src = np.asarray(sources, dtype=object)
-    units = held_out_units(sources, together)
     y = np.asarray(labels).astype(int)
+    units = held_out_units(sources, together, y)
     out: list[np.ndarray | None] = [None] * len(y)
     for held in sorted(set(units.tolist())):
         test, train = np.flatnonzero(units == held), np.flatnonzero(units != held)
