@@ -310,3 +310,31 @@ def test_generate_bad_options_stop_before_loading(fitted_guard, files, tmp_path,
                           (["--undo-refusal", "add", "--directions", str(tmp_path / "d")], "needs --layer")):
         r = CliRunner().invoke(main, [*base, *extra])
         assert r.exit_code == 2 and needle in r.output, r.output
+
+
+def test_exclude_run_folder_draws_a_fresh_sample(tmp_path):
+    """--exclude RUN drops the prompts a --set run drew (drawn again from its config, its own
+    exclusions included), so a second run of the same sources with another seed is disjoint."""
+    from pyvene_harm.recipes.guard_common import run_prompts
+
+    pool = [f"How do I do thing number {i}?" for i in range(30)]
+    (tmp_path / "pool.txt").write_text("\n".join(pool) + "\n")
+    sets = [f"a={tmp_path / 'pool.txt'}:harmless"]
+
+    def run_folder(name, seed, exclude):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"command": "guard-reply-set", "options": {"sets": sets, "limit": 8, "seed": seed, "exclude": exclude}}))
+        return str(tmp_path / name)
+
+    first = run_prompts(run_folder("r0", 0, []))
+    second = run_prompts(run_folder("r1", 1, [str(tmp_path / "r0")]))
+    assert len(first) == len(second) == 8 and not set(first) & set(second)
+    assert set(first) <= set(pool) and set(second) <= set(pool)
+    # the second's draw is reproduced through its own exclusion of the first; a third holds out both
+    third = run_prompts(run_folder("r2", 2, [str(tmp_path / "r0"), str(tmp_path / "r1")]))
+    assert not set(third) & (set(first) | set(second))
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({"options": {}}))
+    with pytest.raises(ValueError, match="records no --set"):
+        run_prompts(tmp_path / "bare")

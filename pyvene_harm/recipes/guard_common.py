@@ -27,6 +27,7 @@ __all__ = [
     "exclude_option",
     "parse_labelled_sets",
     "resolve_model_options",
+    "run_prompts",
 ]
 
 _LABELS = {"harmful": 1, "unsafe": 1, "1": 1, "harmless": 0, "safe": 0, "benign": 0, "0": 0}
@@ -167,8 +168,9 @@ def exclude_option(fn: Callable) -> Callable:
 
     @click.option("--exclude", "exclude_files", multiple=True, type=click.Path(),
                   help="Drop prompts found in this file from every set before sampling, so the sets are "
-                       "held out (repeatable). A guard folder drops the prompts it was fitted on (drawn again "
-                       "from the files, limit and seed it records). Example: --exclude "
+                       "held out (repeatable). A guard folder drops the prompts it was fitted on, a run folder "
+                       "made with --set (e.g. by `guard reply-set`) the prompts it drew (both drawn again from "
+                       "the files, limit and seed they record). Example: --exclude "
                        "../shared/data/rd_splits_harmful_train.json --exclude artifacts/qwen2.5-coder-0.5b-instruct/guard")
     @functools.wraps(fn)
     def wrapper(*args, exclude_files, **kwargs):
@@ -177,8 +179,12 @@ def exclude_option(fn: Callable) -> Callable:
         excluded: list[str] = []
         for path in exclude_files:
             try:
-                is_guard = (Path(path) / "guard.json").is_file()
-                excluded.extend(guard_training_prompts(path) if is_guard else load_prompts(path))
+                if (Path(path) / "guard.json").is_file():
+                    excluded.extend(guard_training_prompts(path))
+                elif (Path(path) / "config.json").is_file():
+                    excluded.extend(run_prompts(path))
+                else:
+                    excluded.extend(load_prompts(path))
             except (ValueError, OSError) as err:
                 raise click.BadParameter(str(err), param_hint="--exclude") from None
         kwargs["exclude"] = (list(exclude_files), excluded)
@@ -207,6 +213,30 @@ def guard_training_prompts(folder: str | Path) -> list[str]:
                                  "the guard was fitted in, or exclude the files themselves")
             out.extend(load_prompts(path, field=used.get(f"{key}_field"), limit=used.get("limit"),
                                     seed=used.get("seed", 0)))
+    return out
+
+
+def run_prompts(folder: str | Path) -> list[str]:
+    """The prompts a run folder made with ``--set`` drew, drawn again from the sets, limit, seed
+    and exclusions its ``config.json`` records, so a later run can hold them out (a fresh sample
+    of the same sources). Paths are as given then, so relative to the directory it ran in."""
+    from ..data import load_prompts
+    from ..io_utils import read_json
+
+    options = read_json(Path(folder) / "config.json").get("options", {})
+    if not options.get("sets"):
+        raise ValueError(f"{folder}: its config.json records no --set prompt sets: exclude the prompt "
+                         "files themselves")
+    excluded: list[str] = []
+    for path in options.get("exclude") or []:
+        excluded.extend(guard_training_prompts(path) if (Path(path) / "guard.json").is_file()
+                        else run_prompts(path) if (Path(path) / "config.json").is_file() else load_prompts(path))
+    out: list[str] = []
+    for name, path, _ in parse_labelled_sets(tuple(options["sets"])):
+        if not str(path).startswith("hf://") and not Path(path).exists():
+            raise ValueError(f"{folder} drew set {name!r} from {path}, which is not here: run from the "
+                             "directory it ran in, or exclude the files themselves")
+        out.extend(load_prompts(path, limit=options.get("limit"), seed=options.get("seed", 0), exclude=excluded))
     return out
 
 
