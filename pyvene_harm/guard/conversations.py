@@ -26,11 +26,12 @@ import numpy as np
 if TYPE_CHECKING:
     from .latent import GuardReport
 
-from ..conversation import Conversation
+from ..conversation import Conversation, as_conversation
+from ..literal_text import control_token_pattern
 from .spelling import normalize_spelling
 
-__all__ = ["CONTEXT", "MAX_PIECES", "ConversationVerdict", "combine_parts", "conversation_parts", "judge_groups", "score_reads",
-           "text_parts"]
+__all__ = ["CONTEXT", "MAX_PIECES", "ConversationVerdict", "combine_parts", "conversation_parts", "judge_conversations",
+           "judge_groups", "score_reads", "text_parts"]
 
 CONTEXT = "conversation"
 """The label of the read of the last user message after the whole conversation."""
@@ -182,3 +183,21 @@ def judge_groups(guard: Any, groups: Sequence[Sequence[tuple[str, str | Conversa
                                  None if rep.delta_refuse is None else rep.delta_refuse[sl],
                                  None if rep.refuse_probability is None else rep.refuse_probability[sl]))
     return out
+
+
+def judge_conversations(guard: Any, conversations: Sequence[Any]) -> list[ConversationVerdict]:
+    """:meth:`LatentGuard.judge_conversations <pyvene_harm.guard.latent.LatentGuard.judge_conversations>`:
+    the input checked (a list of conversations, each turned into a
+    :class:`~pyvene_harm.conversation.Conversation`), split into reads, judged in one pass."""
+    if isinstance(conversations, (str, dict)) or not isinstance(conversations, Sequence):
+        raise TypeError("pass a list of conversations, each a list of {'role', 'content'} messages")
+    if len(conversations) == 0:
+        raise ValueError("empty conversation list: pass at least one conversation")
+    convs = []
+    for i, c in enumerate(conversations):
+        try:
+            convs.append(as_conversation(c))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"conversation {i}: {err}") from None
+    split_at = control_token_pattern(guard.chat_formatter().tokenizer)
+    return judge_groups(guard, [conversation_parts(c, split_at) for c in convs])

@@ -25,20 +25,18 @@ from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d
 
-from ..collect import collect_token_states
-from ..conversation import as_conversation
 from ..directions import model_provenance
-from ..literal_text import control_token_pattern
 from ..positions import ChatFormatter
-from ..reads import check_reads, fixed_reads, scan_width
-from ..windows import max_window_scores
+from ..reads import fixed_reads, scan_width
 from . import artifact
-from .conversations import ConversationVerdict, conversation_parts, judge_groups
-from .features import as_prompts, check_fits_model, iter_prompt_states, resolve_states
-from .max_calibration import MAX_THRESHOLDS, OutOfGroupReadouts
-from .readout import DEFAULT_CS, DEFAULT_RANK, METHODS, LinearReadout, centroid_gap
+from .conversations import ConversationVerdict, judge_conversations
+from .estimator_repr import ModelHoldingRepr
+from .features import as_prompts, iter_prompt_states, resolve_states
+from .params import check_latent_params
+from .prompt_scores import prompt_scores
+from .readout import DEFAULT_RANK
 from .report import GuardReport, flag_decisions
-from .scan_fit import harmless_windows, held_out_maxima
+from .scan_fit import fit_readout
 from .spelling import normalize_prompts
 from .thresholds import ThresholdMixin
 from .training import (
@@ -60,7 +58,7 @@ cosine reads as 73%). A ``method="linear"`` guard's decision is a fitted log-odd
 _NOT_FITTED = artifact.NOT_FITTED
 
 
-class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
+class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.GuardArtifactMixin, BaseEstimator):
     """Classify prompts as harmful from the model's own hidden states.
 
     ``X`` is either a list of prompts (needs ``model`` and ``tokenizer``) or a numeric array of
@@ -201,7 +199,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
                                  f"{len(reads)} reads {reads}: give len(reads) * len(layers) columns")
             states = precomputed_states(self.layers, arr.shape[1] // len(reads), len(reads))
             x = torch.tensor(arr, dtype=torch.float64)
-            metadata, fitted_on = {}, "states"
+            metadata, fitted_on, model, fmt = {}, "states", None, None
         else:
             model, fmt = self._require_model()
             classes, positive = binary_labels(y, len(prompts))
@@ -232,27 +230,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         self.centroids_ = {k: mean[k] for k in ("harmful", "harmless")}
         readout = None
         if self.method == "linear":
-            fit_x, fit_y, fit_w = x.numpy(), positive, weights
-            fit_g = None if groups is None else np.asarray(groups, dtype=object).astype(str)
-            readout = LinearReadout.fit(fit_x, fit_y, C=self.C, Cs=tuple(self.Cs or DEFAULT_CS), sample_weight=weights,
-                                        rank=self.rank, groups=fit_g)
-            width = scan_width(reads[0])
-            if width is not None and prompts is not None and self.scan_negatives:
-                rows, of = harmless_windows(model, fmt, prompts, positive, states, fixed_reads(reads), readout, width,
-                                            self.scan_negatives, batch_size=self.batch_size, progress=self.progress)
-                if len(rows):
-                    fit_x = np.concatenate([fit_x, rows])
-                    fit_y = np.concatenate([fit_y, np.zeros(len(rows), bool)])
-                    fit_g = None if fit_g is None else np.concatenate([fit_g, fit_g[of]])
-                    fit_w = None if weights is None else np.concatenate([weights, weights[of]])
-                    readout = LinearReadout.fit(fit_x, fit_y, C=self.C, Cs=tuple(self.Cs or DEFAULT_CS),
-                                                sample_weight=fit_w, rank=self.rank, groups=fit_g)
-                    readout.cv = {**(readout.cv or {}), "window_negatives": int(len(rows))}
-            if self.calibrate_max:
-                folds = OutOfGroupReadouts.fit(readout, fit_x, fit_y, fit_g, rank=self.rank, sample_weight=fit_w)
-                best = held_out_maxima(model, fmt, prompts, fit_g[:len(prompts)], states, fixed_reads(reads), folds,
-                                       width, batch_size=self.batch_size, progress=self.progress)
-                readout = folds.calibrate(best, positive, fit_g[:len(prompts)], threshold=self.max_threshold)
+            readout = fit_readout(self, model, fmt, prompts, x.numpy(), positive, weights, groups, states, reads)
         names = sorted(k for k in mean if k.startswith("category:"))
         artifact.set_fitted(self, states=states, reads=reads, classes=classes, n_train=counts, metadata=metadata,
                             fitted_on=fitted_on, categories=[k[len("category:"):] for k in names],
@@ -260,37 +238,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
         return self
 
     def _check_params(self) -> list[str]:
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not np.isfinite(float(self.threshold)):
-            raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
-        if self.n_states is not None and (not isinstance(self.n_states, int) or self.n_states < 1):
-            raise ValueError(f"n_states must be a positive int or None, got {self.n_states!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.rank is not None and not (isinstance(self.rank, int) and self.rank >= 1):
-            raise ValueError(f"rank must be a positive int or None (all directions), got {self.rank!r}")
-        if self.Cs is not None and (not len(self.Cs) or not all(
-                isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) and c > 0 for c in self.Cs)):
-            raise ValueError(f"Cs must be positive, finite strengths to choose C from, got {self.Cs!r}")
-        if self.C is not None and not (isinstance(self.C, (int, float)) and float(self.C) > 0):
-            raise ValueError(f"C must be a positive number or None (chosen by cross-validation), got {self.C!r}")
-        if not isinstance(self.scan_negatives, int) or isinstance(self.scan_negatives, bool) or self.scan_negatives < 0:
-            raise ValueError(f"scan_negatives must be an int >= 0, got {self.scan_negatives!r}")
-        reads = check_reads(self.reads)
-        if not isinstance(self.calibrate_max, bool):
-            raise ValueError(f"calibrate_max must be True or False, got {self.calibrate_max!r}")
-        if self.max_threshold not in MAX_THRESHOLDS:
-            raise ValueError(f"max_threshold must be one of {MAX_THRESHOLDS}, got {self.max_threshold!r}")
-        if self.calibrate_max and scan_width(reads[0]) is None:
-            raise ValueError(f"calibrate_max calibrates the maximum over windows: it needs a scan:K read, not {reads}")
-        if any(scan_width(r) is not None for r in reads):
-            if len(reads) > 1:
-                raise ValueError(f"a scan read takes the maximum over windows and stands alone: use reads=[{reads[0]!r}] "
-                                 f"(not {reads})")
-            if self.method != "linear":
-                raise ValueError(f"read {reads[0]!r} scores every window with a linear read-out: use method='linear'")
-        return reads
+        return check_latent_params(self)
 
     @property
     def scan_width_(self) -> int | None:
@@ -364,82 +312,8 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
 
     def _scores(self, X: Any, layers: Sequence[int], *, categories: bool = False,
                 readout: bool = False, refusal: bool = False) -> tuple:
-        """``[n, C]`` cosine gaps over the columns of ``layers``, ``[n, K, C]`` per category if
-        asked, and ``[n]`` read-out scores if asked; one pass over prompts, batch by batch. With
-        ``refusal`` a fourth item: ``([n] Delta_refuse, [n] P(refuses) or None)`` from the same
-        pass, or None (no refusal read, or precomputed states)."""
-        check_is_fitted(self, msg=_NOT_FITTED)
-        cols = self._columns(layers)
-        pos = torch.from_numpy(self.centroids_["harmful"][cols]).double()
-        neg = torch.from_numpy(self.centroids_["harmless"][cols]).double()
-        cats = torch.from_numpy(self.category_centroids_[:, cols]).double() if categories else None
-
-        def score(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-            cols_x = x[:, cols]
-            g = centroid_gap(cols_x, pos, neg)
-            gc = None if cats is None else np.stack([centroid_gap(cols_x, c, neg) for c in cats], axis=1)
-            return g, gc, (self.readout_.score(x) if readout else None)
-
-        prompts = self._as_read(as_prompts(X))
-        if prompts is None:
-            arr = states_array(self, X, reset=False)
-            got = score(torch.from_numpy(np.ascontiguousarray(arr)).double())
-            return (*got, None) if refusal else got
-        model, fmt = self._require_model()
-        read_refusal = refusal and getattr(self, "refusal_read_", None) is not None
-        # the read-out (and the refusal read) need every fitted state; centroid gaps only ``layers``
-        full_width = readout or read_refusal
-        need = self.states_ if full_width else layers
-        check_fits_model(self.metadata_, self.hidden_size_, need, model, fmt)
-        reads = fixed_reads(self.reads_)
-        extra = ["t_post_inst"] if read_refusal and "t_post_inst" not in reads else []
-        out = np.empty((len(prompts), len(cols)))
-        out_c = np.empty((len(prompts), len(cats), len(cols))) if cats is not None else None
-        out_r = np.empty(len(prompts)) if readout else None
-        out_f = np.empty(len(prompts)) if read_refusal else None
-        out_p = np.empty(len(prompts)) if read_refusal and self.refusal_read_.calibrated else None
-        batches = (self._scan_batches(model, fmt, prompts, extra) if readout and self.scan_width_ is not None else
-                   ((idx, x, None) for idx, x in iter_prompt_states(
-                       model, fmt, prompts, need, batch_size=self.batch_size,
-                       progress=self.progress and "scoring prompts", reads=reads + extra)))
-        n = len(self.states_)
-        if read_refusal:  # t_post_inst, from the same pass: its own block of columns
-            at = (reads + extra).index("t_post_inst")
-            post_cols = [at * n + self.states_.index(s) for s in self.refusal_read_.states]
-        for idx, x, scanned in batches:
-            if read_refusal:
-                post = x[:, post_cols]
-                out_f[idx], p = self.refusal_read_.read(post)
-                if out_p is not None:
-                    out_p[idx] = p
-                x = x[:, :len(reads) * n]
-            if not full_width:  # x holds exactly the columns of ``layers``: widen to the fitted layout
-                full = torch.zeros((len(idx), len(self.reads_) * len(self.states_), x.shape[-1]), dtype=x.dtype)
-                full[:, cols] = x
-                x = full
-            g, gc, r = score(x)
-            if scanned is not None:
-                r = scanned  # the highest window's score, not the last window's
-            out[idx] = g
-            if out_c is not None:
-                out_c[idx] = gc
-            if out_r is not None:
-                out_r[idx] = r
-        return (out, out_c, out_r, (out_f, out_p)) if refusal else (out, out_c, out_r)
-
-    def _scan_batches(self, model: Any, fmt: ChatFormatter, prompts: Sequence[Any], extra: Sequence[str] = ()):
-        """``(indices, [b, F, d] last-window states, [b] highest window score)`` per batch: one
-        pass that projects every instruction token on the read-out's weights (the ``extra``
-        reads' columns appended after the guard's own)."""
-        v, offset = self.readout_.projection()  # [S, d]
-        project = torch.from_numpy(np.ascontiguousarray(v.T)).float()
-        reads = fixed_reads(self.reads_) + list(extra)
-        for idx, by_read, proj in collect_token_states(model, fmt, prompts, states=self.states_,
-                                                       positions=reads, project=project,
-                                                       batch_size=self.batch_size,
-                                                       progress=self.progress and "scoring prompts"):
-            x = torch.cat([by_read[r] for r in reads], dim=1).to("cpu", torch.float64)
-            yield idx, x, max_window_scores(proj, self.scan_width_, offset)[0]
+        """See :func:`~pyvene_harm.guard.prompt_scores.prompt_scores`."""
+        return prompt_scores(self, X, layers, categories=categories, readout=readout, refusal=refusal)
 
     def _decision_scores(self, X: Any, *, categories: bool = False, refusal: bool = False):
         """Per-column gaps, per-category gaps and the score the threshold cuts, in one pass
@@ -543,18 +417,7 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
             ...                             {"role": "user", "content": "Hi, go ahead."}]])[0].flagged_by
             ('messages[0] (system)', 'conversation')
         """
-        if isinstance(conversations, (str, dict)) or not isinstance(conversations, Sequence):
-            raise TypeError("pass a list of conversations, each a list of {'role', 'content'} messages")
-        if len(conversations) == 0:
-            raise ValueError("empty conversation list: pass at least one conversation")
-        convs = []
-        for i, c in enumerate(conversations):
-            try:
-                convs.append(as_conversation(c))
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"conversation {i}: {err}") from None
-        split_at = control_token_pattern(self.chat_formatter().tokenizer)
-        return judge_groups(self, [conversation_parts(c, split_at) for c in convs])
+        return judge_conversations(self, conversations)
 
     # --- categories ----------------------------------------------------------------------
 
@@ -583,19 +446,3 @@ class LatentGuard(ThresholdMixin, ClassifierMixin, artifact.GuardArtifactMixin, 
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "centroids_")
-
-    def __repr__(self, N_CHAR_MAX: int = 700) -> str:
-        # a model's repr is thousands of lines: show what it is, not what it holds
-        shown = []
-        defaults = type(self)().get_params(deep=False)
-        for k, v in self.get_params(deep=False).items():
-            if v is defaults[k] or (not hasattr(v, "__len__") and v == defaults[k]) or (
-                    isinstance(v, (tuple, list)) and list(v) == list(defaults[k] or [])):
-                continue
-            if k in ("model", "tokenizer", "formatter"):
-                name = getattr(v, "name_or_path", "") or getattr(getattr(v, "config", None), "_name_or_path", "")
-                v = f"<{type(v).__name__}{' ' + repr(name) if name else ''}>"
-            else:
-                v = repr(v)
-            shown.append(f"{k}={v}")
-        return f"{type(self).__name__}({', '.join(shown)})"

@@ -48,6 +48,7 @@ from ..io_utils import (
     read_json,
 )
 from ..windows import window_means, window_starts
+from .estimator_repr import ModelHoldingRepr
 from .features import check_fits_model
 from .readout import DEFAULT_CS, DEFAULT_RANK, LinearReadout
 
@@ -67,7 +68,7 @@ def scored_ends(n_tokens: int, min_tokens: int) -> np.ndarray:
     return np.arange(min(min_tokens, n_tokens) - 1, n_tokens)
 
 
-class ReplyGuard(ClassifierMixin, BaseEstimator):
+class ReplyGuard(ModelHoldingRepr, ClassifierMixin, BaseEstimator):
     """A scikit-learn classifier of replies from the model's states at the reply's tokens.
 
     ``X`` is a list of ``(prompt, reply)`` pairs (the prompt a string or a

@@ -2,7 +2,8 @@
 
 A scan guard's verdict is the highest of its read-out's scores over every K-token window of the
 instruction (:mod:`~pyvene_harm.windows`). Fitting it on each prompt's last window alone leaves
-two gaps, each closed by one more pass over the prompts' token states:
+two gaps, each closed by one more pass over the prompts' token states (:func:`fit_readout` makes
+the fit and both passes):
 
 * :func:`harmless_windows`: the windows of harmless prompts that score highest under a first
   fit, added as harmless rows, so that a harmless request's opening words ("How do I kill" of
@@ -20,11 +21,12 @@ import numpy as np
 
 from ..collect import collect_token_states
 from ..positions import ChatFormatter
+from ..reads import fixed_reads, scan_width
 from ..windows import max_window_scores, top_windows, window_means
 from .max_calibration import OutOfGroupReadouts
-from .readout import LinearReadout
+from .readout import DEFAULT_CS, LinearReadout
 
-__all__ = ["harmless_windows", "held_out_maxima"]
+__all__ = ["fit_readout", "harmless_windows", "held_out_maxima"]
 
 
 def harmless_windows(model: Any, fmt: ChatFormatter, prompts: Sequence[Any], positive: np.ndarray,
@@ -61,3 +63,33 @@ def held_out_maxima(model: Any, fmt: ChatFormatter, prompts: Sequence[Any], grou
             proj = np.einsum("tsd,sd->t", t.double().numpy(), v)
             best[j] = max_window_scores([proj], width, offset)[0][0]
     return best
+
+
+def fit_readout(guard: Any, model: Any, fmt: ChatFormatter | None, prompts: Sequence[Any] | None, x: np.ndarray,
+                positive: np.ndarray, weights: np.ndarray | None, groups: Sequence[Any] | None,
+                states: Sequence[int], reads: Sequence[str]) -> LinearReadout:
+    """A ``method="linear"`` guard's read-out on the training states ``x`` (``[n, S, d]``); for a
+    ``scan:K`` read fitted on prompts, refitted with their highest harmless windows
+    (``scan_negatives``) and, with ``calibrate_max``, calibrated on out-of-group maxima."""
+    fit_x, fit_y, fit_w = x, positive, weights
+    fit_g = None if groups is None else np.asarray(groups, dtype=object).astype(str)
+    cs = tuple(guard.Cs or DEFAULT_CS)
+    readout = LinearReadout.fit(fit_x, fit_y, C=guard.C, Cs=cs, sample_weight=weights, rank=guard.rank, groups=fit_g)
+    width = scan_width(reads[0])
+    if width is not None and prompts is not None and guard.scan_negatives:
+        rows, of = harmless_windows(model, fmt, prompts, positive, states, fixed_reads(reads), readout, width,
+                                    guard.scan_negatives, batch_size=guard.batch_size, progress=guard.progress)
+        if len(rows):
+            fit_x = np.concatenate([fit_x, rows])
+            fit_y = np.concatenate([fit_y, np.zeros(len(rows), bool)])
+            fit_g = None if fit_g is None else np.concatenate([fit_g, fit_g[of]])
+            fit_w = None if weights is None else np.concatenate([weights, weights[of]])
+            readout = LinearReadout.fit(fit_x, fit_y, C=guard.C, Cs=cs, sample_weight=fit_w, rank=guard.rank,
+                                        groups=fit_g)
+            readout.cv = {**(readout.cv or {}), "window_negatives": int(len(rows))}
+    if guard.calibrate_max:
+        folds = OutOfGroupReadouts.fit(readout, fit_x, fit_y, fit_g, rank=guard.rank, sample_weight=fit_w)
+        best = held_out_maxima(model, fmt, prompts, fit_g[:len(prompts)], states, fixed_reads(reads), folds,
+                               width, batch_size=guard.batch_size, progress=guard.progress)
+        readout = folds.calibrate(best, positive, fit_g[:len(prompts)], threshold=guard.max_threshold)
+    return readout
