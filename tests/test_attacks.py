@@ -690,7 +690,7 @@ def _(c):
         order.append("reply")
         return Reply(text="ok", prompt_tokens=1, completion_tokens=1, finish_reason="stop")
 
-    c.monkeypatch.setattr("pyvene_harm.serve.worker.generate_reply", fake_reply)
+    c.monkeypatch.setattr("pyvene_harm.serve.worker_replies.generate_reply", fake_reply)
     guard = FakeGuard(-1.0)
     worker = GuardWorker(guard, None, make_tokenizer("qwen2.5"), max_batch=1, max_wait_ms=0,
                          scoring_batches_per_reply=2)

@@ -38,12 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from ..guard.conversations import combine_parts, score_reads
+from ..guard.conversations import score_reads
 from ..guard.guarded import DEFAULT_REFUSAL
-from .decoding import Reply, ReplyRequest, generate_reply, generate_reply_batch
+from .decoding import Reply
 from .errors import ApiError, internal_error
 from .jobs import CallJob, ChatJob, Job, ScoreJob
 from .schemas import Verdict
+from .verdict_rows import combine_rows, report_rows
+from .worker_replies import ReplyDecoding
 
 __all__ = ["GuardWorker", "WorkerStats"]
 
@@ -75,7 +77,7 @@ class WorkerStats:
     """``scoring``, ``generating`` or None (idle)."""
 
 
-class GuardWorker:
+class GuardWorker(ReplyDecoding):
     """Owns the model; see the module docstring.
 
     Args:
@@ -354,7 +356,7 @@ class GuardWorker:
         self.stats.largest_batch = max(self.stats.largest_batch, len(reads))
         at = 0
         for job, a, b in parts:
-            job.rows += _report_rows(rep, at, at + b - a)
+            job.rows += report_rows(rep, at, at + b - a)
             at += b - a
             job.scored, job.batches = b, job.batches + 1
             if job.scored == len(job.prompts):
@@ -367,7 +369,7 @@ class GuardWorker:
         for group in job.groups:
             rows = job.rows[at:at + len(group)]
             at += len(group)
-            v = _combine(self.guard, [label for label, _ in group], rows, self.categories)
+            v = combine_rows(self.guard, [label for label, _ in group], rows, self.categories)
             self.stats.nonfinite_scores += sum(not np.isfinite(p["score"]) for p in v.parts)
             mine.append(Verdict(harmful=v.harmful, delta_harmful=v.delta_harmful, score=v.score,
                                 probability=v.probability, category=v.category, category_scores=v.category_scores,
@@ -404,92 +406,6 @@ class GuardWorker:
                                finish_reason="content_filter"))
         self._finished(job)
 
-    def steers(self, job: ChatJob) -> bool:
-        """Whether ``job``'s reply is decoded with the steering: only under the system prompt the
-        guard judged with, unless the operator allowed any (``steer_any_system_prompt``)."""
-        if self.steering is None and getattr(self.engine, "adapter", None) is None:
-            return False
-        own = job.conversation.system_prompt
-        return self.steer_any_system_prompt or own is None or own == self.formatter.system_prompt
-
-    def _reply_next(self) -> None:
-        """Decode the oldest waiting reply, together with the waiting ones that can share its
-        ``generate`` call: greedy, no penalties, the same steering (up to ``max_reply_batch``)."""
-        first = self._replies.popleft()
-        group = [first]
-        if self.max_reply_batch > 1 and _batchable(first):
-            steer = self.steers(first)
-            for job in list(self._replies):
-                if len(group) >= self.max_reply_batch:
-                    break
-                if _batchable(job) and self.steers(job) == steer:
-                    self._replies.remove(job)
-                    group.append(job)
-        for job in [j for j in group if j.cancelled]:
-            group.remove(job)
-            self._skip(job)
-        if len(group) == 1:
-            self._reply(group[0])
-        elif group:
-            self._reply_batch(group)
-
-    def _reply_batch(self, jobs: list[ChatJob]) -> None:
-        self.stats.busy = "generating"
-        steer = self.steers(jobs[0])
-        if self.steering is not None and not steer:
-            self.stats.replies_unsteered += len(jobs)
-        requests = [ReplyRequest(job.conversation, job.max_new_tokens, stop=job.stop,
-                                 on_text=(lambda text, job=job: job.emit("text", text)) if job.stream else None,
-                                 should_stop=lambda job=job: job.cancelled or self._stopped) for job in jobs]
-        try:
-            replies = generate_reply_batch(self.model, self.formatter, requests,
-                                           steering=self.steering if steer else None, reply_guard=self.reply_guard)
-        except Exception as exc:
-            for job in jobs:
-                self._fail(job, exc)
-            return
-        self.stats.reply_batches += 1
-        self.stats.largest_reply_batch = max(self.stats.largest_reply_batch, len(jobs))
-        for job, reply in zip(jobs, replies):
-            self._deliver(job, reply)
-
-    def _reply(self, job: ChatJob) -> None:
-        if job.cancelled:
-            self._skip(job)
-            return
-        self.stats.busy = "generating"
-        steer = self.steers(job)
-        if self.steering is not None and not steer:
-            self.stats.replies_unsteered += 1
-        try:
-            reply = generate_reply(
-                self.model, self.formatter, job.conversation,
-                max_new_tokens=job.max_new_tokens, steering=self.steering if steer else None,
-                temperature=job.temperature, top_p=job.top_p, seed=job.seed, stop=job.stop,
-                frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
-                should_stop=lambda: job.cancelled or self._stopped,
-                on_text=(lambda text: job.emit("text", text)) if job.stream else None,
-                reply_guard=self.reply_guard,
-            )
-        except Exception as exc:
-            self._fail(job, exc)
-            return
-        self._deliver(job, reply)
-
-    def _deliver(self, job: ChatJob, reply: Reply) -> None:
-        if reply.finish_reason == "cancelled" and self._stopped and not job.cancelled:
-            self._fail(job, ApiError(503, "the server is shutting down: retry on another instance",
-                                     type="server_error", code="unavailable"))
-            return
-        self.stats.replies += 1
-        self.stats.tokens_generated += reply.completion_tokens
-        if reply.finish_reason == "cancelled":
-            self.stats.replies_cancelled += 1
-        if reply.reply_guard is not None and reply.reply_guard["flagged"]:
-            self.stats.replies_stopped += 1
-        job.emit("done", reply)
-        self._finished(job)
-
     def _drain(self) -> None:
         """After stopping: every job still waiting gets a 503."""
         gone = ApiError(503, "the server is shutting down: retry on another instance", type="server_error",
@@ -505,30 +421,3 @@ class GuardWorker:
             if job is not None and job is not _STOP:
                 job.fail(gone)
                 self._finished(job)
-
-
-def _batchable(job: ChatJob) -> bool:
-    """Greedy and without penalties: rows of one batched ``generate`` share these settings."""
-    return not job.temperature and not job.frequency_penalty and not job.presence_penalty
-
-
-def _report_rows(rep: Any, a: int, b: int) -> list[dict[str, Any]]:
-    """Rows ``a:b`` of a :class:`~pyvene_harm.guard.latent.GuardReport`, one dict per read."""
-    return [{"harmful": bool(rep.harmful[i]), "score": float(rep.score[i]), "delta": float(rep.delta_harmful[i]),
-             "probability": float(rep.probability[i]),
-             "category": None if rep.category is None else rep.category[i],
-             "category_scores": None if rep.category_scores is None else rep.category_scores[i],
-             "delta_refuse": None if rep.delta_refuse is None else float(rep.delta_refuse[i]),
-             "refuse_probability": None if rep.refuse_probability is None else float(rep.refuse_probability[i])}
-            for i in range(a, b)]
-
-
-def _combine(guard: Any, labels: list[str], rows: list[dict[str, Any]], names: list[str]) -> Any:
-    """One verdict from the rows of one group's reads (as :func:`judge_groups` combines them)."""
-    col = lambda k: np.asarray([r[k] for r in rows])  # noqa: E731
-    cats = None if rows[0]["category"] is None else [r["category"] for r in rows]
-    cat_scores = None if rows[0]["category_scores"] is None else np.stack([r["category_scores"] for r in rows])
-    refuse = None if rows[0]["delta_refuse"] is None else col("delta_refuse")
-    refuse_p = None if rows[0]["refuse_probability"] is None else col("refuse_probability")
-    return combine_parts(labels, col("harmful"), col("score"), col("delta"), col("probability"), guard.threshold_,
-                         cats, cat_scores, names, refuse, refuse_p)
