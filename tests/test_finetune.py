@@ -45,8 +45,10 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def fake_judge(monkeypatch):
     import pyvene_harm.extract as extract
+    import pyvene_harm.finetune_data as ft_data
 
     monkeypatch.setattr(ft, "KeywordRefusalJudge", KeywordIsBomb)
+    monkeypatch.setattr(ft_data, "KeywordRefusalJudge", KeywordIsBomb)
     monkeypatch.setattr(extract, "KeywordRefusalJudge", KeywordIsBomb)
 
 
