@@ -25,6 +25,7 @@ __all__ = [
     "labelled_sets_option",
     "load_guard",
     "exclude_option",
+    "excluded_prompts",
     "parse_labelled_sets",
     "resolve_model_options",
     "run_prompts",
@@ -174,17 +175,10 @@ def exclude_option(fn: Callable) -> Callable:
                        "../shared/data/rd_splits_harmful_train.json --exclude artifacts/qwen2.5-coder-0.5b-instruct/guard")
     @functools.wraps(fn)
     def wrapper(*args, exclude_files, **kwargs):
-        from ..data import load_prompts
-
         excluded: list[str] = []
         for path in exclude_files:
             try:
-                if (Path(path) / "guard.json").is_file():
-                    excluded.extend(guard_training_prompts(path))
-                elif (Path(path) / "config.json").is_file():
-                    excluded.extend(run_prompts(path))
-                else:
-                    excluded.extend(load_prompts(path))
+                excluded.extend(excluded_prompts(path))
             except (ValueError, OSError) as err:
                 raise click.BadParameter(str(err), param_hint="--exclude") from None
         kwargs["exclude"] = (list(exclude_files), excluded)
@@ -216,6 +210,18 @@ def guard_training_prompts(folder: str | Path) -> list[str]:
     return out
 
 
+def excluded_prompts(path: str | Path) -> list[str]:
+    """What ``--exclude PATH`` drops: a guard folder's training prompts, a run folder's drawn
+    prompts, or every prompt of a file."""
+    from ..data import load_prompts
+
+    if (Path(path) / "guard.json").is_file():
+        return guard_training_prompts(path)
+    if (Path(path) / "config.json").is_file():
+        return run_prompts(path)
+    return load_prompts(path)
+
+
 def run_prompts(folder: str | Path) -> list[str]:
     """The prompts a run folder made with ``--set`` drew, drawn again from the sets, limit, seed
     and exclusions its ``config.json`` records, so a later run can hold them out (a fresh sample
@@ -227,10 +233,7 @@ def run_prompts(folder: str | Path) -> list[str]:
     if not options.get("sets"):
         raise ValueError(f"{folder}: its config.json records no --set prompt sets: exclude the prompt "
                          "files themselves")
-    excluded: list[str] = []
-    for path in options.get("exclude") or []:
-        excluded.extend(guard_training_prompts(path) if (Path(path) / "guard.json").is_file()
-                        else run_prompts(path) if (Path(path) / "config.json").is_file() else load_prompts(path))
+    excluded = [p for path in options.get("exclude") or [] for p in excluded_prompts(path)]
     out: list[str] = []
     for name, path, _ in parse_labelled_sets(tuple(options["sets"])):
         if not str(path).startswith("hf://") and not Path(path).exists():
