@@ -338,3 +338,6 @@ def test_exclude_run_folder_draws_a_fresh_sample(tmp_path):
     (tmp_path / "bare" / "config.json").write_text(json.dumps({"options": {}}))
     with pytest.raises(ValueError, match="records no --set"):
         run_prompts(tmp_path / "bare")
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({"options": {"sets": ["no-equals-sign"]}}))
+    with pytest.raises(ValueError, match="cannot read"):
+        run_prompts(tmp_path / "bare")

@@ -235,7 +235,11 @@ def run_prompts(folder: str | Path) -> list[str]:
                          "files themselves")
     excluded = [p for path in options.get("exclude") or [] for p in excluded_prompts(path)]
     out: list[str] = []
-    for name, path, _ in parse_labelled_sets(tuple(options["sets"])):
+    try:
+        sets = parse_labelled_sets(tuple(options["sets"]))
+    except click.BadParameter as err:
+        raise ValueError(f"{folder}: its config.json records sets this version cannot read ({err.message})") from None
+    for name, path, _ in sets:
         if not str(path).startswith("hf://") and not Path(path).exists():
             raise ValueError(f"{folder} drew set {name!r} from {path}, which is not here: run from the "
                              "directory it ran in, or exclude the files themselves")
