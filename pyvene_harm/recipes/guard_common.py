@@ -202,12 +202,18 @@ def guard_training_prompts(folder: str | Path) -> list[str]:
     for key in ("harmful", "harmless"):
         files = [used[key]] if isinstance(used[key], str) else used[key]
         for path in files:
-            if not str(path).startswith("hf://") and not Path(path).exists():
-                raise ValueError(f"{folder} was fitted on {path}, which is not here: run from the directory "
-                                 "the guard was fitted in, or exclude the files themselves")
+            _require_recorded_file(folder, path, "was fitted on")
             out.extend(load_prompts(path, field=used.get(f"{key}_field"), limit=used.get("limit"),
                                     seed=used.get("seed", 0)))
     return out
+
+
+def _require_recorded_file(folder: str | Path, path: str, what: str) -> None:
+    """A file a guard or run folder records (as given then, relative to where it ran) must be here
+    for its prompts to be drawn again."""
+    if not str(path).startswith("hf://") and not Path(path).exists():
+        raise ValueError(f"{folder} {what} {path}, which is not here: run from the directory it was made "
+                         "in, or exclude the files themselves")
 
 
 def excluded_prompts(path: str | Path) -> list[str]:
@@ -240,9 +246,7 @@ def run_prompts(folder: str | Path) -> list[str]:
     except click.BadParameter as err:
         raise ValueError(f"{folder}: its config.json records sets this version cannot read ({err.message})") from None
     for name, path, _ in sets:
-        if not str(path).startswith("hf://") and not Path(path).exists():
-            raise ValueError(f"{folder} drew set {name!r} from {path}, which is not here: run from the "
-                             "directory it ran in, or exclude the files themselves")
+        _require_recorded_file(folder, path, f"drew set {name!r} from")
         out.extend(load_prompts(path, limit=options.get("limit"), seed=options.get("seed", 0), exclude=excluded))
     return out
 
