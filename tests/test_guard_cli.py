@@ -341,3 +341,8 @@ def test_exclude_run_folder_draws_a_fresh_sample(tmp_path):
     (tmp_path / "bare" / "config.json").write_text(json.dumps({"options": {"sets": ["no-equals-sign"]}}))
     with pytest.raises(ValueError, match="cannot read"):
         run_prompts(tmp_path / "bare")
+    # a config.json that excludes itself (only by hand) is an error naming the loop, not a RecursionError
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(
+        {"options": {"sets": sets, "limit": 8, "seed": 0, "exclude": [str(tmp_path / "bare")]}}))
+    with pytest.raises(ValueError, match="in a loop"):
+        run_prompts(tmp_path / "bare")

@@ -216,7 +216,7 @@ def _require_recorded_file(folder: str | Path, path: str, what: str) -> None:
                          "in, or exclude the files themselves")
 
 
-def excluded_prompts(path: str | Path) -> list[str]:
+def excluded_prompts(path: str | Path, *, _within: tuple[Path, ...] = ()) -> list[str]:
     """What ``--exclude PATH`` drops: a guard folder's training prompts, a run folder's drawn
     prompts, or every prompt of a file."""
     from ..data import load_prompts
@@ -224,22 +224,30 @@ def excluded_prompts(path: str | Path) -> list[str]:
     if (Path(path) / "guard.json").is_file():
         return guard_training_prompts(path)
     if (Path(path) / "config.json").is_file():
-        return run_prompts(path)
+        return run_prompts(path, _within=_within)
     return load_prompts(path)
 
 
-def run_prompts(folder: str | Path) -> list[str]:
+def run_prompts(folder: str | Path, *, _within: tuple[Path, ...] = ()) -> list[str]:
     """The prompts a run folder made with ``--set`` drew, drawn again from the sets, limit, seed
     and exclusions its ``config.json`` records, so a later run can hold them out (a fresh sample
-    of the same sources). Paths are as given then, so relative to the directory it ran in."""
+    of the same sources). Paths are as given then, so relative to the directory it ran in.
+    ``_within`` holds the run folders whose exclusions led here: a folder met again would recurse
+    for ever, so it is an error naming the loop."""
     from ..data import load_prompts
     from ..io_utils import read_json
 
+    here = Path(folder).resolve()
+    if here in _within:
+        loop = " -> ".join(str(p) for p in (*_within[_within.index(here):], here))
+        raise ValueError(f"{folder}: run folders exclude each other in a loop ({loop}): remove the folder "
+                         "from the \"exclude\" list of its own config.json")
     options = read_json(Path(folder) / "config.json").get("options", {})
     if not options.get("sets"):
         raise ValueError(f"{folder}: its config.json records no --set prompt sets: exclude the prompt "
                          "files themselves")
-    excluded = [p for path in options.get("exclude") or [] for p in excluded_prompts(path)]
+    excluded = [p for path in options.get("exclude") or []
+                for p in excluded_prompts(path, _within=(*_within, here))]
     out: list[str] = []
     try:
         sets = parse_labelled_sets(tuple(options["sets"]))
