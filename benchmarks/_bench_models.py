@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from _bench_prompts import _FALLBACK_HARMFUL, _FALLBACK_HARMLESS, _advbench, _alpaca
+from _bench_prompts import _FALLBACK_HARMFUL, _FALLBACK_HARMLESS, advbench_prompts, alpaca_prompts
 
 __all__ = ["FULL_SIZE", "MODEL_CHOICES", "BenchModel", "bench_tokenizer", "load_bench_model"]
 
@@ -92,7 +92,7 @@ def bench_tokenizer(template: str = "llama3", vocab_size: int = 4096):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    corpus = [*_advbench(), *_alpaca()[:3000], *_FALLBACK_HARMFUL, *_FALLBACK_HARMLESS,
+    corpus = [*advbench_prompts(), *alpaca_prompts()[:3000], *_FALLBACK_HARMFUL, *_FALLBACK_HARMLESS,
               *[llama_guard_3_task("")] * 5]
     tok.train_from_iterator(corpus, trainer=trainer)
     out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=_BOS[template],

@@ -41,7 +41,8 @@ _FALLBACK_HARMLESS = [
 
 
 @functools.cache
-def _advbench() -> tuple[str, ...]:
+def advbench_prompts() -> tuple[str, ...]:
+    """AdvBench requests from the shared data (the built-in fallback where it is missing)."""
     path = DATA_DIR / "chats_advbench.json"
     if not path.is_file():
         return tuple(_FALLBACK_HARMFUL)
@@ -50,7 +51,8 @@ def _advbench() -> tuple[str, ...]:
 
 
 @functools.cache
-def _alpaca() -> tuple[str, ...]:
+def alpaca_prompts() -> tuple[str, ...]:
+    """Alpaca training instructions from the shared data (the built-in fallback where it is missing)."""
     path = DATA_DIR / "rd_splits_harmless_train.json"
     if not path.is_file():
         return tuple(_FALLBACK_HARMLESS)
@@ -72,7 +74,7 @@ def bench_prompts(n: int, *, seed: int = 0, max_chars: int | None = None) -> tup
     """
     import random
 
-    pools = {"harmful": list(_advbench()), "harmless": list(_alpaca())}
+    pools = {"harmful": list(advbench_prompts()), "harmless": list(alpaca_prompts())}
     rng = random.Random(seed)
     for name, pool in pools.items():
         if max_chars is not None:
@@ -96,7 +98,7 @@ def prompts_of_length(formatter: Any, n: int, n_tokens: int, *, seed: int = 0) -
     """
     import random
 
-    pool = list(dict.fromkeys([*_alpaca()[:4000], *_advbench()]))
+    pool = list(dict.fromkeys([*alpaca_prompts()[:4000], *advbench_prompts()]))
     random.Random(seed).shuffle(pool)
     out: list[str] = []
     i = 0

@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere, without installi
     sys.path.insert(0, str(ROOT))
 
 from _bench_models import FULL_SIZE, MODEL_CHOICES, BenchModel, bench_tokenizer, load_bench_model  # noqa: E402,F401
-from _bench_prompts import DATA_DIR, _alpaca, bench_prompts, data_source, prompts_of_length  # noqa: E402,F401
+from _bench_prompts import DATA_DIR, alpaca_prompts, bench_prompts, data_source, prompts_of_length  # noqa: E402,F401
 
 from pyvene_harm.io_utils import atomic_write_json  # noqa: E402
 

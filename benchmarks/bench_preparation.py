@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     n = args.n or (200 if s.quick else 2000)
     tokenizer = load_tokenizer(s.model)
     formatter = ChatFormatter(tokenizer)
-    prompts = list(C._alpaca()[:n])
+    prompts = list(C.alpaca_prompts()[:n])
     if len(prompts) < n:  # the shared data is missing: cycle the fallback prompts
         prompts = [prompts[i % len(prompts)] for i in range(n)]
 

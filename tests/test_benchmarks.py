@@ -125,7 +125,7 @@ def test_reply_guard_bench_decodes_harmless_prompts():
     import _common as C
 
     got = bench.reply_prompts(4)
-    assert len(got) == 4 and len(set(got)) == 4 and set(got) <= set(C._alpaca())
+    assert len(got) == 4 and len(set(got)) == 4 and set(got) <= set(C.alpaca_prompts())
 
 
 def test_reply_guard_bench_times_a_saved_guards_own_read(tmp_path):
