@@ -759,6 +759,7 @@ def _stops_in_time(s, busy, sig, grace: float = 2) -> None:
     s.proc.send_signal(sig)
     s.proc.wait(timeout=30)
     assert time.monotonic() - start < grace + 6, s.output()
+    assert "Traceback" not in s.output(), s.output()  # a request cut at shutdown is one log line
 
 
 @row("Ctrl-C returns within the graceful-shutdown timeout with a reply in hand")

@@ -511,3 +511,37 @@ def test_a_linear_guard_reports_the_score_its_threshold_cuts():
     assert guard_summary(v, "refused")["score"] == 4.2
     paper = Verdict(harmful=False, delta_harmful=-0.2, probability=0.1)
     assert moderation_response([paper], model="m", categories=[])["results"][0]["score"] == -0.2
+
+
+def test_a_request_cut_at_shutdown_is_one_log_line_not_a_traceback(caplog):
+    """uvicorn cancels what still runs once --graceful-shutdown-timeout is over; the protocol turns
+    that cancellation into one warning, and leaves every other cancellation alone."""
+    import logging
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from pyvene_harm.serve.protocol import header_deadline_protocol
+
+    async def run(shutting_down: bool) -> None:
+        started = asyncio.Event()
+
+        async def slow_app(scope, receive, send):
+            started.set()
+            await asyncio.sleep(3600)
+
+        config = uvicorn.Config(slow_app, limit_concurrency=8, log_config=None)
+        protocol = header_deadline_protocol(10.0)(config, ServerState(), {}, _loop=asyncio.get_running_loop())
+        protocol.shutting_down = shutting_down
+        task = asyncio.ensure_future(protocol.app({"type": "http"}, None, None))
+        await started.wait()
+        task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        await asyncio.wait([task])
+        assert task.cancelled() is not shutting_down  # swallowed only at shutdown
+
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
+        asyncio.run(run(False))
+        assert not caplog.records
+        asyncio.run(run(True))
+    assert [r.getMessage() for r in caplog.records] == [
+        "a request still in hand was cut at shutdown (--graceful-shutdown-timeout)"]

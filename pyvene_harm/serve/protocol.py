@@ -1,6 +1,7 @@
 """HTTP/1.1 with a deadline on request headers: a client that connects and trickles its headers
 one byte at a time (slowloris) gets 408 and is disconnected, rather than holding a connection.
-The concurrency limit is answered in OpenAI's error shape too (uvicorn's own 503 is plain text).
+The concurrency limit is answered in OpenAI's error shape too (uvicorn's own 503 is plain text),
+and a request cut at shutdown is logged in one line, not as an exception with a traceback.
 
 uvicorn bounds the idle time between requests (``timeout_keep_alive``) but not the time a client
 takes to send a request's headers. :func:`header_deadline_protocol` subclasses uvicorn's h11
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import error_body
 
 __all__ = ["header_deadline_protocol"]
+
+_log = logging.getLogger("uvicorn.error")
 
 
 def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
@@ -37,27 +41,35 @@ def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
 
     class HeaderDeadlineH11(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        shutting_down = False
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             # uvicorn answers an exceeded --limit-concurrency with a plain-text 503; every answer of
             # this server is an OpenAI error object, so the limit is checked here instead, the same way
             limit, self.limit_concurrency = self.limit_concurrency, None
-            if limit is not None:
-                app, protocol = self.app, self
+            app, protocol = self.app, self
 
-                async def limited(scope, receive, send):
-                    # as uvicorn counts: connections with this one, tasks before this request's own
-                    if scope["type"] == "http" and (len(protocol.connections) >= limit
-                                                    or len(protocol.tasks) > limit):
-                        await send({"type": "http.response.start", "status": 503, "headers": [
-                            (b"content-type", b"application/json"), (b"content-length", str(len(busy)).encode()),
-                            (b"connection", b"close")]})
-                        await send({"type": "http.response.body", "body": busy, "more_body": False})
-                        return
+            async def guarded(scope, receive, send):
+                # as uvicorn counts: connections with this one, tasks before this request's own
+                if limit is not None and scope["type"] == "http" and (len(protocol.connections) >= limit
+                                                                       or len(protocol.tasks) > limit):
+                    await send({"type": "http.response.start", "status": 503, "headers": [
+                        (b"content-type", b"application/json"), (b"content-length", str(len(busy)).encode()),
+                        (b"connection", b"close")]})
+                    await send({"type": "http.response.body", "body": busy, "more_body": False})
+                    return
+                try:
                     await app(scope, receive, send)
+                except asyncio.CancelledError:
+                    if not protocol.shutting_down:
+                        raise
+                    # uvicorn cancels what is still running once --graceful-shutdown-timeout is over and
+                    # would log the cancellation as "Exception in ASGI application" with a traceback:
+                    # it is the shutdown the operator asked for, so one line says what was cut
+                    _log.warning("a request still in hand was cut at shutdown (--graceful-shutdown-timeout)")
 
-                self.app = limited
+            self.app = guarded
 
         def _arm(self) -> None:
             self._disarm()
@@ -77,6 +89,10 @@ def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
+
+        def shutdown(self) -> None:
+            self.shutting_down = True  # uvicorn's server calls this on every connection as it stops
+            super().shutdown()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
