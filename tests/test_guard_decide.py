@@ -72,7 +72,7 @@ def test_published_decisions_follow_from_their_runs(run, candidates):
 
 def test_decide_writes_the_decision_beside_the_run(tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     for f in ("config.json", "results.json"):
         shutil.copy(ROOT / "results" / "demo" / "guard-scan-neg" / f, run / f)
     res = CliRunner().invoke(main, ["guard", "decide", str(run), "--reference", "linear-last16-mined",
@@ -88,3 +88,71 @@ def test_decide_writes_the_decision_beside_the_run(tmp_path):
     (run / "config.json").write_text(json.dumps({"command": "beliefs"}))
     other = CliRunner().invoke(main, ["guard", "decide", str(run), "--reference", "a", "--candidate", "b"])
     assert other.exit_code == 2 and "not a guard crossval" in other.output
+
+
+# the reply guard's rule (docs/reply-guard-choice.md, third and fourth runs)
+
+def _reply_run(tmp_path: Path, aurocs: dict[str, dict[str, float]], pooled: dict[str, float],
+               command: str = "guard-reply-crossval") -> Path:
+    """A reply-crossval folder: crossval.csv rows per (source, class), pooled AUROCs in results.json."""
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    lines = ["design,source,class,auroc,n"]
+    for design, rows in aurocs.items():
+        lines += [f"{design},{key.split('/')[0]},{key.split('/')[1]},{v},10" for key, v in rows.items()]
+    (run / "crossval.csv").write_text("\n".join(lines) + "\n")
+    (run / "results.json").write_text(json.dumps({"pooled": {d: {"auroc": v} for d, v in pooled.items()}}))
+    (run / "config.json").write_text(json.dumps({"command": command}))
+    return run
+
+
+# "a" has the best worst row but falls 0.03 behind ngram on b/safe; "b" is level within the
+# tolerance; "c" passes the rows but not the pooled AUROC
+REPLY_ROWS = {"a": {"x/harmful": 0.95, "b/safe": 0.97}, "b": {"x/harmful": 0.90, "b/safe": 0.985},
+              "c": {"x/harmful": 0.92, "b/safe": 1.0}, "ngram": {"x/harmful": 0.80, "b/safe": 1.0}}
+REPLY_POOLED = {"a": 0.96, "b": 0.95, "c": 0.85, "ngram": 0.85}
+
+
+def test_reply_rule_checks_before_it_chooses_or_after():
+    from pyvene_harm.guard.reply_decision import declared_reply_choice
+
+    winner, standings = declared_reply_choice(REPLY_ROWS, REPLY_POOLED, ["a", "b", "c"])
+    assert winner == "b" and [s.design for s in standings] == ["a", "c", "b"]
+    a, c, b = standings
+    assert a.behind == ["b/safe: 0.970 vs 1.000"] and not a.passes and (a.worst, a.worst_row) == (0.95, "x/harmful")
+    assert c.pooled_not_above and not c.behind and not c.passes and b.passes
+    assert declared_reply_choice(REPLY_ROWS, REPLY_POOLED, ["a", "b", "c"], order="choose-first")[0] is None
+    assert declared_reply_choice(REPLY_ROWS, REPLY_POOLED, ["a", "b"], tolerance=0.03)[0] == "a"  # 0.03 forgiven
+    assert declared_reply_choice(REPLY_ROWS, REPLY_POOLED, ["c"])[0] is None
+    with pytest.raises(ValueError, match="'zz' not in this run|zz not in this run"):
+        declared_reply_choice(REPLY_ROWS, REPLY_POOLED, ["zz"])
+
+
+def test_reply_decide_writes_decision_json_and_refuses_other_runs(tmp_path):
+    run = _reply_run(tmp_path, REPLY_ROWS, REPLY_POOLED)
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(run), "--candidate", "a", "--candidate", "b", "--json"])
+    assert r.exit_code == 0, r.output
+    decision = json.loads((run / "decision.json").read_text())
+    assert decision["winner"] == "b" and decision["order"] == "check-first" and decision["control_pooled"] == 0.85
+    assert [s["passes"] for s in decision["standings"]] == [False, True]
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(run), "--candidate", "a", "--order", "choose-first"])
+    assert r.exit_code == 0 and "no candidate may ship" in r.output
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(run), "--candidate", "nope"])
+    assert r.exit_code == 2 and "nope" in r.output
+    other = _reply_run(tmp_path / "o", REPLY_ROWS, REPLY_POOLED, command="guard-crossval")
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(other), "--candidate", "a"])
+    assert r.exit_code == 2 and "not a guard reply-crossval" in r.output
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(tmp_path / "missing"), "--candidate", "a"])
+    assert r.exit_code == 2 and "cannot read" in r.output
+
+
+def test_reply_decide_reproduces_the_third_runs_published_outcome():
+    """The third run's rule (choose first) worked out from its committed files: nothing ships."""
+    from pyvene_harm.guard.reply_decision import declared_reply_choice, read_reply_crossval
+
+    rows, pooled = read_reply_crossval(ROOT / "results/demo-1.5b/reply-crossval-2")
+    designs = ["s14/w16", "s19/w16", "s22/w16"]
+    winner, standings = declared_reply_choice(rows, pooled, designs, order="choose-first")
+    assert winner is None and standings[0].design == "s22/w16" and standings[0].behind == ["jbb/safe: 0.970 vs 1.000"]
+    recorded = json.loads((ROOT / "results/demo-1.5b/reply-crossval-2/decision.json").read_text())
+    assert recorded["winner"] is None and recorded["order"] == "choose-first"

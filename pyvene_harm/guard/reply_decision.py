@@ -1,0 +1,92 @@
+"""The rule that chooses a reply-guard design, applied to a ``guard reply-crossval`` run.
+
+``docs/reply-guard-choice.md`` declares each run's rule before the run. Since its third run the
+rule has two parts: a state design **passes** when, on every held-out (source, class) row of
+``crossval.csv``, its AUROC is at least the text control's (``ngram``) minus a tolerance, and its
+pooled AUROC is above the control's; the **choice** ranks designs by their worst row (ties: the
+higher pooled AUROC). The third run chose first and checked the winner; the fourth checks first and
+chooses among the designs that pass (``order``), since choosing first can pick a design that fails
+while another passes. Worked out by code so that an outcome's numbers are those of the run it names.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["ReplyStanding", "declared_reply_choice", "read_reply_crossval"]
+
+Order = Literal["check-first", "choose-first"]
+
+
+@dataclass
+class ReplyStanding:
+    """One design's figures under the rule and the rows where it falls behind the control by more
+    than the tolerance (``behind``: ``"source/class: design vs control"``)."""
+
+    design: str
+    worst: float
+    worst_row: str
+    pooled: float
+    behind: list[str] = field(default_factory=list)
+    pooled_not_above: bool = False
+
+    @property
+    def passes(self) -> bool:
+        return not self.behind and not self.pooled_not_above
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passes": self.passes}
+
+
+def read_reply_crossval(run: str | Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """``(rows, pooled)`` of a finished ``guard reply-crossval`` run: each design's held-out AUROC per
+    ``"source/class"`` row (``crossval.csv``) and its pooled AUROC (``results.json``)."""
+    import json
+
+    run = Path(run)
+    rows: dict[str, dict[str, float]] = {}
+    with open(run / "crossval.csv", newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            if r["auroc"] not in ("", "nan"):
+                rows.setdefault(r["design"], {})[f"{r['source']}/{r['class']}"] = float(r["auroc"])
+    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    pooled = {d: float(v["auroc"]) for d, v in results["pooled"].items() if v and v.get("auroc") is not None}
+    return rows, pooled
+
+
+def declared_reply_choice(rows: dict[str, dict[str, float]], pooled: dict[str, float], candidates: Sequence[str],
+                          *, control: str = "ngram", tolerance: float = 0.02,
+                          order: Order = "check-first") -> tuple[str | None, list[ReplyStanding]]:
+    """The winner among ``candidates`` (``None`` if none may ship) and every candidate's standing,
+    best first.
+
+    ``check-first`` (the fourth run's rule): the winner is the best-ranked candidate that passes.
+    ``choose-first`` (the third run's): the best-ranked candidate wins if it passes, else nothing.
+    """
+    if order not in ("check-first", "choose-first"):
+        raise ValueError(f"order must be 'check-first' or 'choose-first', not {order!r}")
+    missing = [d for d in (*candidates, control) if d not in rows or d not in pooled]
+    if missing:
+        raise ValueError(f"design(s) {', '.join(missing)} not in this run: it has {', '.join(sorted(rows))}")
+    if not candidates:
+        raise ValueError("no candidate design to choose from")
+    ref = rows[control]
+    standings = []
+    for d in candidates:
+        mine = rows[d]
+        if set(mine) != set(ref):
+            raise ValueError(f"{d} and {control} were not scored on the same (source, class) rows: "
+                             f"{sorted(set(mine) ^ set(ref))}")
+        worst_row = min(mine, key=lambda k: (mine[k], k))
+        behind = [f"{k}: {mine[k]:.3f} vs {ref[k]:.3f}" for k in sorted(mine) if mine[k] < ref[k] - tolerance - 1e-12]
+        standings.append(ReplyStanding(design=d, worst=mine[worst_row], worst_row=worst_row, pooled=pooled[d],
+                                       behind=behind, pooled_not_above=not pooled[d] > pooled[control]))
+    standings.sort(key=lambda s: (-s.worst, -s.pooled))
+    if order == "choose-first":
+        return (standings[0].design if standings[0].passes else None), standings
+    passing = [s for s in standings if s.passes]
+    return (passing[0].design if passing else None), standings
