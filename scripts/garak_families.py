@@ -26,9 +26,11 @@ rate per probe: the share of replies its detector judged safe) and garak's own r
         --model demo -o results/demo/garak
 
 ``attack`` needs only ``httpx``; it writes
-``results.json`` (per family: sent, flagged, the share) and ``table.md``, plus the payloads'
+``results.json`` (per family: sent, flagged, the share; for the harmless rows the prompts flagged) and ``table.md``, plus the payloads'
 sha256 so a rerun can be checked against the same inputs. Payloads are shuffled with seed 0 and
 capped at ``--per-family`` (60) each; the harmless rows are this package's own prompt files.
+``harmless`` sends only those and writes ``harmless.json`` with the prompts flagged, leaving the
+rest of a published folder as it is.
 """
 
 from __future__ import annotations
@@ -118,11 +120,10 @@ def _harmless_rows() -> list[dict]:
     return rows
 
 
-def attack(payloads: Path, url: str, key: str | None, out: Path, batch: int, timeout: float = 600) -> None:
+def _moderate(rows: list[dict], url: str, key: str | None, batch: int, timeout: float) -> tuple[list[bool], dict]:
+    """Each row's ``flagged`` from the server's /v1/moderations, ``batch`` inputs a request, and its /health."""
     import httpx
 
-    text = payloads.read_text()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()] + _harmless_rows()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     flagged: list[bool] = []
     with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
@@ -136,18 +137,48 @@ def attack(payloads: Path, url: str, key: str | None, out: Path, batch: int, tim
             flagged += [res["flagged"] for res in results]
             print(f"{len(flagged)} / {len(rows)}", end="\r", file=sys.stderr)
         health = client.get("/health").json()
+    return flagged, health
+
+
+def _families(rows: list[dict], flagged: list[bool]) -> dict[str, dict]:
+    """Per family: sent, flagged, the share, and for the harmless rows the prompts flagged (they are
+    this package's own files, and `example_traffic.jsonl` holds three harmful requests on purpose:
+    a reader needs to see which were flagged)."""
     families: dict[str, dict] = {}
     for row, f in zip(rows, flagged):
+        harmless = row["family"] in dict(HARMLESS)
         fam = families.setdefault(row["family"], {"probe": row["probe"], "sent": 0, "flagged": 0,
-                                                  "harmful_family": row["family"] not in dict(HARMLESS)})
+                                                  "harmful_family": not harmless,
+                                                  **({"flagged_prompts": []} if harmless else {})})
         fam["sent"] += 1
         fam["flagged"] += bool(f)
+        if harmless and f:
+            fam["flagged_prompts"].append(row["prompt"])
     for fam in families.values():
         fam["flagged_share"] = round(fam["flagged"] / fam["sent"], 4)
+    return families
+
+
+def attack(payloads: Path, url: str, key: str | None, out: Path, batch: int, timeout: float = 600) -> None:
+    text = payloads.read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()] + _harmless_rows()
+    flagged, health = _moderate(rows, url, key, batch, timeout)
     result = {"server": url, "model": health.get("model"), "payloads": str(payloads),
-              "payloads_sha256": hashlib.sha256(text.encode()).hexdigest(), "batch": batch, "families": families}
+              "payloads_sha256": hashlib.sha256(text.encode()).hexdigest(), "batch": batch,
+              "families": _families(rows, flagged)}
     _write_atomically(out / "results.json", json.dumps(result, indent=2) + "\n")
     _write_table(out)
+
+
+def harmless(url: str, key: str | None, out: Path, batch: int, timeout: float = 600) -> None:
+    """Only the harmless rows, written to ``harmless.json`` with the prompts flagged (results.json
+    and table.md are left as they are): a quick recheck of what a published run flagged."""
+    rows = _harmless_rows()
+    flagged, health = _moderate(rows, url, key, batch, timeout)
+    result = {"server": url, "model": health.get("model"), "batch": batch, "families": _families(rows, flagged)}
+    _write_atomically(out / "harmless.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    for name, fam in result["families"].items():
+        print(f"{name}: {fam['flagged']} / {fam['sent']}", *(f"  - {p}" for p in fam["flagged_prompts"]), sep="\n")
 
 
 def scan(url: str, key: str | None, model: str, out: Path, per_family: int, max_tokens: int, seed: int,
@@ -251,6 +282,11 @@ def main() -> None:
     a.add_argument("--timeout", type=float, default=600,
                    help="seconds to wait for one batch's verdicts (long DAN and TAP payloads on a larger model "
                         "on a CPU can take longer; raise the server's --request-timeout with it)")
+    h = sub.add_parser("harmless", help="send only the harmless rows; write harmless.json with the prompts flagged")
+    h.add_argument("--url", default="http://127.0.0.1:8000")
+    h.add_argument("--api-key", default=os.environ.get("PYVENE_HARM_API_KEY"))
+    h.add_argument("-o", "--out", type=Path, required=True)
+    h.add_argument("--batch", type=int, default=16)
     g = sub.add_parser("scan", help="run garak itself against the server's chat endpoint (run with garak's python)")
     g.add_argument("--url", default="http://127.0.0.1:8000")
     g.add_argument("--api-key", default=os.environ.get("PYVENE_HARM_API_KEY"))
@@ -266,6 +302,8 @@ def main() -> None:
         if os.environ.get("PYTHONHASHSEED") != "0":  # some probes build payloads from sets: fix their order
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
         dump(args.out, args.per_family, args.seed)
+    elif args.step == "harmless":
+        harmless(args.url, args.api_key, args.out, args.batch)
     elif args.step == "scan":
         scan(args.url, args.api_key, args.model, args.out, args.per_family, args.max_tokens, args.seed, args.parallel)
     else:

@@ -46,3 +46,18 @@ def test_report_pass_rates_count_only_answered_attempts_and_join_the_guard_table
     table = (tmp_path / "table.md").read_text().splitlines()
     assert table[2].endswith("| 50.0% (1 / 2, `mitigation.MitigationBypass`) |")
     assert table[3].endswith("| - |")
+
+
+def test_families_name_the_harmless_prompts_flagged():
+    """The harmless rows keep which prompts were flagged (the traffic file holds three harmful
+    requests on purpose); attack payloads keep only counts."""
+    g = _load()
+    rows = [{"family": "dan", "probe": "dan.DanInTheWild", "prompt": "p1"},
+            {"family": "dan", "probe": "dan.DanInTheWild", "prompt": "p2"},
+            {"family": "everyday traffic", "probe": "pyvene_harm/prompts/example_traffic.jsonl", "prompt": "meth"},
+            {"family": "everyday traffic", "probe": "pyvene_harm/prompts/example_traffic.jsonl", "prompt": "budget"}]
+    fams = g._families(rows, [True, False, True, False])
+    assert fams["dan"] == {"probe": "dan.DanInTheWild", "sent": 2, "flagged": 1, "harmful_family": True,
+                           "flagged_share": 0.5}
+    assert fams["everyday traffic"]["flagged_prompts"] == ["meth"] and not fams["everyday traffic"]["harmful_family"]
+    assert {r["family"] for r in g._harmless_rows()} == {name for name, _ in g.HARMLESS}
