@@ -523,25 +523,36 @@ def test_a_request_cut_at_shutdown_is_one_log_line_not_a_traceback(caplog):
 
     from pyvene_harm.serve.protocol import header_deadline_protocol
 
-    async def run(shutting_down: bool) -> None:
+    async def run(shutting_down: bool, streaming: bool) -> list[dict]:
         started = asyncio.Event()
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
 
         async def slow_app(scope, receive, send):
+            if streaming:
+                await send({"type": "http.response.start", "status": 200, "headers": []})
             started.set()
             await asyncio.sleep(3600)
 
         config = uvicorn.Config(slow_app, limit_concurrency=8, log_config=None)
         protocol = header_deadline_protocol(10.0)(config, ServerState(), {}, _loop=asyncio.get_running_loop())
         protocol.shutting_down = shutting_down
-        task = asyncio.ensure_future(protocol.app({"type": "http"}, None, None))
+        task = asyncio.ensure_future(protocol.app({"type": "http"}, None, send))
         await started.wait()
         task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
         await asyncio.wait([task])
         assert task.cancelled() is not shutting_down  # swallowed only at shutdown
+        return sent
 
     with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
-        asyncio.run(run(False))
+        assert asyncio.run(run(False, streaming=False)) == []
         assert not caplog.records
-        asyncio.run(run(True))
+        unanswered = asyncio.run(run(True, streaming=False))
+        streamed = asyncio.run(run(True, streaming=True))
     assert [r.getMessage() for r in caplog.records] == [
-        "a request still in hand was cut at shutdown (--graceful-shutdown-timeout)"]
+        "a request still in hand was cut at shutdown (--graceful-shutdown-timeout)"] * 2
+    # not yet answered: a 503 in OpenAI's shape (not uvicorn's plain-text 500); a stream begun is left to end
+    assert unanswered[0]["status"] == 503 and json.loads(unanswered[1]["body"])["error"]["code"] == "server_shutting_down"
+    assert [m["type"] for m in streamed] == ["http.response.start"]

@@ -38,6 +38,9 @@ def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
     busy = json.dumps(error_body("the server holds as many connections and requests as it takes "
                                  "(--limit-concurrency): retry later", type="server_error",
                                  code="server_busy")).encode()
+    stopping = json.dumps(error_body("the server was stopped before this request was answered "
+                                     "(--graceful-shutdown-timeout): retry on a running server",
+                                     type="server_error", code="server_shutting_down")).encode()
 
     class HeaderDeadlineH11(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -59,15 +62,28 @@ def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
                         (b"connection", b"close")]})
                     await send({"type": "http.response.body", "body": busy, "more_body": False})
                     return
+                started = False
+
+                async def tracked(message):
+                    nonlocal started
+                    started = started or message["type"] == "http.response.start"
+                    await send(message)
+
                 try:
-                    await app(scope, receive, send)
+                    await app(scope, receive, tracked)
                 except asyncio.CancelledError:
                     if not protocol.shutting_down:
                         raise
                     # uvicorn cancels what is still running once --graceful-shutdown-timeout is over and
-                    # would log the cancellation as "Exception in ASGI application" with a traceback:
-                    # it is the shutdown the operator asked for, so one line says what was cut
+                    # would log the cancellation as "Exception in ASGI application" with a traceback and
+                    # answer a plain-text 500: it is the shutdown the operator asked for, so one line says
+                    # what was cut and a request not yet answered gets a 503 in OpenAI's shape
                     _log.warning("a request still in hand was cut at shutdown (--graceful-shutdown-timeout)")
+                    if not started:
+                        await send({"type": "http.response.start", "status": 503, "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(stopping)).encode()), (b"connection", b"close")]})
+                        await send({"type": "http.response.body", "body": stopping, "more_body": False})
 
             self.app = guarded
 
