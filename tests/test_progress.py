@@ -71,3 +71,22 @@ def test_a_batch_moves_the_bar_token_by_token_and_ends_on_its_share():
         assert not tick(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 10)).any()
     tick.finish()
     assert moves[:3] == [0.5, 0.5, 0.5] and sum(moves) == 2
+
+
+def test_asked_for_in_a_log_it_writes_plain_lines_now_and_then(monkeypatch):
+    """The CLI forces progress on; under nohup or in CI stderr is a file, where rich would draw the
+    bar only at the end: a plain line every LOG_EVERY_S seconds and one at the end instead."""
+    import pyvene_harm.progress as progress
+
+    clock = iter([0.0, 10.0, 31.0, 45.0, 70.0, 75.0])
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    log = _stderr(monkeypatch, io.StringIO())
+    with progress.progress_bar(True, total=4, description="reading replies") as advance:
+        for _ in range(4):
+            advance(1)  # at 10, 31 (a line: 30 s since the start), 45, 70 (done: no line until the end)
+    assert log.getvalue().splitlines() == ["reading replies: 2/4 after 0:00:31, about 0:00:31 left",
+                                           "reading replies: 4/4 after 0:01:15"]
+    quiet = _stderr(monkeypatch, io.StringIO())
+    with progress.progress_bar(None, total=2, description="x") as advance:  # auto in a log: nothing
+        advance(2)
+    assert quiet.getvalue() == ""
