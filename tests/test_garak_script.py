@@ -61,3 +61,4 @@ def test_families_name_the_harmless_prompts_flagged():
                            "flagged_share": 0.5}
     assert fams["everyday traffic"]["flagged_prompts"] == ["meth"] and not fams["everyday traffic"]["harmful_family"]
     assert {r["family"] for r in g._harmless_rows()} == {name for name, _ in g.HARMLESS}
+
