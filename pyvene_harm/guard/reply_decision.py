@@ -12,6 +12,7 @@ while another passes. Worked out by code so that an outcome's numbers are those 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,8 +46,6 @@ class ReplyStanding:
 def read_reply_crossval(run: str | Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """``(rows, pooled)`` of a finished ``guard reply-crossval`` run: each design's held-out AUROC per
     ``"source/class"`` row (``crossval.csv``) and its pooled AUROC (``results.json``)."""
-    import json
-
     run = Path(run)
     rows: dict[str, dict[str, float]] = {}
     with open(run / "crossval.csv", newline="", encoding="utf-8") as fh:
