@@ -32,7 +32,15 @@ from ..surface import (
     surface_change_rate,
     surface_variants,
 )
-from .design_fit import design_features, design_scan_width, fit_design, overlapping, scan_decisions
+from .design_fit import (
+    design_features,
+    design_scan_width,
+    design_sentence_width,
+    fit_design,
+    overlapping,
+    scan_decisions,
+    sentence_decisions,
+)
 from .designs import DESIGNS, GuardDesign, middle_states, parse_design
 from .features import iter_prompt_states
 from .metrics import AGAINST_KEYS, against_other_class, binary_metrics, pooled_metrics
@@ -110,6 +118,9 @@ class SourceStates:
     tokens: list[np.ndarray] | None = None
     """Per row, ``[T, len(states), d]`` float16 states at each of its instruction tokens (what a
     ``scan:K`` design scores every window of); None when no design needs them."""
+    ends: list[np.ndarray] | None = None
+    """Per row, its instruction tokens that end a sentence, the last always among them (what a
+    ``sent:K`` design reads, :mod:`~pyvene_harm.sentences`); None when no design needs them."""
 
     def select(self, reads: Sequence[str], layers: Sequence[int], rows: Sequence[int]) -> np.ndarray:
         """``[len(rows), len(reads) * len(layers), d]`` float64, read-major (a guard's layout);
@@ -129,12 +140,32 @@ class SourceStates:
                              "needs them (collect_source_states(..., tokens=True))")
         return self.tokens[row][:, [self.states.index(x) for x in layers]].astype(np.float32)
 
+    def sentence_ends(self, row: int) -> np.ndarray:
+        """Indices (from the instruction's first token) of the tokens of ``row`` that end a sentence."""
+        if self.ends is None:
+            raise ValueError(f"source {self.source.name!r} was collected without its sentence ends: a sent design "
+                             "needs them (SourceStates(..., ends=...))")
+        return self.ends[row]
+
+
+def row_sentence_ends(formatter: Any, texts: Sequence[str], tokens: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per row, its instruction tokens that end a sentence (:func:`~pyvene_harm.sentences.sentence_ends`),
+    from its text; refuses rows whose token count is not that of their stored token states."""
+    from ..sentences import instruction_pieces, sentence_ends
+
+    pieces = instruction_pieces(formatter, texts)
+    bad = next((i for i, (p, t) in enumerate(zip(pieces, tokens)) if len(p) != len(t)), None)
+    if bad is not None:
+        raise ValueError(f"row {bad} has {len(tokens[bad])} stored token states but {len(pieces[bad])} instruction "
+                         "tokens now: the tokenizer or chat template changed since its states were stored")
+    return [sentence_ends(p) for p in pieces]
+
 
 def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, reads: Sequence[str],
                           states: Sequence[int], edits: Sequence[str] = ALL_EDITS,
                           n_variants: int | None = None, batch_size: int = 16,
                           progress: bool | str = False, states_cache: Any = None,
-                          tokens: bool = False) -> SourceStates:
+                          tokens: bool = False, sentences: bool = False) -> SourceStates:
     """States of a source's prompts and of the surface variants (and shifts, see
     :data:`~pyvene_harm.surface.ALL_EDITS`) of its first ``n_variants`` prompts (all by
     default), one early-exit prefill each, stored as float16.
@@ -144,7 +175,8 @@ def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, r
     rendering, reads and states cost no forward pass, and the ones computed are kept there, so a
     ``guard fit`` of a design with the same reads and states reuses them. With ``tokens`` the
     states at every instruction token are kept too (float16; for ``scan:K`` designs), from the
-    same forward pass (the cache is then not used).
+    same forward pass (the cache is then not used), and with ``sentences`` where each row's
+    sentences end (for ``sent:K`` designs; implies ``tokens``).
     """
     reads, states = tuple(fixed_reads(check_reads(reads))), tuple(sorted(set(states)))
     rows: list[tuple[int, str | None]] = [(i, None) for i in range(len(source.prompts))]
@@ -155,7 +187,7 @@ def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, r
             if text != source.prompts[i]:
                 rows.append((i, edit))
                 texts.append(text)
-    if tokens:
+    if tokens or sentences:
         x, kept = None, [None] * len(texts)
         for idx, by_read, toks in collect_token_states(model, formatter, texts, states=states, positions=reads,
                                                        batch_size=batch_size, progress=progress):
@@ -165,7 +197,9 @@ def collect_source_states(model: Any, formatter: Any, source: PromptSource, *, r
             x[idx] = batch.to(torch.float16).numpy()
             for j, t in zip(idx, toks):
                 kept[j] = t.to(torch.float16).numpy()
-        return SourceStates(source=source, x=x, rows=rows, reads=reads, states=states, texts=texts, tokens=kept)
+        ends = row_sentence_ends(formatter, texts, kept) if sentences else None
+        return SourceStates(source=source, x=x, rows=rows, reads=reads, states=states, texts=texts, tokens=kept,
+                            ends=ends)
     if states_cache is not None:
         got = states_cache.collect(model, formatter, texts, states, reads, batch_size=batch_size, progress=progress)
         x = got.reshape(len(texts), len(reads), len(states), -1).to(torch.float16).numpy()
@@ -230,6 +264,9 @@ def _score_held_out(blocks: dict[str, SourceStates], design: GuardDesign, held: 
         fit_C = guard.C_
     elif design_scan_width(design) is not None:
         decision = scan_decisions(guard, [(b, i) for i in all_rows], design_scan_width(design))
+        fit_C = guard.readout_.C
+    elif design_sentence_width(design) is not None:
+        decision = sentence_decisions(guard, [(b, i) for i in all_rows], design_sentence_width(design))
         fit_C = guard.readout_.C
     else:
         decision = guard.decision_function(b.select(design.reads, guard.states_, all_rows))

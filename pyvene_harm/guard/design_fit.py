@@ -5,7 +5,8 @@
 ``guard fit`` would from prompts: the design's rows (prompts, and their punctuation and case
 edits when it augments), the highest windows of harmless prompts for a scan read, negatives mined
 from the training-only pools, and last, for ``calibrate_max``, the maximum calibrated on
-out-of-source maxima (:mod:`~pyvene_harm.guard.max_calibration`). Training prompts that equal or
+out-of-source maxima (:mod:`~pyvene_harm.guard.max_calibration`), or for a ``sent:K`` read the
+margin its earlier sentence ends must clear (:mod:`~pyvene_harm.sentences`). Training prompts that equal or
 contain a held-out prompt are dropped (:func:`overlapping`), so no request is on both sides.
 """
 
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..reads import scan_width
+from ..reads import scan_width, sentence_width
+from ..sentences import fit_margin, sentence_decision
 from ..surface import SURFACE_EDITS
 from ..windows import max_window_scores, top_windows, window_means
 from .designs import GuardDesign
@@ -26,7 +28,8 @@ from .max_calibration import OutOfGroupReadouts
 if TYPE_CHECKING:
     from .crossval import SourceStates
 
-__all__ = ["design_features", "design_scan_width", "fit_design", "overlapping", "scan_decisions"]
+__all__ = ["design_features", "design_scan_width", "design_sentence_width", "fit_design", "overlapping",
+           "scan_decisions", "sentence_decisions"]
 
 
 def _norm(text: str) -> str:
@@ -155,7 +158,39 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
         groups = [name for name, _, rows in prompts for _ in rows]
         guard.readout_ = folds.calibrate(best, labels, groups, threshold=design.max_threshold)
         guard.calibrate_max = True
+    swidth = design_sentence_width(design)
+    if swidth is not None:
+        guard.sentence_margin_ = 0.0 if design.sentence_budget is None else _sentence_margin(
+            picked, design, guard, x, y, g, w, swidth)
     return guard
+
+
+def _sentence_margin(picked: list[tuple[str, SourceStates, list[int]]], design: GuardDesign, guard: Any,
+                     x: np.ndarray, y: np.ndarray, g: np.ndarray, w: np.ndarray | None, width: int) -> float:
+    """The margin a ``sent:K`` design's earlier sentence ends must clear: every harmless training
+    prompt (as written, not its edits) scored by the read-out refitted without its source
+    (:class:`OutOfGroupReadouts`, on the final fit's rows), the margin the smallest that keeps
+    each harmless source within ``design.sentence_budget`` added flags
+    (:func:`~pyvene_harm.sentences.fit_margin`)."""
+    try:
+        folds = OutOfGroupReadouts.fit(guard.readout_, x, y.astype(bool), g, rank=design.rank, sample_weight=w)
+    except ValueError as err:
+        raise ValueError(f"design {design.name!r}: its sentence margin is fitted like a calibrated maximum, on refits "
+                         f"without each training source, and {err}") from None
+    last, earlier, groups = [], [], []
+    for name, b, rows in picked:
+        if b.source.label != 0:
+            continue
+        v, offset = folds.projection(name)
+        for i in rows:
+            if b.rows[i][1] is not None:
+                continue
+            s = window_means(np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v), width) + offset
+            ends = b.sentence_ends(i)
+            last.append(s[-1] - guard.threshold_)
+            earlier.append(s[ends[:-1]].max() - guard.threshold_ if len(ends) > 1 else -np.inf)
+            groups.append(name)
+    return fit_margin(np.asarray(last), np.asarray(earlier), groups, design.sentence_budget)
 
 
 def _estimator(design: GuardDesign, layers: Sequence[int]) -> Any:
@@ -170,6 +205,11 @@ def _estimator(design: GuardDesign, layers: Sequence[int]) -> Any:
 def design_scan_width(design: GuardDesign) -> int | None:
     """K of the design's ``scan:K`` read (its verdict is the highest window's), else None."""
     return None if design.is_control else scan_width(design.reads[0])
+
+
+def design_sentence_width(design: GuardDesign) -> int | None:
+    """K of the design's ``sent:K`` read (windows ending at sentence ends), else None."""
+    return None if design.is_control else sentence_width(design.reads[0])
 
 
 def _window_negatives(picked: list[tuple[str, SourceStates, list[int]]], design: GuardDesign,
@@ -202,6 +242,17 @@ def scan_decisions(guard: Any, where: Sequence[tuple[SourceStates, int]], width:
     """``[n]`` each (block, row)'s highest window score minus the guard's threshold."""
     v, offset = guard.readout_.projection()
     return _highest_windows(where, guard.states_, v, offset, width) - guard.threshold_
+
+
+def sentence_decisions(guard: Any, where: Sequence[tuple[SourceStates, int]], width: int) -> np.ndarray:
+    """``[n]`` each (block, row)'s sentence-end decision (:func:`~pyvene_harm.sentences.sentence_decision`)
+    under the guard's read-out, threshold and ``sentence_margin_``."""
+    v, offset = guard.readout_.projection()
+    out = np.empty(len(where))
+    for k, (b, i) in enumerate(where):
+        s = window_means(np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v), width) + offset
+        out[k] = sentence_decision(s, b.sentence_ends(i), guard.threshold_, guard.sentence_margin_)[0]
+    return out
 
 
 def _take(x: Any, idx: Sequence[int]) -> Any:

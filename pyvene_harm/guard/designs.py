@@ -47,6 +47,10 @@ class GuardDesign:
             (:mod:`~pyvene_harm.guard.max_calibration`).
         max_threshold: with ``calibrate_max``, where the calibrated maximum is cut (``platt`` or
             ``worst_source``).
+        sentence_budget: for a ``sent:K`` read, the share of any harmless training source that its
+            earlier sentence ends may flag beyond the last window, which fixes the margin they must
+            clear (:func:`~pyvene_harm.sentences.fit_margin`); None: no margin (every sentence end is
+            cut at the threshold, so appending text cannot lower a verdict).
     """
 
     name: str
@@ -63,6 +67,7 @@ class GuardDesign:
     scan_negatives: int = 2
     calibrate_max: bool = False
     max_threshold: str = "platt"
+    sentence_budget: float | None = None
 
     @property
     def is_control(self) -> bool:
@@ -82,9 +87,16 @@ class GuardDesign:
             raise ValueError(f"design {self.name!r}: mine_negatives must be >= 0")
         if self.scan_negatives < 0:
             raise ValueError(f"design {self.name!r}: scan_negatives must be >= 0")
-        if not self.is_control and any(r.startswith("scan:") for r in self.reads):
+        if not self.is_control and any(r.startswith(("scan:", "sent:")) for r in self.reads):
             if len(self.reads) > 1 or self.method != "linear":
-                raise ValueError(f"design {self.name!r}: a scan read stands alone with method=linear")
+                raise ValueError(f"design {self.name!r}: a scan or sent read stands alone with method=linear")
+        if self.sentence_budget is not None:
+            if self.is_control or not self.reads[0].startswith("sent:"):
+                raise ValueError(f"design {self.name!r}: sentence_budget sets the margin of a sent:K read's earlier "
+                                 "sentence ends: use reads=sent:K")
+            if not 0 <= self.sentence_budget < 1:
+                raise ValueError(f"design {self.name!r}: sentence_budget is a share in [0, 1), "
+                                 f"got {self.sentence_budget!r}")
         if self.calibrate_max and (self.is_control or not self.reads[0].startswith("scan:")):
             raise ValueError(f"design {self.name!r}: calibrate_max calibrates a scan read's maximum: use reads=scan:K")
         if self.max_threshold not in ("platt", "worst_source"):  # max_calibration.MAX_THRESHOLDS (torch-free here)
@@ -112,8 +124,9 @@ class GuardDesign:
         were published with calibrated designs; it is written only where it is not ``platt``, so
         those runs' configs still describe what they ran and can be resumed."""
         d = asdict(self)
-        if d["max_threshold"] == "platt":
-            del d["max_threshold"]
+        for key, default in (("max_threshold", "platt"), ("sentence_budget", None)):
+            if d[key] == default:
+                del d[key]
         d["reads"] = list(self.reads)
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["train_on"] = list(self.train_on) if self.train_on is not None else None
@@ -134,6 +147,9 @@ DESIGNS: dict[str, str] = {
     "linear-scan16-cal": "method=linear,reads=scan:16,layers=middle,augment=1,mine_negatives=150,calibrate_max=1",
     "linear-scan16-cal-worst": ("method=linear,reads=scan:16,layers=middle,augment=1,mine_negatives=150,calibrate_max=1,"
                                 "max_threshold=worst_source"),
+    "linear-sent16-mined": "method=linear,reads=sent:16,layers=middle,augment=1,mine_negatives=150",
+    "linear-sent16-b1": "method=linear,reads=sent:16,layers=middle,augment=1,mine_negatives=150,sentence_budget=0.01",
+    "linear-sent16-b2": "method=linear,reads=sent:16,layers=middle,augment=1,mine_negatives=150,sentence_budget=0.02",
     "linear-post1-aug": "method=linear,reads=post:1,layers=middle,augment=1",
     "linear-mean-tpost-aug": "method=linear,reads=mean_inst+t_post_inst,layers=middle,augment=1",
     "ngram": "method=ngram,augment=1",
@@ -152,7 +168,9 @@ the instruction and take the highest (:mod:`~pyvene_harm.windows`): text appende
 request cannot dilute them; ``linear-scan16-cal`` also calibrates the maximum on the training
 sources' out-of-source maxima (:mod:`~pyvene_harm.guard.max_calibration`), which cuts false
 positives on unseen harmless sources at some cost in recall (``docs/guard-choice.md``, fifth
-decision).
+decision). The ``linear-sent16`` designs keep the shipped read-out and read it also at every
+earlier sentence end of the instruction (:mod:`~pyvene_harm.sentences`), with no margin or with
+one fitted to a budget of 1% or 2% added flags per harmless training source (seventh decision).
 """
 
 
@@ -173,7 +191,7 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
     """A design from a preset name (:data:`DESIGNS`), or ``name:key=value,key=value`` (keys:
     method, reads (``+`` between reads), layers (``8-16``, ``8+12+16``, ``middle`` or ``all``),
     augment, C, Cs (``default`` or ``wide``), rank, train_on (``+`` between source names),
-    mine_negatives, balance_sources, scan_negatives, calibrate_max, max_threshold).
+    mine_negatives, balance_sources, scan_negatives, calibrate_max, max_threshold, sentence_budget).
 
     Example:
         >>> parse_design("mine:method=linear,reads=mean_inst+t_post_inst,layers=8-16,augment=1").reads
@@ -207,6 +225,8 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
             kwargs[key] = None if value.lower() in ("auto", "cv", "none") else float(value)
         elif key in ("Cs", "max_threshold"):
             kwargs[key] = value
+        elif key == "sentence_budget":
+            kwargs[key] = None if value.lower() == "none" else _parse_float(value, text)
         elif key in ("mine_negatives", "rank", "scan_negatives"):
             kwargs[key] = None if value.lower() in ("all", "none") else int(value)
         else:
@@ -228,3 +248,10 @@ def _parse_ints(value: str, text: str) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"design {text!r}: cannot read layers {value!r} (use 8-16 or 8+12+16)") from None
     return tuple(sorted(out))
+
+
+def _parse_float(value: str, text: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"design {text!r}: cannot read {value!r} as a number") from None

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..reads import check_reads, scan_width
+from ..reads import check_reads, scan_width, sentence_width
 from .max_calibration import MAX_THRESHOLDS
 from .readout import METHODS
 
@@ -44,10 +44,10 @@ def check_latent_params(guard: Any) -> list[str]:
         raise ValueError(f"max_threshold must be one of {MAX_THRESHOLDS}, got {guard.max_threshold!r}")
     if guard.calibrate_max and scan_width(reads[0]) is None:
         raise ValueError(f"calibrate_max calibrates the maximum over windows: it needs a scan:K read, not {reads}")
-    if any(scan_width(r) is not None for r in reads):
+    if any(scan_width(r) is not None or sentence_width(r) is not None for r in reads):
         if len(reads) > 1:
-            raise ValueError(f"a scan read takes the maximum over windows and stands alone: use reads=[{reads[0]!r}] "
-                             f"(not {reads})")
+            raise ValueError(f"a scan or sent read takes the highest of several windows and stands alone: use "
+                             f"reads=[{reads[0]!r}] (not {reads})")
         if guard.method != "linear":
             raise ValueError(f"read {reads[0]!r} scores every window with a linear read-out: use method='linear'")
     return reads

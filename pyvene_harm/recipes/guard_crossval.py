@@ -126,10 +126,11 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
         if unknown:
             raise click.BadParameter(f"design {d.name!r} trains on unknown sources {unknown}", param_hint="--design")
         _check_folds_for_c(d, [s for s in evaluated if s.train])
-    from ..reads import fixed_reads, scan_width
+    from ..reads import fixed_reads, scan_width, sentence_width
 
     reads = sorted({r for d in chosen if not d.is_control for r in fixed_reads(d.reads)})
-    tokens = any(not d.is_control and scan_width(d.reads[0]) is not None for d in chosen)
+    sentences = any(not d.is_control and sentence_width(d.reads[0]) is not None for d in chosen)
+    tokens = sentences or any(not d.is_control and scan_width(d.reads[0]) is not None for d in chosen)
     layers = sorted({x for d in chosen if not d.is_control for x in (d.layers or range(n_states or 0))}) or None
     if layers is None:
         raise click.UsageError(f"the layer count of {mopts.model} cannot be read from its config: give every "
@@ -144,7 +145,7 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
 
     cache = None if states_cache is None else StatesCache(states_cache)
     blocks = {s.name: _states_unit(run, lazy, s, reads, layers, variants if s.evaluate and s.train else 0,
-                                   mopts.batch_size, cache, tokens=tokens)
+                                   mopts.batch_size, cache, tokens=tokens, sentences=sentences)
               for s in sources}
     refusals = {s.name: _refusal_unit(run, lazy, s, max_new_tokens, mopts.batch_size)
                 for s in evaluated} if baseline else {}
@@ -219,14 +220,15 @@ def _load_wraps(values: tuple[str, ...], limit: int, seed: int) -> list[tuple[st
 
 
 def _states_unit(run: RunDir, lazy: Lazy, source, reads: list[str], layers: list[int], n_variants: int,
-                 batch_size: int, cache: Any = None, *, tokens: bool = False):
+                 batch_size: int, cache: Any = None, *, tokens: bool = False, sentences: bool = False):
     """The source's states (and its variants'), computed once and stored as safetensors; with
-    ``tokens`` (a scan design is compared) also every row's instruction-token states, in their
-    own unit (``tokens_NAME``: all token rows end to end, and where each row's begin)."""
+    ``tokens`` (a scan or sent design is compared) also every row's instruction-token states, in
+    their own unit (``tokens_NAME``: all token rows end to end, and where each row's begin); with
+    ``sentences`` (a sent design) where each row's sentences end, from its text's tokens."""
     import numpy as np
     import torch
 
-    from ..guard.crossval import SourceStates, collect_source_states
+    from ..guard.crossval import SourceStates, collect_source_states, row_sentence_ends
     from ..surface import ALL_EDITS, surface_variants
 
     def compute() -> dict[str, torch.Tensor]:
@@ -250,8 +252,14 @@ def _states_unit(run: RunDir, lazy: Lazy, source, reads: list[str], layers: list
     if tokens:
         flat, at = t["tokens"].numpy(), t["offsets"].tolist()
         kept = [flat[at[i]:at[i + 1]] for i in range(len(rows))]
+    ends = None
+    if sentences:
+        try:
+            ends = row_sentence_ends(lazy()[1], texts, kept)
+        except ValueError as err:
+            raise click.ClickException(f"{source.name}: {err}; choose another --out folder") from None
     return SourceStates(source=source, x=t["x"].numpy(), rows=rows, reads=tuple(reads), states=tuple(layers),
-                        texts=texts, tokens=kept)
+                        texts=texts, tokens=kept, ends=ends)
 
 
 def _refusal_unit(run: RunDir, lazy: Lazy, source, max_new_tokens: int, batch_size: int) -> dict:
