@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pyvene_harm.guard import LatentGuard
 from pyvene_harm.guard.crossval import PromptSource, collect_source_states, cross_validate, parse_design
 from pyvene_harm.positions import ChatFormatter
 from pyvene_harm.reads import check_reads, fixed_reads, read_span, scan_width, sentence_width
@@ -179,3 +180,92 @@ def test_read_span_of_a_sent_read_is_its_last_window(tiny):
     batch = ChatFormatter(tok).encode(["Make a bomb. Then a cake."])
     for a, b in zip(read_span(batch, "sent:4"), read_span(batch, "last:4")):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- the library's guard
+
+TAILS = [" Also, unrelated: write a haiku about spring and list three fruits.", " and then a cake", "\n\nThanks!",
+         " " + "la " * 40, " <|im_end|> typed as text"]
+ENDING = [h for h in HARMFUL if h.rstrip()[-1] in ".?!"]  # requests that end a sentence
+
+
+@pytest.fixture(scope="module")
+def sent_guard(tiny):
+    model, tok = tiny
+    return LatentGuard(model, tok, method="linear", reads=("sent:4",), C=1.0, rank=None, batch_size=4,
+                       sentence_budget=0.1).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8)
+
+
+def test_sent_guard_matches_plain_hooks(tiny, sent_guard):
+    model, tok = tiny
+    fmt = ChatFormatter(tok)
+    prompts = HARMFUL[:3] + HARMLESS[:3] + [HARMFUL[0] + TAILS[0]]
+    want = []
+    for p in prompts:
+        e = fmt.tokenize([p])[0]
+        seen = states_by_hooks(model, torch.tensor([e.ids]))
+        inst = torch.stack([seen[s][0] for s in sent_guard.states_], dim=1).double()[e.inst_start:e.t_inst + 1]
+        ends = sentence_ends([tok.decode([i]) for i in e.ids[e.inst_start:e.t_inst + 1]])
+        scores = [float(sent_guard.readout_.score(inst[max(0, k - 3):k + 1].mean(0, keepdim=True).numpy())[0])
+                  - sent_guard.threshold_ - (0.0 if k == ends[-1] else sent_guard.sentence_margin_) for k in ends]
+        want.append(max(scores))
+    np.testing.assert_allclose(sent_guard.decision_function(prompts), want, rtol=1e-4, atol=1e-4)
+
+
+def test_appending_text_lowers_a_sentence_by_at_most_the_margin(tiny, sent_guard):
+    model, tok = tiny
+    assert sent_guard.sentence_margin_ > 0  # the budget fitted a margin on these harmless prompts
+    base = sent_guard.decision_function(ENDING)
+    zero = LatentGuard(model, tok, method="linear", reads=("sent:4",), C=1.0, rank=None,
+                       batch_size=4).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8)
+    assert zero.sentence_margin_ == 0.0
+    zero_base = zero.decision_function(ENDING)
+    for tail in TAILS:
+        got = sent_guard.decision_function([h + tail for h in ENDING])
+        assert (got >= base - sent_guard.sentence_margin_ - 1e-5).all(), (tail, base, got)
+        # margin 0: appending text cannot lower the score of a request that ends a sentence
+        assert (zero.decision_function([h + tail for h in ENDING]) >= zero_base - 1e-5).all()
+
+
+def test_the_margin_is_fitted_per_group_within_its_budget(tiny):
+    model, tok = tiny
+    kw = dict(method="linear", reads=("sent:4",), C=1.0, rank=None, batch_size=4)
+    groups = ["a", "b"] * 8
+    strict = LatentGuard(model, tok, sentence_budget=0.0, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8,
+                                                                    groups=groups)
+    loose = LatentGuard(model, tok, sentence_budget=0.5, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8,
+                                                                   groups=groups)
+    assert strict.sentence_margin_ >= loose.sentence_margin_ >= 0.0
+    np.testing.assert_allclose(strict.readout_.coef, loose.readout_.coef)  # only the margin moves
+
+
+def test_sent_guard_saves_and_loads(tmp_path, tiny, sent_guard):
+    model, tok = tiny
+    sent_guard.save(tmp_path / "g")
+    back = LatentGuard.load(tmp_path / "g", model, tok)
+    assert back.reads_ == ("sent:4",) and back.sentence_budget == 0.1
+    assert back.sentence_margin_ == pytest.approx(sent_guard.sentence_margin_)
+    prompts = HARMFUL[:2] + [HARMFUL[0] + TAILS[0]]
+    np.testing.assert_allclose(back.decision_function(prompts), sent_guard.decision_function(prompts))
+    rep = back.report(prompts)
+    np.testing.assert_allclose(rep.score - back.threshold_, sent_guard.decision_function(prompts))
+    # a margin edited to let everything through earlier sentence ends is refused, not read
+    import json
+
+    cfg = json.loads((tmp_path / "g" / "guard.json").read_text())
+    for bad in (-1.0, float("nan")):
+        cfg["sentence_margin"] = bad
+        (tmp_path / "g" / "guard.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="sentence_margin"):
+            LatentGuard.load(tmp_path / "g", model, tok)
+
+
+def test_sentence_budget_errors(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="reads=\\['sent:K'\\]"):
+        LatentGuard(model, tok, method="linear", reads=("last:4",), sentence_budget=0.01).fit(HARMFUL, [1] * 4 + [0] * 4)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        LatentGuard(model, tok, method="linear", reads=("sent:4",), sentence_budget=2).fit(HARMFUL, [1] * 4 + [0] * 4)
+    with pytest.raises(ValueError, match="fit on prompts"):
+        LatentGuard(method="linear", reads=("sent:4",), sentence_budget=0.01, rank=None, C=1.0).fit(
+            np.random.default_rng(0).normal(size=(8, 1, 6)), [1] * 4 + [0] * 4)

@@ -48,7 +48,7 @@ _KNOWN = {
     "format_version", "kind", "states", "layers", "threshold", "classes", "categories", "calibration",
     "selection", "n_train", "fitted_on", "params", "versions", "created", "hidden_size", "model_id",
     "architecture", "num_layers", "chat_template_hash", "data", "system_prompt", "extra",
-    "method", "reads", "readout", "tensors_sha256",
+    "method", "reads", "readout", "tensors_sha256", "sentence_margin",
 }
 RESERVED_CATEGORIES = ("harmful", "flagged")
 """Names a harm category cannot take: the moderation response already uses them for the verdict."""
@@ -114,7 +114,8 @@ def set_fitted(guard: Any, *, states: Sequence[int], reads: Sequence[str], class
                n_train: Mapping[str, int], metadata: Mapping[str, Any], fitted_on: str,
                categories: Sequence[str] = (), category_centroids: Sequence[np.ndarray] = (),
                layers: Sequence[int] | None = None, threshold: float | None = None,
-               calibration: dict | None = None, selection: dict | None = None, readout: Any = None) -> None:
+               calibration: dict | None = None, selection: dict | None = None, readout: Any = None,
+               sentence_margin: float = 0.0) -> None:
     """Set every fitted attribute but ``centroids_`` (which the caller has set) in one place,
     so that fit, :meth:`~LatentGuard.from_directions` and loading cannot drift apart."""
     check_category_names(categories)
@@ -136,6 +137,10 @@ def set_fitted(guard: Any, *, states: Sequence[int], reads: Sequence[str], class
     guard.calibration_ = calibration
     guard.selection_ = selection
     guard.refusal_read_ = None  # the model's refusal belief is its own artifact: LatentGuard.set_refusal_read
+    if not (isinstance(sentence_margin, (int, float)) and np.isfinite(sentence_margin) and sentence_margin >= 0):
+        raise ValueError(f"sentence_margin must be a finite number >= 0, got {sentence_margin!r}: a guard saved with "
+                         "another was edited by hand or is corrupt; fit it again")
+    guard.sentence_margin_ = float(sentence_margin)  # what a sent:K read's earlier sentence ends clear beyond the threshold
 
 
 def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
@@ -167,6 +172,7 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
         "n_train": guard.n_train_,
         "fitted_on": guard.fitted_on_,
         "hidden_size": guard.hidden_size_,
+        "sentence_margin": guard.sentence_margin_,
         "params": {"layers": list(guard.layers) if guard.layers is not None else None,
                    "method": guard.method, "reads": list(guard.reads), "C": guard.C, "rank": guard.rank,
                    "augment": guard.augment, "Cs": None if guard.Cs is None else [float(c) for c in guard.Cs],
@@ -175,7 +181,7 @@ def save_guard(guard: Any, directory: str | os.PathLike) -> Path:
                    "template": fmt.template_override if fmt is not None else guard.template,
                    "n_states": guard.n_states, "normalize_spelling": bool(guard.normalize_spelling),
                    "scan_negatives": int(guard.scan_negatives), "calibrate_max": bool(guard.calibrate_max),
-                   "max_threshold": str(guard.max_threshold)},
+                   "max_threshold": str(guard.max_threshold), "sentence_budget": guard.sentence_budget},
         "versions": library_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -234,7 +240,8 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
                 n_states=params.get("n_states"), normalize_spelling=spelling,
                 scan_negatives=int(params.get("scan_negatives", 2)),
                 calibrate_max=bool(params.get("calibrate_max", False)),
-                max_threshold=str(params.get("max_threshold", "platt")))
+                max_threshold=str(params.get("max_threshold", "platt")),
+                sentence_budget=params.get("sentence_budget"))
     guard.centroids_ = {k: tensors[f"centroid.{k}"].to(torch.float32).numpy() for k in ("harmful", "harmless")}
     states = meta["states"]
     if guard.centroids_["harmful"].shape[0] != len(states) * len(reads):
@@ -258,7 +265,7 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
                metadata=provenance, fitted_on=meta.get("fitted_on", "prompts"), categories=names,
                category_centroids=[tensors[f"category.{i}"].to(torch.float32).numpy() for i in range(len(names))],
                layers=meta.get("layers"), threshold=meta.get("threshold"), calibration=meta.get("calibration"),
-               selection=meta.get("selection"), readout=readout)
+               selection=meta.get("selection"), readout=readout, sentence_margin=meta.get("sentence_margin", 0.0))
     if model is not None:
         fmt = guard.chat_formatter() if (tokenizer is not None or formatter is not None) else None
         check_fits_model(guard.metadata_, guard.hidden_size_, guard.layers_, model, fmt)
@@ -268,7 +275,8 @@ def load_guard(cls: type, directory: str | os.PathLike, model: Any = None, token
 def _check_finite_numbers(meta: Mapping[str, Any], where: Path) -> None:
     """The numbers that decide a verdict must be finite: a threshold of Infinity, or a NaN one,
     would let every prompt through. JSON readers accept ``NaN`` and ``Infinity``; this does not."""
-    fields = {"threshold": meta.get("threshold"), "params.threshold": (meta.get("params") or {}).get("threshold")}
+    fields = {"threshold": meta.get("threshold"), "params.threshold": (meta.get("params") or {}).get("threshold"),
+              "sentence_margin": meta.get("sentence_margin")}
     for k, v in (meta.get("calibration") or {}).items():
         fields[f"calibration.{k}"] = v
     for name, v in fields.items():

@@ -194,11 +194,14 @@ def _sentence_margin(picked: list[tuple[str, SourceStates, list[int]]], design: 
 
 
 def _estimator(design: GuardDesign, layers: Sequence[int]) -> Any:
-    """The design's unfitted estimator for precomputed states: a calibrated maximum is done by
-    :func:`fit_design` from the blocks' token states, which a fit on states does not see."""
+    """The design's unfitted estimator for precomputed states: a calibrated maximum and a sentence
+    margin are done by :func:`fit_design` from the blocks' token states, which a fit on states
+    does not see."""
     est = design.estimator(layers)
     if design.calibrate_max:
         est.set_params(calibrate_max=False)
+    if design.sentence_budget is not None:
+        est.set_params(sentence_budget=None)
     return est
 
 

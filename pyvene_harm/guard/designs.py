@@ -117,7 +117,8 @@ class GuardDesign:
         return LatentGuard(method=self.method, reads=self.reads, layers=None if layers is None else list(layers),
                            C=self.C, rank=self.rank,
                            Cs=WIDE_CS if self.Cs == "wide" else None, scan_negatives=self.scan_negatives,
-                           calibrate_max=self.calibrate_max, max_threshold=self.max_threshold)
+                           calibrate_max=self.calibrate_max, max_threshold=self.max_threshold,
+                           sentence_budget=self.sentence_budget)
 
     def as_dict(self) -> dict[str, Any]:
         """The design as a run's ``config.json`` records it. ``max_threshold`` came after runs

@@ -36,7 +36,7 @@ from .params import check_latent_params
 from .prompt_scores import prompt_scores
 from .readout import DEFAULT_RANK
 from .report import GuardReport, flag_decisions
-from .scan_fit import fit_readout
+from .scan_fit import fit_readout, fit_sentence_margin
 from .spelling import normalize_prompts
 from .thresholds import ThresholdMixin
 from .training import (
@@ -111,6 +111,11 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
         max_threshold: with ``calibrate_max``, where the calibrated maximum is cut: ``"platt"``
             (probability 1/2) or ``"worst_source"`` (where the worst training group does best on
             the out-of-group maxima).
+        sentence_budget: with a ``sent:K`` read (the last window, and every earlier sentence end's
+            window held to a margin: :mod:`~pyvene_harm.sentences`), the share of any harmless
+            training group (all harmless prompts, without ``groups``) that earlier sentence ends
+            may flag beyond the last window, scored by refits that left the group out; it fixes
+            the margin (``sentence_margin_``). None: margin 0.
         normalize_spelling: read every prompt (and every message of a conversation) with its
             spelling made plain first: invisible characters dropped, look-alike letters,
             full-width letters and leetspeak written as letters
@@ -136,7 +141,8 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
                  batch_size: int = 16, formatter: ChatFormatter | None = None,
                  system_prompt: str | None = None, template: str | None = None, progress: bool | None = None,
                  n_states: int | None = None, normalize_spelling: bool = False, scan_negatives: int = 2,
-                 calibrate_max: bool = False, max_threshold: str = "platt") -> None:
+                 calibrate_max: bool = False, max_threshold: str = "platt",
+                 sentence_budget: float | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.method = method
@@ -157,6 +163,7 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
         self.scan_negatives = scan_negatives
         self.calibrate_max = calibrate_max
         self.max_threshold = max_threshold
+        self.sentence_budget = sentence_budget
 
     # --- fitting -----------------------------------------------------------------------
 
@@ -189,9 +196,9 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
             if self.augment:
                 raise ValueError("augment=True makes surface variants of prompts; precomputed states "
                                  "cannot be edited: pass prompts, or states of the variants yourself")
-            if self.calibrate_max:
-                raise ValueError("calibrate_max scores every window of held-out prompts: fit on prompts, not "
-                                 "precomputed states (or calibrate with pyvene_harm.guard.max_calibration)")
+            if self.calibrate_max or self.sentence_budget is not None:
+                raise ValueError("calibrate_max and sentence_budget score the windows of held-out prompts: fit on "
+                                 "prompts, not precomputed states")
             arr, y = states_array(self, X, y=y, reset=True)
             classes, positive = binary_labels(y, len(arr))
             if arr.shape[1] % len(reads):
@@ -203,14 +210,19 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
         else:
             model, fmt = self._require_model()
             classes, positive = binary_labels(y, len(prompts))
+            # the sentence margin's budget is per group the caller named, else over all harmless prompts
+            budget_groups = [0] * len(prompts) if groups is None else list(groups)
             if groups is None:
                 groups = list(range(len(prompts)))  # a prompt's surface variants stay in one fold
+            original = np.ones(len(prompts), bool)
             if self.augment:
                 if not all(isinstance(p, str) for p in prompts):
                     raise ValueError("augment=True edits the surface of instructions: fit on instruction strings, "
                                      "or with augment=False")
-                prompts, positive, groups, categories, sample_weight = expand_surface_variants(
+                prompts, positive, groups, categories, sample_weight, came_from = expand_surface_variants(
                     prompts, positive, groups, categories, sample_weight)
+                budget_groups = [budget_groups[i] for i in came_from]
+                original = np.r_[True, came_from[1:] != came_from[:-1]]
             states = resolve_states(self.layers, model_provenance(model)["num_layers"] + 1)
             metadata, fitted_on = fit_provenance(model, fmt, prompts, positive), "prompts"
             x = None
@@ -231,10 +243,15 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
         readout = None
         if self.method == "linear":
             readout = fit_readout(self, model, fmt, prompts, x.numpy(), positive, weights, groups, states, reads)
+        margin = 0.0
+        if readout is not None and self.sentence_budget is not None:
+            margin = fit_sentence_margin(self, model, fmt, prompts, x.numpy(), positive, weights, groups, states,
+                                         readout, original, budget_groups)
         names = sorted(k for k in mean if k.startswith("category:"))
         artifact.set_fitted(self, states=states, reads=reads, classes=classes, n_train=counts, metadata=metadata,
                             fitted_on=fitted_on, categories=[k[len("category:"):] for k in names],
-                            category_centroids=[mean[k] for k in names], readout=readout)
+                            category_centroids=[mean[k] for k in names], readout=readout,
+                            sentence_margin=margin)
         return self
 
     def _check_params(self) -> list[str]:

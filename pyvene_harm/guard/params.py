@@ -44,6 +44,13 @@ def check_latent_params(guard: Any) -> list[str]:
         raise ValueError(f"max_threshold must be one of {MAX_THRESHOLDS}, got {guard.max_threshold!r}")
     if guard.calibrate_max and scan_width(reads[0]) is None:
         raise ValueError(f"calibrate_max calibrates the maximum over windows: it needs a scan:K read, not {reads}")
+    budget = guard.sentence_budget
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 1:
+            raise ValueError(f"sentence_budget is a share of harmless prompts in [0, 1) or None, got {budget!r}")
+        if sentence_width(reads[0]) is None:
+            raise ValueError(f"sentence_budget sets the margin of a sent:K read's earlier sentence ends: use "
+                             f"reads=['sent:K'] (not {reads})")
     if any(scan_width(r) is not None or sentence_width(r) is not None for r in reads):
         if len(reads) > 1:
             raise ValueError(f"a scan or sent read takes the highest of several windows and stands alone: use "

@@ -14,8 +14,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..collect import collect_token_states
 from ..positions import ChatFormatter
-from ..reads import fixed_reads
-from ..windows import max_window_scores
+from ..reads import fixed_reads, scan_width, sentence_width
+from ..sentences import instruction_pieces, sentence_decision, sentence_ends
+from ..windows import max_window_scores, window_scores
 from . import artifact
 from .features import as_prompts, check_fits_model, iter_prompt_states
 from .readout import centroid_gap
@@ -60,7 +61,8 @@ def prompt_scores(guard: Any, X: Any, layers: Sequence[int], *, categories: bool
     out_r = np.empty(len(prompts)) if readout else None
     out_f = np.empty(len(prompts)) if read_refusal else None
     out_p = np.empty(len(prompts)) if read_refusal and guard.refusal_read_.calibrated else None
-    batches = (scan_batches(guard, model, fmt, prompts, extra) if readout and guard.scan_width_ is not None else
+    windowed = scan_width(guard.reads_[0]) is not None or sentence_width(guard.reads_[0]) is not None
+    batches = (scan_batches(guard, model, fmt, prompts, extra) if readout and windowed else
                ((idx, x, None) for idx, x in iter_prompt_states(
                    model, fmt, prompts, need, batch_size=guard.batch_size,
                    progress=guard.progress and "scoring prompts", reads=reads + extra)))
@@ -81,7 +83,7 @@ def prompt_scores(guard: Any, X: Any, layers: Sequence[int], *, categories: bool
             x = full
         g, gc, r = score(x)
         if scanned is not None:
-            r = scanned  # the highest window's score, not the last window's
+            r = scanned  # the highest (sentence-end) window's score, not the last window's
         out[idx] = g
         if out_c is not None:
             out_c[idx] = gc
@@ -91,9 +93,11 @@ def prompt_scores(guard: Any, X: Any, layers: Sequence[int], *, categories: bool
 
 
 def scan_batches(guard: Any, model: Any, fmt: ChatFormatter, prompts: Sequence[Any], extra: Sequence[str] = ()):
-    """``(indices, [b, F, d] last-window states, [b] highest window score)`` per batch: one
-    pass that projects every instruction token on the read-out's weights (the ``extra``
-    reads' columns appended after the guard's own)."""
+    """``(indices, [b, F, d] last-window states, [b] window score)`` per batch: one pass that
+    projects every instruction token on the read-out's weights (the ``extra`` reads' columns
+    appended after the guard's own). The score is the highest window's for a ``scan:K`` read;
+    for a ``sent:K`` read the sentence-end decision plus the threshold
+    (:func:`~pyvene_harm.sentences.sentence_decision`), so that score - threshold is the verdict."""
     v, offset = guard.readout_.projection()  # [S, d]
     project = torch.from_numpy(np.ascontiguousarray(v.T)).float()
     reads = fixed_reads(guard.reads_) + list(extra)
@@ -102,4 +106,11 @@ def scan_batches(guard: Any, model: Any, fmt: ChatFormatter, prompts: Sequence[A
                                                    batch_size=guard.batch_size,
                                                    progress=guard.progress and "scoring prompts"):
         x = torch.cat([by_read[r] for r in reads], dim=1).to("cpu", torch.float64)
-        yield idx, x, max_window_scores(proj, guard.scan_width_, offset)[0]
+        width = sentence_width(guard.reads_[0])
+        if width is None:
+            yield idx, x, max_window_scores(proj, guard.scan_width_, offset)[0]
+            continue
+        thr = guard.threshold_
+        pieces = instruction_pieces(fmt, [prompts[i] for i in idx])
+        yield idx, x, np.asarray([sentence_decision(window_scores(p, width, offset), sentence_ends(t), thr,
+                                                    guard.sentence_margin_)[0] + thr for p, t in zip(proj, pieces)])

@@ -1,4 +1,4 @@
-"""The two extra passes a ``scan:K`` guard's fit makes over its training prompts.
+"""The extra passes a ``scan:K`` or ``sent:K`` guard's fit makes over its training prompts.
 
 A scan guard's verdict is the highest of its read-out's scores over every K-token window of the
 instruction (:mod:`~pyvene_harm.windows`). Fitting it on each prompt's last window alone leaves
@@ -10,6 +10,10 @@ the fit and both passes):
   "How do I kill a Python process?") do not fire;
 * :func:`held_out_maxima`: every prompt's highest window under a refit that did not see its
   group, what :mod:`~pyvene_harm.guard.max_calibration` calibrates the maximum on.
+
+A ``sent:K`` guard's read-out is fitted as a ``last:K`` one; :func:`fit_sentence_margin` makes its
+one extra pass, over the harmless prompts, for the margin its earlier sentence ends must clear
+(:mod:`~pyvene_harm.sentences`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import numpy as np
 
 from ..collect import collect_token_states
 from ..positions import ChatFormatter
-from ..reads import fixed_reads, scan_width
+from ..reads import fixed_reads, scan_width, sentence_width
+from ..sentences import fit_margin, instruction_pieces, sentence_ends
 from ..windows import max_window_scores, top_windows, window_means
 from .max_calibration import OutOfGroupReadouts
 from .readout import DEFAULT_CS, LinearReadout
 
-__all__ = ["fit_readout", "harmless_windows", "held_out_maxima"]
+__all__ = ["fit_readout", "fit_sentence_margin", "harmless_windows", "held_out_maxima"]
 
 
 def harmless_windows(model: Any, fmt: ChatFormatter, prompts: Sequence[Any], positive: np.ndarray,
@@ -93,3 +98,39 @@ def fit_readout(guard: Any, model: Any, fmt: ChatFormatter | None, prompts: Sequ
                                width, batch_size=guard.batch_size, progress=guard.progress)
         readout = folds.calibrate(best, positive, fit_g[:len(prompts)], threshold=guard.max_threshold)
     return readout
+
+
+def fit_sentence_margin(guard: Any, model: Any, fmt: ChatFormatter, prompts: Sequence[Any], x: np.ndarray,
+                        positive: np.ndarray, weights: np.ndarray | None, groups: Sequence[Any],
+                        states: Sequence[int], readout: LinearReadout, original: np.ndarray,
+                        budget_groups: Sequence[Any]) -> float:
+    """The margin a ``sent:K`` guard's earlier sentence ends must clear
+    (:func:`~pyvene_harm.sentences.fit_margin`): the read-out refitted without each fold of
+    ``groups`` (:class:`OutOfGroupReadouts`, on the rows ``x`` it was fitted on), and every harmless
+    prompt as written (``original``; not its surface variants) scored by the refit that left its
+    group out, within ``guard.sentence_budget`` per ``budget_groups`` group."""
+    width = sentence_width(guard.reads[0]) if len(guard.reads) else None
+    if width is None:
+        raise ValueError(f"sentence_budget sets the margin of a sent:K read's earlier sentence ends: use reads=['sent:K'] "
+                         f"(not {list(guard.reads)})")
+    if prompts is None:
+        raise ValueError("sentence_budget scores the sentence ends of harmless prompts: fit on prompts, not "
+                         "precomputed states")
+    g = np.asarray(groups, dtype=object).astype(str)
+    folds = OutOfGroupReadouts.fit(readout, x, np.asarray(positive, bool), g, rank=guard.rank, sample_weight=weights)
+    which = np.flatnonzero(~np.asarray(positive, bool) & np.asarray(original, bool))
+    if not len(which):
+        raise ValueError("sentence_budget needs harmless training prompts to fit the margin on")
+    texts = [prompts[i] for i in which]
+    last, earlier = np.empty(len(which)), np.empty(len(which))
+    for idx, _, tokens in collect_token_states(model, fmt, texts, states=states, positions=fixed_reads(guard.reads),
+                                               batch_size=guard.batch_size,
+                                               progress=guard.progress and "fitting the sentence margin"):
+        pieces = instruction_pieces(fmt, [texts[j] for j in idx])
+        for j, t, p in zip(idx, tokens, pieces):
+            v, offset = folds.projection(g[which[j]])
+            s = window_means(np.einsum("tsd,sd->t", t.double().numpy(), v), width) + offset
+            ends = sentence_ends(p)
+            last[j] = s[-1] - guard.threshold
+            earlier[j] = s[ends[:-1]].max() - guard.threshold if len(ends) > 1 else -np.inf
+    return fit_margin(last, earlier, [budget_groups[i] for i in which], guard.sentence_budget)

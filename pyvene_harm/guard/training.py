@@ -117,12 +117,13 @@ def expand_surface_variants(prompts: Sequence[str], positive: np.ndarray, groups
                             categories: Sequence[str | None] | None,
                             sample_weight: Sequence[float] | None) -> tuple[list[str], np.ndarray, list[Any],
                                                                              list[str | None] | None,
-                                                                             list[float] | None]:
+                                                                             list[float] | None, np.ndarray]:
     """Every prompt followed by its distinct surface variants, each with the prompt's label,
-    group, category and weight (so a prompt and its variants stay in one cross-validation fold)."""
+    group, category and weight (so a prompt and its variants stay in one cross-validation fold),
+    and last the index of the prompt each row came from (a prompt's own row first)."""
     from ..surface import surface_variants
 
-    out_p, out_y, out_g, out_c, out_w = [], [], [], [], []
+    out_p, out_y, out_g, out_c, out_w, came_from = [], [], [], [], [], []
     for i, p in enumerate(prompts):
         for v in dict.fromkeys([p, *surface_variants(p).values()]):
             out_p.append(v)
@@ -130,8 +131,9 @@ def expand_surface_variants(prompts: Sequence[str], positive: np.ndarray, groups
             out_g.append(groups[i])
             out_c.append(None if categories is None else categories[i])
             out_w.append(None if sample_weight is None else float(sample_weight[i]))
+            came_from.append(i)
     return (out_p, np.asarray(out_y), out_g, None if categories is None else out_c,
-            None if sample_weight is None else out_w)
+            None if sample_weight is None else out_w, np.asarray(came_from, dtype=int))
 
 
 def fit_provenance(model: Any, fmt: ChatFormatter, prompts: Sequence[str], positive: np.ndarray) -> dict[str, Any]:
