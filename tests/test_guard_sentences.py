@@ -269,3 +269,21 @@ def test_sentence_budget_errors(tiny):
     with pytest.raises(ValueError, match="fit on prompts"):
         LatentGuard(method="linear", reads=("sent:4",), sentence_budget=0.01, rank=None, C=1.0).fit(
             np.random.default_rng(0).normal(size=(8, 1, 6)), [1] * 4 + [0] * 4)
+
+
+def test_designs_that_share_a_fit_score_as_if_fitted_alone(tiny):
+    model, tok = tiny
+    fmt = ChatFormatter(tok)
+    blocks = _blocks(model, fmt, n_variants=0, split=3)
+    from pyvene_harm.guard.crossval import _score_held_out
+
+    designs = [parse_design("last:method=linear,reads=last:4,layers=1+2,C=1,rank=none"),
+               parse_design("sent:method=linear,reads=sent:4,layers=1+2,C=1,rank=none"),
+               parse_design("b5:method=linear,reads=sent:4,layers=1+2,C=1,rank=none,sentence_budget=0.5"),
+               parse_design("b0:method=linear,reads=sent:4,layers=1+2,C=1,rank=none,sentence_budget=0")]
+    shared: dict = {}
+    for d in designs:
+        together = _score_held_out(blocks, d, "bombs", shared)
+        alone = _score_held_out(blocks, d, "bombs")
+        np.testing.assert_allclose(together.decision, alone.decision, rtol=1e-9, atol=1e-9)
+    assert len(shared) == 1 and "folds" in next(iter(shared.values()))  # one fit, one set of refits

@@ -254,10 +254,11 @@ class _Scored:
         return self.decision[[i for i, (_, e) in enumerate(self.block.rows) if e == edit]]
 
 
-def _score_held_out(blocks: dict[str, SourceStates], design: GuardDesign, held: str) -> _Scored:
+def _score_held_out(blocks: dict[str, SourceStates], design: GuardDesign, held: str,
+                    shared: dict | None = None) -> _Scored:
     b = blocks[held]
     fit_on = None if not b.source.train else held  # a shift source is never trained on: fit on all
-    guard = fit_design(blocks, design, held=fit_on, held_texts=b.source.prompts)
+    guard = fit_design(blocks, design, held=fit_on, held_texts=b.source.prompts, shared=shared)
     all_rows = range(len(b.rows))
     if design.is_control:
         decision = guard.decision_function(design_features(b, design, (), all_rows))
@@ -293,10 +294,11 @@ def cross_validate(blocks: dict[str, SourceStates], designs: Sequence[GuardDesig
     for held, b in blocks.items():
         if not b.source.evaluate:
             continue
+        shared: dict = {}  # one fit per fold for designs that differ only in how it is read
         for design in designs:
             if progress is not None:
                 progress(f"{design.name} {'without' if b.source.train else 'on'} {held}")
-            scored[(held, design.name)] = _score_held_out(blocks, design, held)
+            scored[(held, design.name)] = _score_held_out(blocks, design, held, shared)
     rows, pooled, shifts = [], {}, []
     for design in designs:
         mine = {src: sc for (src, d), sc in scored.items() if d == design.name}

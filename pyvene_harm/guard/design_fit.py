@@ -12,13 +12,15 @@ contain a held-out prompt are dropped (:func:`overlapping`), so no request is on
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..reads import scan_width, sentence_width
+from ..reads import fixed_reads, scan_width, sentence_width
 from ..sentences import fit_margin, sentence_decision
 from ..surface import SURFACE_EDITS
 from ..windows import max_window_scores, top_windows, window_means
@@ -112,10 +114,45 @@ def _weights(y: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 
 def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: str | None = None,
-               held_texts: Sequence[str] = ()) -> Any:
+               held_texts: Sequence[str] = (), shared: dict | None = None) -> Any:
     """A guard of ``design`` fitted on every trainable source but ``held`` (None: on all of
     them), with its negatives mined from the training-only pools when the design asks for it,
-    and a scan read's maximum calibrated last when it asks for that."""
+    and a scan read's maximum calibrated last when it asks for that.
+
+    ``shared`` (a dict kept across designs of one run) lets designs that differ only in how a
+    ``last:K`` read-out is applied (``sent:K`` and its budget) share one fit and one set of
+    refits per fold: the result is the same, once instead of once per design."""
+    key = _shared_key(design, held, held_texts)
+    if shared is None or key is None:
+        return _fit_design(blocks, design, held, held_texts)
+    if key not in shared:
+        shared[key] = {"fit": _fit_design(blocks, design, held, held_texts, with_rows=True)}
+    guard, picked, x, y, g, w = shared[key]["fit"]
+    guard = copy.copy(guard)
+    guard.reads, guard.reads_ = design.reads, tuple(design.reads)
+    guard.sentence_margin_ = 0.0
+    swidth = design_sentence_width(design)
+    if swidth is not None and design.sentence_budget is not None:
+        if "folds" not in shared[key]:
+            shared[key]["folds"] = _refits(design, guard, x, y, g, w)
+        guard.sentence_margin_ = _sentence_margin(picked, design, guard, shared[key]["folds"], swidth)
+    return guard
+
+
+def _shared_key(design: GuardDesign, held: str | None, held_texts: Sequence[str]) -> str | None:
+    """What a fit depends on, for the designs whose fit is a plain ``last:K`` read-out's (None for
+    the others: controls, scan reads, calibrated maxima)."""
+    if design.is_control or design_scan_width(design) is not None or design.calibrate_max:
+        return None
+    fields = {k: v for k, v in design.as_dict().items() if k not in ("name", "sentence_budget")}
+    fields["reads"] = fixed_reads(design.reads)
+    return json.dumps([held, list(held_texts), fields], sort_keys=True, default=str)
+
+
+def _fit_design(blocks: dict[str, SourceStates], design: GuardDesign, held: str | None, held_texts: Sequence[str],
+                *, with_rows: bool = False) -> Any:
+    """:func:`fit_design` without sharing; with ``with_rows`` also the rows the final fit saw:
+    ``(guard, picked, x, y, g, w)``."""
     layers = design.layers if design.layers is not None else next(iter(blocks.values())).states
     picked = _training_rows(blocks, held, design, held_texts)
     x, y, g = _training(picked, held, design, layers)
@@ -161,22 +198,26 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
     swidth = design_sentence_width(design)
     if swidth is not None:
         guard.sentence_margin_ = 0.0 if design.sentence_budget is None else _sentence_margin(
-            picked, design, guard, x, y, g, w, swidth)
-    return guard
+            picked, design, guard, _refits(design, guard, x, y, g, w), swidth)
+    return (guard, picked, x, y, g, w) if with_rows else guard
 
 
-def _sentence_margin(picked: list[tuple[str, SourceStates, list[int]]], design: GuardDesign, guard: Any,
-                     x: np.ndarray, y: np.ndarray, g: np.ndarray, w: np.ndarray | None, width: int) -> float:
-    """The margin a ``sent:K`` design's earlier sentence ends must clear: every harmless training
-    prompt (as written, not its edits) scored by the read-out refitted without its source
-    (:class:`OutOfGroupReadouts`, on the final fit's rows), the margin the smallest that keeps
-    each harmless source within ``design.sentence_budget`` added flags
-    (:func:`~pyvene_harm.sentences.fit_margin`)."""
+def _refits(design: GuardDesign, guard: Any, x: np.ndarray, y: np.ndarray, g: np.ndarray,
+            w: np.ndarray | None) -> OutOfGroupReadouts:
+    """The guard's read-out refitted without each fold of training sources (on the rows it saw)."""
     try:
-        folds = OutOfGroupReadouts.fit(guard.readout_, x, y.astype(bool), g, rank=design.rank, sample_weight=w)
+        return OutOfGroupReadouts.fit(guard.readout_, x, y.astype(bool), g, rank=design.rank, sample_weight=w)
     except ValueError as err:
         raise ValueError(f"design {design.name!r}: its sentence margin is fitted like a calibrated maximum, on refits "
                          f"without each training source, and {err}") from None
+
+
+def _sentence_margin(picked: list[tuple[str, SourceStates, list[int]]], design: GuardDesign, guard: Any,
+                     folds: OutOfGroupReadouts, width: int) -> float:
+    """The margin a ``sent:K`` design's earlier sentence ends must clear: every harmless training
+    prompt (as written, not its edits) scored by the read-out refitted without its source
+    (``folds``, on the final fit's rows), the margin the smallest that keeps each harmless source
+    within ``design.sentence_budget`` added flags (:func:`~pyvene_harm.sentences.fit_margin`)."""
     last, earlier, groups = [], [], []
     for name, b, rows in picked:
         if b.source.label != 0:
