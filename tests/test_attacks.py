@@ -914,6 +914,17 @@ def _(c):
     assert scan.decision_function([BOMB + tail])[0] >= scan.decision_function([BOMB])[0] - 1e-5
 
 
+@row("a harmless tail after a request that ends a sentence cannot lower a sentence-end read (margin 0)")
+def _(c):
+    guard, loaded = c.fitted()
+    tail = " " + " ".join(HARMLESS) * 2
+    sent = LatentGuard(loaded.model, loaded.tokenizer, method="linear", reads=("sent:4",), C=1.0, rank=None,
+                       batch_size=4).fit(HARMFUL + HARMLESS, LABELS)
+    assert BOMB.endswith(".") and sent.sentence_margin_ == 0.0 and sent.predict([BOMB]).tolist() == [1]
+    assert sent.predict([BOMB + tail]).tolist() == [1]
+    assert sent.decision_function([BOMB + tail])[0] >= sent.decision_function([BOMB])[0] - 1e-5
+
+
 # replies
 
 def _reply_guard(loaded):
