@@ -139,6 +139,7 @@ def test_crossval_scores_a_sent_design_at_its_sentence_ends(tiny):
     assert (held.original() >= plain - 2e-3).all()  # both from float16 states, pooled in two ways
     result = cross_validate(blocks, [design], n_boot=0)
     assert {r["source"] for r in result.rows} == {"bombs", "more", "bread", "sea"}
+    assert all(r["sentence_margin"] == 0.0 for r in result.rows)  # each fold's margin is recorded
 
 
 def test_crossval_fits_the_margin_on_harmless_training_sources(tiny):

@@ -242,6 +242,8 @@ class _Scored:
     block: SourceStates
     decision: np.ndarray
     fit_C: float | None
+    margin: float | None = None
+    """A ``sent:K`` design's fitted ``sentence_margin_`` in this fold (None for other designs)."""
 
     @property
     def label(self) -> int:
@@ -268,7 +270,8 @@ def _score_held_out(blocks: dict[str, SourceStates], design: GuardDesign, held: 
         fit_C = guard.readout_.C
     elif design_sentence_width(design) is not None:
         decision = sentence_decisions(guard, [(b, i) for i in all_rows], design_sentence_width(design))
-        fit_C = guard.readout_.C
+        return _Scored(block=b, decision=np.asarray(decision, dtype=np.float64), fit_C=guard.readout_.C,
+                       margin=float(guard.sentence_margin_))
     else:
         decision = guard.decision_function(b.select(design.reads, guard.states_, all_rows))
         fit_C = None if guard.readout_ is None else guard.readout_.C
@@ -354,6 +357,7 @@ def _row(src: str, design: GuardDesign, sc: _Scored, mine: dict[str, _Scored], b
             "n_variants": 0 if inv is None else inv.n_pairs,
             "shift_accuracy": shift_acc,
             "C": sc.fit_C,
+            **({} if sc.margin is None else {"sentence_margin": sc.margin}),
             "vs_other_class": {k: m[k] for k in (*AGAINST_KEYS, "n")},
             "vs_other_class_ci": m["ci"],
             "auc_vs_other_class": m["auroc"]}
