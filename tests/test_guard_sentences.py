@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from pyvene_harm.guard import LatentGuard
-from pyvene_harm.guard.crossval import PromptSource, collect_source_states, cross_validate, parse_design
+from pyvene_harm.guard.crossval import (
+    PromptSource,
+    collect_source_states,
+    cross_validate,
+    parse_design,
+)
 from pyvene_harm.positions import ChatFormatter
 from pyvene_harm.reads import check_reads, fixed_reads, read_span, scan_width, sentence_width
 from pyvene_harm.sentences import fit_margin, instruction_pieces, sentence_decision, sentence_ends

@@ -42,9 +42,10 @@ from .thresholds import ThresholdMixin
 from .training import (
     binary_labels,
     class_sums,
-    expand_surface_variants,
+    collect_prompt_states,
     fit_provenance,
     precomputed_states,
+    prompt_rows,
     states_array,
 )
 
@@ -209,20 +210,10 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
             metadata, fitted_on, model, fmt = {}, "states", None, None
         else:
             model, fmt = self._require_model()
-            classes, positive = binary_labels(y, len(prompts))
-            # the sentence margin's budget is per group the caller named, else over all harmless prompts
-            budget_groups = [0] * len(prompts) if groups is None else list(groups)
-            if groups is None:
-                groups = list(range(len(prompts)))  # a prompt's surface variants stay in one fold
-            original = np.ones(len(prompts), bool)
-            if self.augment:
-                if not all(isinstance(p, str) for p in prompts):
-                    raise ValueError("augment=True edits the surface of instructions: fit on instruction strings, "
-                                     "or with augment=False")
-                prompts, positive, groups, categories, sample_weight, came_from = expand_surface_variants(
-                    prompts, positive, groups, categories, sample_weight)
-                budget_groups = [budget_groups[i] for i in came_from]
-                original = np.r_[True, came_from[1:] != came_from[:-1]]
+            rows = prompt_rows(prompts, y, groups, categories, sample_weight, augment=self.augment)
+            prompts, positive, groups, categories, sample_weight = (rows.prompts, rows.positive, rows.groups,
+                                                                    rows.categories, rows.sample_weight)
+            classes = rows.classes
             states = resolve_states(self.layers, model_provenance(model)["num_layers"] + 1)
             metadata, fitted_on = fit_provenance(model, fmt, prompts, positive), "prompts"
             x = None
@@ -246,7 +237,7 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
         margin = 0.0
         if readout is not None and self.sentence_budget is not None:
             margin = fit_sentence_margin(self, model, fmt, prompts, x.numpy(), positive, weights, groups, states,
-                                         readout, original, budget_groups)
+                                         readout, rows.original, rows.budget_groups)
         names = sorted(k for k in mean if k.startswith("category:"))
         artifact.set_fitted(self, states=states, reads=reads, classes=classes, n_train=counts, metadata=metadata,
                             fitted_on=fitted_on, categories=[k[len("category:"):] for k in names],
@@ -266,16 +257,8 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
     def _collect(self, model: Any, fmt: ChatFormatter, prompts: Sequence[str], states: Sequence[int],
                  reads: Sequence[str], what: str, states_cache: Any = None) -> torch.Tensor:
         """``[n, len(reads) * len(states), d]`` float64 states of every prompt, in prompt order."""
-        if states_cache is not None:
-            return states_cache.collect(model, fmt, prompts, states, reads, batch_size=self.batch_size,
-                                        progress=self.progress and what)
-        out = None
-        for idx, x in iter_prompt_states(model, fmt, prompts, states, batch_size=self.batch_size,
-                                         progress=self.progress and what, reads=reads):
-            if out is None:
-                out = torch.empty((len(prompts), *x.shape[1:]), dtype=torch.float64)
-            out[idx] = x
-        return out
+        return collect_prompt_states(model, fmt, prompts, states, reads, batch_size=self.batch_size,
+                                     progress=self.progress and what, states_cache=states_cache)
 
     def prompt_states(self, prompts: Sequence[Any], states_cache: Any = None) -> np.ndarray:
         """``[n, len(reads) * len(states), d]`` float64 states of ``prompts`` as this fitted

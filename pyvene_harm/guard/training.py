@@ -8,6 +8,7 @@ that ``check_estimator`` expects and that name the fix.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from sklearn.utils.validation import column_or_1d
 
 from ..directions import model_provenance
 from ..positions import ChatFormatter
-from .features import to_array
+from .features import iter_prompt_states, to_array
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
@@ -25,7 +26,9 @@ except ImportError:  # pragma: no cover - older scikit-learn
     def _validate_data(estimator, X, y="no_validation", **kwargs):
         return estimator._validate_data(X, y, **kwargs)
 
-__all__ = ["binary_labels", "class_sums", "expand_surface_variants", "fit_provenance", "precomputed_states",
+__all__ = ["PromptRows", "binary_labels", "class_sums", "collect_prompt_states", "expand_surface_variants",
+           "fit_provenance",
+           "precomputed_states", "prompt_rows",
            "states_array"]
 
 # label names that sort after their opposite ("harmful" < "harmless"), which would make
@@ -134,6 +137,62 @@ def expand_surface_variants(prompts: Sequence[str], positive: np.ndarray, groups
             came_from.append(i)
     return (out_p, np.asarray(out_y), out_g, None if categories is None else out_c,
             None if sample_weight is None else out_w, np.asarray(came_from, dtype=int))
+
+
+def collect_prompt_states(model: Any, fmt: ChatFormatter, prompts: Sequence[Any], states: Sequence[int],
+                          reads: Sequence[str], *, batch_size: int, progress: bool | str | None,
+                          states_cache: Any = None) -> torch.Tensor:
+    """``[n, len(reads) * len(states), d]`` float64 states of every prompt, in prompt order (from
+    ``states_cache`` where it holds them)."""
+    if states_cache is not None:
+        return states_cache.collect(model, fmt, prompts, states, reads, batch_size=batch_size, progress=progress)
+    out = None
+    for idx, x in iter_prompt_states(model, fmt, prompts, states, batch_size=batch_size, progress=progress,
+                                     reads=reads):
+        if out is None:
+            out = torch.empty((len(prompts), *x.shape[1:]), dtype=torch.float64)
+        out[idx] = x
+    return out
+
+
+@dataclass
+class PromptRows:
+    """The rows a fit on prompts reads: the prompts (and their surface variants when it augments),
+    with what goes with each."""
+
+    prompts: list[Any]
+    classes: np.ndarray
+    positive: np.ndarray
+    groups: list[Any]
+    """Cross-validation groups: the caller's, else one per prompt (its variants in its group)."""
+    categories: list[str | None] | None
+    sample_weight: list[float] | None
+    original: np.ndarray
+    """True on a prompt as given, False on a surface variant of it."""
+    budget_groups: list[Any]
+    """Groups a sentence margin's budget is counted in: the caller's, else a single group."""
+
+
+def prompt_rows(prompts: Sequence[Any], y: Any, groups: Sequence[Any] | None,
+                categories: Sequence[str | None] | None, sample_weight: Sequence[float] | None, *,
+                augment: bool) -> PromptRows:
+    """Labels checked, groups filled in and, with ``augment``, every instruction followed by its
+    surface variants (:func:`expand_surface_variants`)."""
+    classes, positive = binary_labels(y, len(prompts))
+    budget_groups = [0] * len(prompts) if groups is None else list(groups)
+    groups = list(range(len(prompts))) if groups is None else list(groups)
+    original = np.ones(len(prompts), bool)
+    prompts = list(prompts)
+    if augment:
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("augment=True edits the surface of instructions: fit on instruction strings, "
+                             "or with augment=False")
+        prompts, positive, groups, categories, sample_weight, came_from = expand_surface_variants(
+            prompts, positive, groups, categories, sample_weight)
+        budget_groups = [budget_groups[i] for i in came_from]
+        original = np.r_[True, came_from[1:] != came_from[:-1]]
+    return PromptRows(prompts=prompts, classes=classes, positive=positive, groups=groups, categories=categories,
+                      sample_weight=sample_weight, original=original, budget_groups=budget_groups)
 
 
 def fit_provenance(model: Any, fmt: ChatFormatter, prompts: Sequence[str], positive: np.ndarray) -> dict[str, Any]:
