@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SENTENCE_END", "fit_margin", "instruction_pieces", "sentence_decision", "sentence_ends"]
+__all__ = ["SENTENCE_END", "fit_margin", "instruction_pieces", "last_and_earlier", "sentence_decision",
+           "sentence_ends"]
 
 SENTENCE_END = re.compile(r"[.?!:;\n\u3002\uff1f\uff01\uff1a\uff1b]\s*$")
 """A token whose text ends with one of these (trailing spaces aside) ends a sentence."""
@@ -73,6 +74,16 @@ def sentence_decision(window_scores: np.ndarray, ends: np.ndarray, threshold: fl
     d[:-1] -= margin
     j = int(np.argmax(np.where(np.isnan(d), np.inf, d)))
     return float(d[j]), int(ends[j])
+
+
+def last_and_earlier(window_scores: np.ndarray, ends: np.ndarray, threshold: float) -> tuple[float, float]:
+    """``(last, earlier)``: the last window's score and the highest earlier sentence end's, each
+    minus ``threshold`` (``-inf`` for an instruction of one sentence): what :func:`fit_margin`
+    reads of each harmless prompt."""
+    s = np.asarray(window_scores, dtype=np.float64)
+    ends = np.asarray(ends, dtype=int)
+    earlier = s[ends[:-1]].max() - threshold if len(ends) > 1 else -np.inf
+    return float(s[-1] - threshold), float(earlier)
 
 
 def fit_margin(last_scores: np.ndarray, earlier_best: np.ndarray, groups: Sequence[Any], budget: float) -> float:

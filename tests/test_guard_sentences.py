@@ -18,7 +18,13 @@ from pyvene_harm.guard.crossval import (
 )
 from pyvene_harm.positions import ChatFormatter
 from pyvene_harm.reads import check_reads, fixed_reads, read_span, scan_width, sentence_width
-from pyvene_harm.sentences import fit_margin, instruction_pieces, sentence_decision, sentence_ends
+from pyvene_harm.sentences import (
+    fit_margin,
+    instruction_pieces,
+    last_and_earlier,
+    sentence_decision,
+    sentence_ends,
+)
 
 from hook_reference import states_by_hooks
 from tiny import make_model, make_tokenizer
@@ -68,6 +74,11 @@ def test_sentence_decision_against_brute_force():
     assert np.isnan(sentence_decision(np.array([np.nan, 1.0]), np.array([0, 1]), 0.0)[0])
     with pytest.raises(ValueError, match="last token"):
         sentence_decision(np.zeros(3), np.array([0, 1]), 0.0)
+
+
+def test_last_and_earlier_read_the_last_window_and_the_best_earlier_end():
+    assert last_and_earlier(np.array([3.0, 0.0, 1.0, -1.0]), np.array([0, 2, 3]), 0.5) == (-1.5, 2.5)
+    assert last_and_earlier(np.array([3.0, -1.0]), np.array([1]), 0.0) == (-1.0, -np.inf)
 
 
 def test_fit_margin_keeps_every_group_within_its_budget():

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..reads import fixed_reads, scan_width, sentence_width
-from ..sentences import fit_margin, sentence_decision
+from ..sentences import fit_margin, last_and_earlier, sentence_decision
 from ..surface import SURFACE_EDITS
 from ..windows import max_window_scores, top_windows, window_means
 from .designs import GuardDesign
@@ -227,9 +227,9 @@ def _sentence_margin(picked: list[tuple[str, SourceStates, list[int]]], design: 
             if b.rows[i][1] is not None:
                 continue
             s = window_means(np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v), width) + offset
-            ends = b.sentence_ends(i)
-            last.append(s[-1] - guard.threshold_)
-            earlier.append(s[ends[:-1]].max() - guard.threshold_ if len(ends) > 1 else -np.inf)
+            one, best = last_and_earlier(s, b.sentence_ends(i), guard.threshold_)
+            last.append(one)
+            earlier.append(best)
             groups.append(name)
     return fit_margin(np.asarray(last), np.asarray(earlier), groups, design.sentence_budget)
 

@@ -101,16 +101,15 @@ def scan_batches(guard: Any, model: Any, fmt: ChatFormatter, prompts: Sequence[A
     v, offset = guard.readout_.projection()  # [S, d]
     project = torch.from_numpy(np.ascontiguousarray(v.T)).float()
     reads = fixed_reads(guard.reads_) + list(extra)
+    width, thr = sentence_width(guard.reads_[0]), guard.threshold_
     for idx, by_read, proj in collect_token_states(model, fmt, prompts, states=guard.states_,
                                                    positions=reads, project=project,
                                                    batch_size=guard.batch_size,
                                                    progress=guard.progress and "scoring prompts"):
         x = torch.cat([by_read[r] for r in reads], dim=1).to("cpu", torch.float64)
-        width = sentence_width(guard.reads_[0])
         if width is None:
             yield idx, x, max_window_scores(proj, guard.scan_width_, offset)[0]
             continue
-        thr = guard.threshold_
         pieces = instruction_pieces(fmt, [prompts[i] for i in idx])
         yield idx, x, np.asarray([sentence_decision(window_scores(p, width, offset), sentence_ends(t), thr,
                                                     guard.sentence_margin_)[0] + thr for p, t in zip(proj, pieces)])

@@ -26,7 +26,7 @@ import numpy as np
 from ..collect import collect_token_states
 from ..positions import ChatFormatter
 from ..reads import fixed_reads, scan_width, sentence_width
-from ..sentences import fit_margin, instruction_pieces, sentence_ends
+from ..sentences import fit_margin, instruction_pieces, last_and_earlier, sentence_ends
 from ..windows import max_window_scores, top_windows, window_means
 from .max_calibration import OutOfGroupReadouts
 from .readout import DEFAULT_CS, LinearReadout
@@ -109,7 +109,7 @@ def fit_sentence_margin(guard: Any, model: Any, fmt: ChatFormatter, prompts: Seq
     ``groups`` (:class:`OutOfGroupReadouts`, on the rows ``x`` it was fitted on), and every harmless
     prompt as written (``original``; not its surface variants) scored by the refit that left its
     group out, within ``guard.sentence_budget`` per ``budget_groups`` group."""
-    width = sentence_width(guard.reads[0]) if len(guard.reads) else None
+    width = sentence_width(guard.reads[0])
     if width is None:
         raise ValueError(f"sentence_budget sets the margin of a sent:K read's earlier sentence ends: use reads=['sent:K'] "
                          f"(not {list(guard.reads)})")
@@ -130,7 +130,5 @@ def fit_sentence_margin(guard: Any, model: Any, fmt: ChatFormatter, prompts: Seq
         for j, t, p in zip(idx, tokens, pieces):
             v, offset = folds.projection(g[which[j]])
             s = window_means(np.einsum("tsd,sd->t", t.double().numpy(), v), width) + offset
-            ends = sentence_ends(p)
-            last[j] = s[-1] - guard.threshold
-            earlier[j] = s[ends[:-1]].max() - guard.threshold if len(ends) > 1 else -np.inf
+            last[j], earlier[j] = last_and_earlier(s, sentence_ends(p), guard.threshold)
     return fit_margin(last, earlier, [budget_groups[i] for i in which], guard.sentence_budget)
