@@ -114,15 +114,15 @@ def test_c_is_chosen_on_held_out_groups():
 def test_augment_fits_on_every_surface_variant(tiny, monkeypatch):
     model, tok = tiny
     seen = []
-    import pyvene_harm.guard.latent as latent
+    import pyvene_harm.guard.training as training  # where a fit on prompts collects their states
 
-    real = latent.iter_prompt_states
+    real = training.iter_prompt_states
 
     def spy(model, fmt, prompts, *args, **kwargs):
         seen.append(list(prompts))
         return real(model, fmt, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(latent, "iter_prompt_states", spy)
+    monkeypatch.setattr(training, "iter_prompt_states", spy)
     guard = LatentGuard(model, tok, method="linear", reads=["mean_inst"], layers=LAYERS, C=1.0,
                         augment=True).fit(HARMFUL + HARMLESS, Y)
     expected = [v for p in HARMFUL + HARMLESS for v in dict.fromkeys([p, *surface_variants(p).values()])]
