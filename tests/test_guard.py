@@ -417,6 +417,32 @@ def test_demo_latent_guard_separates_held_out_prompts(demo, shared_data, tmp_pat
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_demo_sentence_read_keeps_a_request_that_ends_a_sentence_whatever_follows(demo, shared_data):
+    """On the demo model: a sent:16 guard (margin 0) scores AdvBench requests with the red team's
+    unrelated tails at least as high as alone, where the last:16 read fitted on the same prompts
+    is moved off them."""
+    from pyvene_harm.data import load_prompts
+    from pyvene_harm.surface import HARMLESS_TAILS
+
+    harmful = load_prompts(shared_data / "rd_splits_harmful_train.json", limit=24, seed=0)
+    harmless = load_prompts(shared_data / "rd_splits_harmless_train.json", limit=24, seed=0)
+    requests = [p.rstrip().rstrip(".?!") + "." for p in load_prompts(shared_data / "chats_advbench.json", limit=8,
+                                                                     seed=1)]
+    kw = dict(method="linear", layers=[8, 10, 12, 14, 16], batch_size=16)
+    sent = LatentGuard(demo.model, demo.tokenizer, reads=("sent:16",), **kw).fit(harmful + harmless,
+                                                                                [1] * 24 + [0] * 24)
+    last = LatentGuard(demo.model, demo.tokenizer, reads=("last:16",), **kw).fit(harmful + harmless,
+                                                                                [1] * 24 + [0] * 24)
+    alone = sent.decision_function(requests)
+    np.testing.assert_allclose(alone, last.decision_function(requests), rtol=1e-4, atol=1e-4)  # same read alone
+    for tail in HARMLESS_TAILS:
+        tailed = [f"{r} {tail}" for r in requests]
+        assert (sent.decision_function(tailed) >= alone - 1e-4).all(), tail
+    diluted = last.decision_function([f"{r} {HARMLESS_TAILS[0]}" for r in requests])
+    assert (diluted < alone).mean() >= 0.5  # the last-window read is moved off the request
+
+
 def test_conversations_are_judged_read_by_read(fitted):
     from pyvene_harm.conversation import Conversation
     from pyvene_harm.guard.conversations import score_reads
