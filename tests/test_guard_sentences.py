@@ -294,9 +294,10 @@ def test_designs_that_share_a_fit_score_as_if_fitted_alone(tiny):
     blocks = _blocks(model, fmt, n_variants=0, split=3)
     from pyvene_harm.guard.crossval import _score_held_out
 
-    designs = [parse_design("last:method=linear,reads=last:4,layers=1+2,C=1,rank=none"),
+    # a design with a budget first: the shared fit is made for it, its margin on the shared refits
+    designs = [parse_design("b5:method=linear,reads=sent:4,layers=1+2,C=1,rank=none,sentence_budget=0.5"),
+               parse_design("last:method=linear,reads=last:4,layers=1+2,C=1,rank=none"),
                parse_design("sent:method=linear,reads=sent:4,layers=1+2,C=1,rank=none"),
-               parse_design("b5:method=linear,reads=sent:4,layers=1+2,C=1,rank=none,sentence_budget=0.5"),
                parse_design("b0:method=linear,reads=sent:4,layers=1+2,C=1,rank=none,sentence_budget=0")]
     shared: dict = {}
     for d in designs:

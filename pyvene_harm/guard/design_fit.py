@@ -151,8 +151,8 @@ def _shared_key(design: GuardDesign, held: str | None, held_texts: Sequence[str]
 
 def _fit_design(blocks: dict[str, SourceStates], design: GuardDesign, held: str | None, held_texts: Sequence[str],
                 *, with_rows: bool = False) -> Any:
-    """:func:`fit_design` without sharing; with ``with_rows`` also the rows the final fit saw:
-    ``(guard, picked, x, y, g, w)``."""
+    """:func:`fit_design` without sharing; with ``with_rows`` the guard before any sentence margin,
+    and the rows its final fit saw: ``(guard, picked, x, y, g, w)``."""
     layers = design.layers if design.layers is not None else next(iter(blocks.values())).states
     picked = _training_rows(blocks, held, design, held_texts)
     x, y, g = _training(picked, held, design, layers)
@@ -195,11 +195,13 @@ def _fit_design(blocks: dict[str, SourceStates], design: GuardDesign, held: str 
         groups = [name for name, _, rows in prompts for _ in rows]
         guard.readout_ = folds.calibrate(best, labels, groups, threshold=design.max_threshold)
         guard.calibrate_max = True
+    if with_rows:  # the caller fits the margin, on refits it shares
+        return guard, picked, x, y, g, w
     swidth = design_sentence_width(design)
     if swidth is not None:
         guard.sentence_margin_ = 0.0 if design.sentence_budget is None else _sentence_margin(
             picked, design, guard, _refits(design, guard, x, y, g, w), swidth)
-    return (guard, picked, x, y, g, w) if with_rows else guard
+    return guard
 
 
 def _refits(design: GuardDesign, guard: Any, x: np.ndarray, y: np.ndarray, g: np.ndarray,
