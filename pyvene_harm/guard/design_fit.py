@@ -23,7 +23,7 @@ import numpy as np
 from ..reads import fixed_reads, scan_width, sentence_width
 from ..sentences import fit_margin, last_and_earlier, sentence_decision
 from ..surface import SURFACE_EDITS
-from ..windows import max_window_scores, top_windows, window_means
+from ..windows import max_window_scores, top_windows, window_means, window_scores
 from .designs import GuardDesign
 from .max_calibration import OutOfGroupReadouts
 
@@ -228,7 +228,7 @@ def _sentence_margin(picked: list[tuple[str, SourceStates, list[int]]], design: 
         for i in rows:
             if b.rows[i][1] is not None:
                 continue
-            s = window_means(np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v), width) + offset
+            s = window_scores(np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v), width, offset)
             one, best = last_and_earlier(s, b.sentence_ends(i), guard.threshold_)
             last.append(one)
             earlier.append(best)
@@ -296,7 +296,7 @@ def sentence_decisions(guard: Any, where: Sequence[tuple[SourceStates, int]], wi
     v, offset = guard.readout_.projection()
     out = np.empty(len(where))
     for k, (b, i) in enumerate(where):
-        s = window_means(np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v), width) + offset
+        s = window_scores(np.einsum("tsd,sd->t", b.token_states(i, guard.states_), v), width, offset)
         out[k] = sentence_decision(s, b.sentence_ends(i), guard.threshold_, guard.sentence_margin_)[0]
     return out
 

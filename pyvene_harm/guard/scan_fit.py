@@ -27,7 +27,7 @@ from ..collect import collect_token_states
 from ..positions import ChatFormatter
 from ..reads import fixed_reads, scan_width, sentence_width
 from ..sentences import fit_margin, instruction_pieces, last_and_earlier, sentence_ends
-from ..windows import max_window_scores, top_windows, window_means
+from ..windows import max_window_scores, top_windows, window_means, window_scores
 from .max_calibration import OutOfGroupReadouts
 from .readout import DEFAULT_CS, LinearReadout
 
@@ -129,6 +129,6 @@ def fit_sentence_margin(guard: Any, model: Any, fmt: ChatFormatter, prompts: Seq
         pieces = instruction_pieces(fmt, [texts[j] for j in idx])
         for j, t, p in zip(idx, tokens, pieces):
             v, offset = folds.projection(g[which[j]])
-            s = window_means(np.einsum("tsd,sd->t", t.double().numpy(), v), width) + offset
+            s = window_scores(np.einsum("tsd,sd->t", t.double().numpy(), v), width, offset)
             last[j], earlier[j] = last_and_earlier(s, sentence_ends(p), guard.threshold)
     return fit_margin(last, earlier, [budget_groups[i] for i in which], guard.sentence_budget)
