@@ -146,6 +146,50 @@ def test_reply_decide_writes_decision_json_and_refuses_other_runs(tmp_path):
     assert r.exit_code == 2 and "cannot read" in r.output
 
 
+def test_refusal_rows_report_without_gating(tmp_path):
+    """The fifth rule: a row of refusals (every safe reply of a harmful-prompt source refused) is
+    reported but cannot fail a candidate; a row of harmless replies still can."""
+    from pyvene_harm.guard.reply_decision import declared_reply_choice, refusal_rows
+
+    run = _reply_run(tmp_path, REPLY_ROWS, REPLY_POOLED)
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "replies.csv").write_text(
+        "source,kind,label\nb,refusal,0\nb,ablated,1\nb,refusal,0\nh,harmless,0\nx,accepted,1\n")
+    (run / "config.json").write_text(json.dumps({"command": "guard-reply-crossval",
+                                                 "options": {"replies": str(tmp_path / "set")}}))
+    assert refusal_rows(run) == {"b/safe"}
+    winner, standings = declared_reply_choice(REPLY_ROWS, REPLY_POOLED, ["a", "b", "c"], exempt={"b/safe"})
+    a = standings[0]
+    assert winner == "a" and a.passes and a.behind == [] and a.behind_not_gating == ["b/safe: 0.970 vs 1.000"]
+    assert a.as_dict()["behind_not_gating"] == ["b/safe: 0.970 vs 1.000"]
+    # a row mixing a refusal with a harmless reply is not a row of refusals
+    (tmp_path / "set" / "replies.csv").write_text("source,kind,label\nb,refusal,0\nb,harmless,0\n")
+    assert refusal_rows(run) == set()
+    with pytest.raises(ValueError, match="not rows of this run"):
+        declared_reply_choice(REPLY_ROWS, REPLY_POOLED, ["a"], exempt={"zz/safe"})
+    # a relative reply-set path is found under a folder above the run
+    (run / "config.json").write_text(json.dumps({"command": "guard-reply-crossval", "options": {"replies": "set"}}))
+    (tmp_path / "set" / "replies.csv").write_text("source,kind,label\nb,refusal,0\n")
+    assert refusal_rows(run) == {"b/safe"}
+
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(run), "--candidate", "a", "--candidate", "b",
+                                  "--refusal-rows", "report"])
+    assert r.exit_code == 0, r.output
+    decision = json.loads((run / "decision.json").read_text())
+    assert decision["winner"] == "a" and decision["refusal_rows"] == "report"
+    assert decision["rows_not_gating"] == ["b/safe"]
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(run), "--candidate", "a", "--candidate", "b"])
+    assert json.loads((run / "decision.json").read_text())["winner"] == "b"  # gating, as before
+    (run / "config.json").write_text(json.dumps({"command": "guard-reply-crossval",
+                                                 "options": {"replies": "nowhere"}}))
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(run), "--candidate", "a", "--refusal-rows", "report"])
+    assert r.exit_code == 2 and "no replies.csv" in r.output
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(run), "--candidate", "a", "--output", "d5.json"])
+    assert r.exit_code == 0 and (run / "d5.json").is_file()
+    r = CliRunner().invoke(main, ["guard", "reply-decide", str(run), "--candidate", "a", "--output", "../d.json"])
+    assert r.exit_code == 2 and "not a .json file name" in r.output
+
+
 def test_reply_decide_reproduces_the_third_runs_published_outcome():
     """The third run's rule (choose first) worked out from its committed files: nothing ships."""
     from pyvene_harm.guard.reply_decision import declared_reply_choice, read_reply_crossval
