@@ -206,3 +206,51 @@ def test_reply_guard_decoding_cost_comes_from_its_benchmark_run():
     assert one in card_line, f"the card lacks {one!r}"
     assert many.replace("+-", "-") in card_line, f"the card lacks {many!r}"
     assert all(target["met"] for target in run["targets"]) == ("**met**" in bench.split("Reply guard while")[1][:2000])
+
+
+def test_the_1_5b_reply_guard_is_the_fifth_rules_winner_and_its_card_figures_are_its_own():
+    """The fifth declared rule worked out again from reply-crossval-3's committed files names the
+    design the shipped 1.5B reply guard reads, and the card's held-out figures are the guard's
+    `extra.out_of_fold`."""
+    import json
+
+    from pyvene_harm.guard.reply_decision import (
+        declared_reply_choice,
+        read_reply_crossval,
+        refusal_rows,
+    )
+
+    run = RESULTS / "demo-1.5b" / "reply-crossval-3"
+    rows, pooled = read_reply_crossval(run)
+    exempt = refusal_rows(run)
+    assert exempt == {f"{s}/safe" for s in ("advbench", "catqa-illegal", "jbb", "other-languages", "sorry", "templates")}
+    winner, _ = declared_reply_choice(rows, pooled, ["s14/w16", "s19/w16", "s22/w16"], exempt=exempt)
+    gated, _ = declared_reply_choice(rows, pooled, ["s14/w16", "s19/w16", "s22/w16"])
+    assert (winner, gated) == ("s14/w16", None)  # the fourth rule's outcome stands beside the fifth's
+    recorded = json.loads((run / "decision-fifth.json").read_text(encoding="utf-8"))
+    assert recorded["winner"] == winner and recorded["refusal_rows"] == "report"
+    assert json.loads((run / "decision.json").read_text(encoding="utf-8"))["winner"] is None
+
+    shipped = json.loads((ROOT / "artifacts/qwen2.5-coder-1.5b-instruct/reply-guard/reply_guard.json")
+                         .read_text(encoding="utf-8"))
+    extra, oof = shipped["extra"], shipped["extra"]["out_of_fold"]
+    assert extra["design"] == "14/16" and extra["replies"] == "results/demo-1.5b/reply-set-3"
+    assert abs(oof["auroc"] - pooled["s14/w16"]) < 1e-9  # the fit's out-of-fold scores are the crossval's
+    card = " ".join((ROOT / "artifacts/qwen2.5-coder-1.5b-instruct/README.md").read_text(encoding="utf-8").split())
+    share = 100 * oof["harmful_flagged"] / oof["harmful"]
+    for phrase in (f"**Threshold** {oof['threshold']:+.3f}",
+                   f"**{oof['harmful_flagged']} of {oof['harmful']} harmful replies caught ({share:.1f}%)**",
+                   f"safe replies flagged {oof['safe_flagged']} of {oof['safe']}",
+                   f"(refusals {oof['refusals_flagged']} of {oof['refusals']}; replies to harmless prompts "
+                   f"{oof['harmless_cut_short']} of {oof['harmless']}",
+                   f"median detection delay {oof['median_delay']:.0f} reply tokens (90th percentile "
+                   f"{oof['p90_delay']:.0f})",
+                   f"AUROC {oof['auroc']:.3f} (95% interval {oof['auroc_ci'][0]:.3f}-{oof['auroc_ci'][1]:.3f}), "
+                   f"AUPRC {oof['auprc']:.3f}"):
+        assert phrase in card, f"the 1.5B card lacks {phrase!r}"
+    by = {(r["source"], r["class"]): r for r in oof["per_source"]}
+    for name, src in (("AdvBench", "advbench"), ("CatQA illegal activity", "catqa-illegal"),
+                      ("JailbreakBench", "jbb"), ("templates", "templates"), ("SORRY-Bench", "sorry"),
+                      ("other languages", "other-languages")):
+        r = by[(src, "harmful")]
+        assert f"{name} {r['flagged']}/{r['n']}" in card
