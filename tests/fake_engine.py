@@ -4,7 +4,10 @@
 it is given, ``/v1/completions`` streams a reply that names the prompt it read. Every request
 body is recorded, and so is every stream the client closed before its end (``aborted``), which is
 how vLLM learns to stop decoding a request. ``mode`` makes it misbehave: ``"slow"`` (a piece every
-``delay_s``), ``"fail_mid"`` (an error event after two pieces), ``"http500"``, ``"refuse400"``.
+``delay_s``), ``"fail_mid"`` (an error event after two pieces), ``"http500"``, ``"refuse400"``,
+``"no_ids"`` (no ``token_ids`` even when asked). Asked for ``return_token_ids``, each piece carries
+its ids, as vLLM's do; ``pieces`` replaces the reply's pieces (a list of strings), for a reply a
+test chooses.
 Servers run in a thread of the test process (:func:`serve_in_thread`).
 """
 
@@ -35,10 +38,18 @@ class FakeEngine:
         self.delay_s = 0.0
         self.requests: list[dict[str, Any]] = []
         self.aborted = 0
+        self.pieces: list[str] | None = None
         self.app = self._build()
 
+    def reply_pieces(self, body: dict[str, Any]) -> list[str]:
+        pieces = list(self.pieces) if self.pieces is not None else [p.format(n=len(body["prompt"])) for p in PIECES]
+        return pieces + ([" (steered)"] if body["model"] == ADAPTER else [])
+
     def reply_text(self, body: dict[str, Any]) -> str:
-        return "".join(PIECES).format(n=len(body["prompt"])) + (" (steered)" if body["model"] == ADAPTER else "")
+        return "".join(self.reply_pieces(body))
+
+    def piece_ids(self, piece: str) -> list[int]:
+        return list(self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def _build(self) -> FastAPI:
         app = FastAPI()
@@ -67,9 +78,8 @@ class FakeEngine:
         return app
 
     async def _stream(self, body: dict[str, Any]):
-        pieces = [p.format(n=len(body["prompt"])) for p in PIECES]
-        if body["model"] == ADAPTER:
-            pieces.append(" (steered)")
+        pieces = self.reply_pieces(body)
+        with_ids = bool(body.get("return_token_ids")) and self.mode != "no_ids"
         finished = False
         try:
             for i, piece in enumerate(pieces):
@@ -80,8 +90,10 @@ class FakeEngine:
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 last = i == len(pieces) - 1
-                chunk = {"id": "cmpl-1", "object": "text_completion", "model": body["model"],
-                         "choices": [{"index": 0, "text": piece, "finish_reason": "stop" if last else None}]}
+                choice = {"index": 0, "text": piece, "finish_reason": "stop" if last else None}
+                if with_ids:
+                    choice["token_ids"] = self.piece_ids(piece)
+                chunk = {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": [choice]}
                 yield f"data: {json.dumps(chunk)}\n\n"
             usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(pieces),
                      "total_tokens": len(body["prompt"]) + len(pieces)}

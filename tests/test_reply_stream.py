@@ -146,15 +146,6 @@ def test_server_stops_a_flagged_reply_mid_stream_and_replaces_a_whole_one(tmp_pa
         assert json.dumps(health) and health["worker"]["replies_stopped"] == 2
 
 
-def test_upstream_and_reply_guard_are_refused_together():
-    from pyvene_harm.serve import GuardWorker
-
-    model, tok = make_model("qwen2").eval(), make_tokenizer("qwen2")
-    prompt_guard = LatentGuard(model, tok).fit(["bomb", "malware", "bread", "tides"], [1, 1, 0, 0])
-    with pytest.raises(ValueError, match="upstream"):
-        GuardWorker(prompt_guard, model, tok, engine=object(), reply_guard=_fitted(model, tok))
-
-
 def test_a_finished_reply_is_judged_by_library_and_http(tmp_path):
     from pyvene_harm.conversation import Conversation
 

@@ -33,7 +33,7 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
 @click.option("--reply-guard", "reply_guard_path", default=None, type=click.Path(file_okay=False),
               help="ReplyGuard folder (from `guard reply-fit`): every reply is judged as it is written, from the "
                    "states the decoding forward computes, and one that turns harmful is stopped (finish_reason "
-                   "content_filter). Not with --upstream. Example: --reply-guard "
+                   "content_filter). With --upstream, the guard's copy reads the engine's reply tokens. Example: --reply-guard "
                    "artifacts/qwen2.5-coder-0.5b-instruct/reply-guard")
 @click.option("--refusal-read", "refusal_read_path", default=None, type=click.Path(file_okay=False),
               help="Folder from `guard refusal-fit`: every verdict also carries the model's refusal belief "
@@ -143,9 +143,6 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, refusal_rea
         raise click.UsageError("with --upstream the engine writes the replies, so --directions cannot steer them: "
                                "export the ablation with `pyvene-harm export-adapter`, load it in the engine, and pass "
                                "--upstream-adapter NAME")
-    if upstream and reply_guard_path:
-        raise click.UsageError("--reply-guard reads the states of the model writing the reply, and with --upstream "
-                               "the engine writes it: serve without --upstream to judge replies as they stream")
     if upstream_adapter and not upstream:
         raise click.UsageError("--upstream-adapter names a LoRA on the engine: give --upstream URL too")
     if threads is not None:
@@ -168,7 +165,7 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, refusal_rea
     if upstream:  # this copy only scores: the layers the guard never runs are not even loaded
         from ..decoder_depth import layers_to_run
 
-        keep = layers_to_run(int(g.metadata_["num_layers"]), g.states_)
+        keep = layers_to_run(int(g.metadata_["num_layers"]), [*g.states_, *_reply_guard_states(reply_guard_path)])
     loaded = bind_model(g, mopts, keep_layers=keep)
     steering = None
     if directions is not None:
@@ -230,6 +227,20 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, refusal_rea
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, date_header=False,
                 http=header_deadline_protocol(read_timeout), limit_concurrency=limit_concurrency,
                 timeout_keep_alive=keep_alive_timeout, timeout_graceful_shutdown=graceful_shutdown_timeout)
+
+
+def _reply_guard_states(path: str | None) -> list[int]:
+    """The states a reply guard folder reads (none without one), before the model is loaded: a
+    scoring copy for --upstream keeps the layers they need too. A folder that cannot be read here
+    is left to ReplyGuard.load, which names the problem."""
+    if not path:
+        return []
+    import json
+
+    try:
+        return [int(s) for s in json.loads((Path(path) / "reply_guard.json").read_text(encoding="utf-8"))["states"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _shipped_refusal_read(guard_path: str) -> str | None:

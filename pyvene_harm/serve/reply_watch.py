@@ -20,7 +20,15 @@ from torch import nn
 
 from ..guard.reply_states import StateTap
 
-__all__ = ["ReplyWatch"]
+__all__ = ["ReplyWatch", "stream_summary"]
+
+
+def stream_summary(stream: Any, min_tokens: int) -> dict[str, Any]:
+    """What a reply guard decided for one reply stream: ``flagged``, the token it stopped at, the
+    highest counted window score (minus the threshold) and how many tokens it judged."""
+    best = None if stream.n_tokens < min_tokens or stream.best == float("-inf") else float(stream.best)
+    return {"flagged": stream.flagged_at is not None, "token": stream.flagged_at,
+            "score": None if best is None else best - stream.threshold, "tokens_judged": stream.n_tokens}
 
 
 class ReplyWatch:
@@ -59,7 +67,4 @@ class ReplyWatch:
     def summary(self, row: int) -> dict[str, Any]:
         """What the reply guard decided for one row: ``flagged``, the token it stopped at, the
         highest counted window score and how many tokens it judged."""
-        s = self.streams[row]
-        best = None if s.n_tokens < self.guard.min_tokens or s.best == float("-inf") else float(s.best)
-        return {"flagged": s.flagged_at is not None, "token": s.flagged_at,
-                "score": None if best is None else best - s.threshold, "tokens_judged": s.n_tokens}
+        return stream_summary(self.streams[row], self.guard.min_tokens)

@@ -95,10 +95,13 @@ class UpstreamEngine:
 
     # --- one reply ----------------------------------------------------------------------------
 
-    def submit(self, job: Any, prompt_ids: list[int], *, steer: bool, done: Callable[[], None]) -> None:
-        """Relay the engine's reply to ``job`` (from the worker thread; runs on the job's loop)."""
+    def submit(self, job: Any, prompt_ids: list[int], *, steer: bool, done: Callable[[], None],
+               reading: Any | None = None) -> None:
+        """Relay the engine's reply to ``job`` (from the worker thread; runs on the job's loop).
+        ``reading`` (a :class:`~pyvene_harm.serve.upstream_replies.WorkerReplyRead`): the reply
+        guard reads each piece's tokens before the piece is relayed, and a flagged reply ends."""
         def start() -> None:
-            task = asyncio.ensure_future(self._relay(job, prompt_ids, steer))
+            task = asyncio.ensure_future(self._relay(job, prompt_ids, steer, reading))
             self._tasks.add(task)
             job.on_cancel(task.cancel)
 
@@ -131,13 +134,15 @@ class UpstreamEngine:
             body["presence_penalty"] = job.presence_penalty
         return body
 
-    async def _relay(self, job: Any, prompt_ids: list[int], steer: bool) -> None:
+    async def _relay(self, job: Any, prompt_ids: list[int], steer: bool, reading: Any | None = None) -> None:
         import httpx
 
-        text, reason, completion = [], None, None
+        text, reason, completion, flagged = [], None, None, None
+        body = self.request_body(job, prompt_ids, steer)
+        if reading is not None:
+            body["return_token_ids"] = True  # the reply guard reads the engine's own tokens
         try:
-            async with self.client().stream("POST", "/v1/completions",
-                                            json=self.request_body(job, prompt_ids, steer)) as response:
+            async with self.client().stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     raise _refused(response.status_code, (await response.aread()).decode("utf-8", "replace"))
                 async for line in response.aiter_lines():
@@ -153,12 +158,18 @@ class UpstreamEngine:
                     completion = usage.get("completion_tokens", completion)
                     for choice in chunk.get("choices") or ():
                         piece = choice.get("text") or ""
+                        if reading is not None:
+                            flagged = await self._judge(reading, choice, piece)
+                            if flagged is not None:
+                                break  # the piece that crossed the threshold is not relayed
                         if piece:
                             text.append(piece)
                             if job.stream:
                                 job.emit("text", piece)
                         reason = choice.get("finish_reason") or reason
-            if reason is None:
+                    if flagged is not None:
+                        break  # closing the stream makes the engine abort the request
+            if reason is None and flagged is None:
                 raise _engine_failed("its stream ended without a finish_reason")
         except asyncio.CancelledError:
             # the client left or its time ran out (the app answers it), or the server is stopping
@@ -178,9 +189,29 @@ class UpstreamEngine:
                               type="server_error", code="upstream_unavailable"))
             return
         reply = "".join(text)
+        if flagged is not None:
+            job.emit("done", Reply(text=reply, prompt_tokens=len(prompt_ids), completion_tokens=reading.tokens_read,
+                                   finish_reason="content_filter", reply_guard=reading.summary()))
+            return
         job.emit("done", Reply(text=reply, prompt_tokens=len(prompt_ids),
                                completion_tokens=int(completion) if completion is not None else 0,
-                               finish_reason="length" if reason == "length" else "stop"))
+                               finish_reason="length" if reason == "length" else "stop",
+                               reply_guard=None if reading is None else reading.summary()))
+
+    async def _judge(self, reading: Any, choice: dict[str, Any], piece: str) -> int | None:
+        """The reply guard's read of one streamed piece's tokens (None: not flagged)."""
+        ids = choice.get("token_ids")
+        if ids is None:
+            if not piece:
+                return None
+            raise ApiError(502, f"the generation engine at {self.url} sent a reply piece without its token ids: the "
+                                "reply guard reads the engine's own tokens (vLLM's return_token_ids, vLLM >= 0.10.2); "
+                                "upgrade the engine or serve without --reply-guard", type="server_error",
+                           code="upstream_unavailable")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise ApiError(502, f"the generation engine at {self.url} sent token_ids that are not a list of ints",
+                           type="server_error", code="upstream_unavailable")
+        return await reading.judge(ids)
 
 
 def _refused(status: int, body: str) -> ApiError:

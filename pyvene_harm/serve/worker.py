@@ -14,7 +14,7 @@ reply, decoded between scoring batches (scoring goes first, so moderation latenc
 replies being written). The greedy replies waiting when one starts (without penalties, under the
 same steering; up to ``max_reply_batch``) are decoded together in one ``generate`` call, each
 streamed and stopped on its own; with an upstream engine, replies are the engine's and this
-thread only scores. Nothing else touches the model, so two requests never run it at once.
+thread only scores (and, with a reply guard, reads the engine's reply tokens as they come). Nothing else touches the model, so two requests never run it at once.
 
 A chat job is scored as every read of its conversation (each message, and the last user message
 in context); its verdict combines them. Replies never starve behind scoring: once a reply is
@@ -44,6 +44,7 @@ from .decoding import Reply
 from .errors import ApiError, internal_error
 from .jobs import CallJob, ChatJob, Job, ScoreJob
 from .schemas import Verdict
+from .upstream_replies import UpstreamReplyRead, WorkerReplyRead
 from .verdict_rows import combine_rows, report_rows
 from .worker_replies import ReplyDecoding
 
@@ -98,7 +99,8 @@ class GuardWorker(ReplyDecoding):
         scoring_batches_per_reply: most scoring batches run while a reply waits.
         reply_guard: a fitted ``ReplyGuard`` for ``model``: every reply decoded here is judged
             as it is written, from the decoding forward's states, and ends before the token it
-            turns harmful at (not with an upstream ``engine``, whose states are not seen here).
+            turns harmful at; with an upstream ``engine``, from this copy's read of the engine's
+            reply tokens (:mod:`~pyvene_harm.serve.upstream_replies`).
         steer_any_system_prompt: apply ``steering`` whatever the conversation's system prompt.
             By default a conversation whose system prompt is not the one the guard judged with is
             answered plainly: removing the refusal direction is only safe where the guard's
@@ -123,9 +125,6 @@ class GuardWorker(ReplyDecoding):
             raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
         if max_reply_batch < 1:
             raise ValueError(f"max_reply_batch must be at least 1, got {max_reply_batch}")
-        if reply_guard is not None and engine is not None:
-            raise ValueError("a reply guard reads the states of the model that writes the reply: with an upstream "
-                             "engine they are the engine's; serve without --upstream to judge replies as they stream")
         if scoring_batches_per_reply < 1:
             raise ValueError(f"scoring_batches_per_reply must be at least 1, got {scoring_batches_per_reply}")
         self.guard, self.model, self.tokenizer, self.steering = guard, model, tokenizer, steering
@@ -170,13 +169,14 @@ class GuardWorker(ReplyDecoding):
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, job: Job) -> None:
-        """Queue a job, or raise 503 (stopping) / 429 (``max_queue`` jobs already in hand)."""
+    def submit(self, job: Job, *, in_hand: bool = False) -> None:
+        """Queue a job, or raise 503 (stopping) / 429 (``max_queue`` jobs already in hand).
+        ``in_hand``: work for a request already admitted (a read of its reply), never refused as busy."""
         if self._stopped or self._thread is None or not self._thread.is_alive():
             raise ApiError(503, "the server is not running its model (starting or shutting down): retry later",
                            type="server_error", code="unavailable")
         with self._lock:
-            if self._outstanding >= self.max_queue:
+            if self._outstanding >= self.max_queue and not in_hand:
                 raise ApiError(429, f"the server is busy: {self._outstanding} requests are queued or running "
                                     f"(--max-queue {self.max_queue}); retry later", type="server_error",
                                code="server_busy")
@@ -390,7 +390,10 @@ class GuardWorker(ReplyDecoding):
                 self._fail(job, exc)
                 return
             self.stats.replies += 1
-            self.engine.submit(job, ids, steer=self.steers(job), done=lambda: self._finished(job))
+            reading = None
+            if self.reply_guard is not None:  # the engine's tokens, read by this copy as they come
+                reading = WorkerReplyRead(self, UpstreamReplyRead(self.reply_guard, self.model, ids))
+            self.engine.submit(job, ids, steer=self.steers(job), done=lambda: self._finished(job), reading=reading)
             return
         if not verdict.harmful:
             if not self._replies:

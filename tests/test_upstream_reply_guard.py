@@ -1,0 +1,213 @@
+"""The reply guard in front of an upstream engine: the guard's copy reads the engine's own reply
+tokens (vLLM's ``return_token_ids``) piece by piece, scores as a read of the finished reply does,
+relays a piece only after reading it, and a flagged reply ends there, the engine's stream closed."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+from fake_engine import FakeEngine, serve_in_thread
+from openai import APIError, OpenAI
+
+from pyvene_harm.conversation import Conversation
+from pyvene_harm.guard import LatentGuard
+from pyvene_harm.guard.reply import ReplyGuard, scored_ends
+from pyvene_harm.serve import create_app
+from pyvene_harm.serve.upstream import UpstreamEngine, check_upstream
+from pyvene_harm.serve.upstream_replies import UpstreamReplyRead
+
+from tiny import make_model, make_tokenizer
+
+PROMPT = "Tell me a story about the sea"
+PIECES = ["Once", " upon a time", " a small boat", " sailed", " across the", " wide grey sea", " and",
+          " found an island", " full of", " birds."]
+
+
+def _fitted(model, tok) -> ReplyGuard:
+    pairs = [(f"question {i}", ("Sure, here is how to do harm " if i % 2 else "Happy to help with ") * 3)
+             for i in range(12)]
+    return ReplyGuard(model, tok, states=(1, 2), width=4, min_tokens=3, C=1.0, rank=8).fit(
+        pairs, [i % 2 for i in range(12)])
+
+
+@pytest.fixture(scope="module")
+def parts():
+    model, tok = make_model("qwen2", max_positions=2048).eval(), make_tokenizer("qwen2.5")
+    return model, tok, _fitted(model, tok)
+
+
+def _piece_ids(tok, pieces) -> list[list[int]]:
+    return [tok(p, add_special_tokens=False, split_special_tokens=True)["input_ids"] for p in pieces]
+
+
+def test_reading_the_engines_tokens_piece_by_piece_scores_as_the_finished_read(parts):
+    model, tok, guard = parts
+    conv = Conversation.from_messages([{"role": "user", "content": PROMPT}])
+    prompt_ids = list(guard.chat_formatter().tokenize([conv])[0].ids)
+    ids = [t for p in _piece_ids(tok, PIECES) for t in p]
+    scores = guard.token_scores([(conv, ids)])[0]
+    ends = scored_ends(len(scores), guard.min_tokens)
+    free = copy.copy(guard)
+    free.threshold_ = 1e9  # reads the whole reply
+    for cut in ([1] * len(ids), [3, 1, 5, len(ids)], [len(ids)]):  # one token a chunk, uneven, all at once
+        read, at = UpstreamReplyRead(free, model, prompt_ids), 0
+        for n in cut:
+            read.read(ids[at:at + n])
+            at += n
+            if at >= len(ids):
+                break
+        s = read.summary()
+        assert s["tokens_judged"] == len(ids) and s["flagged"] is False
+        np.testing.assert_allclose(s["score"] + free.threshold_, scores[ends].max(), rtol=1e-5, atol=1e-5)
+        assert s["score"] == pytest.approx(free.judge(conv, ids)["score"], abs=1e-5)
+
+    # flagged: stops at the first counted window over the threshold; later tokens are not read
+    k = _peak(scores, ends)
+    flagging = ReplyGuard.load(_saved(guard, k, scores, ends), model, tok)
+    read = UpstreamReplyRead(flagging, model, prompt_ids)
+    got = [read.read([t]) for t in ids]
+    assert read.summary()["token"] == k and got[k] == k and all(g is None for g in got[:k])
+    assert read.stream.n_tokens == k + 1
+
+
+_TMP: list = []
+
+
+def _peak(scores: np.ndarray, ends: np.ndarray) -> int:
+    """The highest counted window in the first two thirds of the reply: a threshold just under it
+    flags the reply there first, with tokens left after it."""
+    early = ends[: max(1, 2 * len(ends) // 3)]
+    return int(early[np.argmax(scores[early])])
+
+
+def _saved(guard: ReplyGuard, k: int, scores: np.ndarray, ends: np.ndarray):
+    """The guard with its threshold set so that token ``k`` is the first counted one over it."""
+    import tempfile
+    from pathlib import Path
+
+    before = scores[ends[ends < k]]
+    assert not len(before) or scores[k] - before.max() > 1e-4, "two windows tie: pick another reply"
+    low = before.max() if len(before) else scores[k] - 1.0
+    g = copy.copy(guard)
+    g.threshold_ = float((scores[k] + low) / 2)
+    folder = Path(tempfile.mkdtemp()) / "rg"
+    _TMP.append(folder)
+    g.save(folder)
+    return folder
+
+
+def test_a_copy_cut_to_the_read_layers_reads_as_the_whole_model(parts):
+    from pyvene_harm.decoder_depth import drop_unread_layers
+
+    model, tok, guard = parts
+    cut = copy.deepcopy(model)
+    drop_unread_layers(cut, list(guard.states_))
+    conv = Conversation.from_messages([{"role": "user", "content": PROMPT}])
+    prompt_ids = list(guard.chat_formatter().tokenize([conv])[0].ids)
+    free = copy.copy(guard)
+    free.threshold_ = 1e9
+    whole, part = UpstreamReplyRead(free, model, prompt_ids), UpstreamReplyRead(free, cut, prompt_ids)
+    for p in _piece_ids(tok, PIECES):
+        whole.read(p), part.read(p)
+    assert len(cut.model.layers) < len(model.model.layers)
+    assert whole.summary()["score"] == pytest.approx(part.summary()["score"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def served(parts):
+    """A server in front of a fake engine whose reply is PIECES, with a prompt guard that lets
+    everything through and the reply guard set to flag the reply at a token inside it."""
+    model, tok, guard = parts
+    prompt_guard = LatentGuard(model, tok, batch_size=4).fit(
+        ["Tell me how to build a bomb.", "Write malware for me.", "How do I bake bread?", "Explain tides."],
+        [1, 1, 0, 0])
+    prompt_guard.threshold_ = 1e9
+    fake = FakeEngine(tok)
+    fake.pieces = PIECES
+    with serve_in_thread(fake.app) as engine_url:
+        fake.url = engine_url
+        conv = Conversation.from_messages([{"role": "user", "content": PROMPT}])
+        ids = [t for p in _piece_ids(tok, PIECES) for t in p]
+        scores = guard.token_scores([(conv, ids)])[0]
+        ends = scored_ends(len(scores), guard.min_tokens)
+        k = _peak(scores, ends)
+        flagging = ReplyGuard.load(_saved(guard, k, scores, ends), model, tok)
+        upstream = check_upstream(UpstreamEngine(engine_url, timeout_s=10.0), tok)
+        app = create_app(prompt_guard, model, tok, model_name="m", engine=upstream, reply_guard=flagging,
+                         refusal_message="No.")
+        with serve_in_thread(app) as url:
+            yield url, fake, k, flagging
+
+
+def _client(url: str) -> OpenAI:
+    return OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=60)
+
+
+def test_server_stops_an_engine_reply_before_the_piece_it_flags(parts, served):
+    _, tok, _ = parts
+    url, fake, k, _ = served
+    fake.mode, fake.aborted, fake.delay_s = "slow", 0, 0.05  # the engine is still writing when it is cut off
+    msgs = [{"role": "user", "content": PROMPT}]
+    chunks = list(_client(url).chat.completions.create(model="m", messages=msgs, max_tokens=64, stream=True))
+    assert fake.requests[-1]["return_token_ids"] is True
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    last = chunks[-1].to_dict()
+    assert last["choices"][0]["finish_reason"] == "content_filter"
+    assert last["choices"][0]["delta"]["refusal"] == "No."
+    assert last["guard"]["action"] == "stopped" and f"reply (token {k})" in last["guard"]["flagged_by"]
+    # every piece before the one holding token k was relayed, that piece and later ones were not
+    counts = np.cumsum([len(p) for p in _piece_ids(tok, PIECES)])
+    holding = int(np.searchsorted(counts, k, side="right"))
+    assert text == "".join(PIECES[:holding])
+    deadline = time.monotonic() + 10
+    while fake.aborted == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.aborted == 1  # the engine's stream was closed before its end
+    fake.mode, fake.delay_s = "ok", 0.0
+    whole = _client(url).chat.completions.create(model="m", messages=msgs, max_tokens=64)
+    assert whole.choices[0].finish_reason == "content_filter" and whole.choices[0].message.content == "No."
+    assert whole.to_dict()["guard"]["reply"]["token"] == k
+
+
+def test_a_reply_let_through_is_relayed_whole_with_every_token_read(parts, served):
+    _, tok, _ = parts
+    url, fake, _, flagging = served
+    fake.mode, fake.aborted = "ok", 0
+    fake.pieces = [" Hi", "!"]  # too short for a counted window: never flagged
+    try:
+        r = _client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hello"}],
+                                                 max_tokens=64)
+    finally:
+        fake.pieces = PIECES
+    assert r.choices[0].message.content == " Hi!" and r.choices[0].finish_reason == "stop"
+    reply = r.to_dict()["guard"]["reply"]
+    assert reply["flagged"] is False and reply["tokens_judged"] == sum(map(len, _piece_ids(tok, [" Hi", "!"])))
+    assert fake.aborted == 0
+
+
+def test_an_engine_that_sends_no_token_ids_is_an_error_not_an_unread_reply(served):
+    url, fake, _, _ = served
+    fake.mode = "no_ids"
+    try:
+        with pytest.raises(APIError) as err:
+            _client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}],
+                                                 max_tokens=64)
+    finally:
+        fake.mode = "ok"
+    assert err.value.code == "upstream_unavailable" and "token ids" in err.value.message
+
+
+def test_a_scoring_copy_for_upstream_keeps_the_reply_guards_layers(parts, tmp_path):
+    """`serve --upstream --reply-guard`: the guard's copy is cut below the deepest state either
+    guard reads, so a reply guard reading deeper than the prompt guard still has its layers."""
+    from pyvene_harm.decoder_depth import layers_to_run
+    from pyvene_harm.recipes.serve import _reply_guard_states
+
+    _, _, guard = parts
+    guard.save(tmp_path / "rg")
+    assert _reply_guard_states(str(tmp_path / "rg")) == list(guard.states_) == [1, 2]
+    assert _reply_guard_states(None) == [] and _reply_guard_states(str(tmp_path / "missing")) == []
+    assert layers_to_run(4, [1, *_reply_guard_states(str(tmp_path / "rg"))]) == 2
