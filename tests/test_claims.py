@@ -254,3 +254,25 @@ def test_the_1_5b_reply_guard_is_the_fifth_rules_winner_and_its_card_figures_are
                       ("other languages", "other-languages")):
         r = by[(src, "harmful")]
         assert f"{name} {r['flagged']}/{r['n']}" in card
+
+
+def test_upstream_reply_guard_cost_comes_from_its_benchmark_run():
+    """benchmarks/README.md's table for the reply guard in front of vLLM and docs/serving.md's
+    figures are the JSON's; the target verdict follows the checks and the numbers."""
+    import json
+
+    run = json.loads((ROOT / "benchmarks/results/cpu/upstream_reply_guard.json").read_text(encoding="utf-8"))
+    res = run["results"]
+    assert res["checks"]["same_replies"] and res["checks"]["every_token_read"]
+    bench = (ROOT / "benchmarks/README.md").read_text(encoding="utf-8")
+    serving = " ".join((ROOT / "docs/serving.md").read_text(encoding="utf-8").split())
+    for c in run["workload"]["clients"]:
+        rows = sorted(res["runs"]["guarded_vllm"][str(c)], key=lambda r: r["tokens_per_s"])
+        rrows = sorted(res["runs"]["guarded_vllm_reply_guard"][str(c)], key=lambda r: r["tokens_per_s"])
+        a, b = rows[len(rows) // 2]["tokens_per_s"], rrows[len(rrows) // 2]["tokens_per_s"]
+        assert res["slower_by"][str(c)] == round(1 - b / a, 4)
+        assert f"| {c} | {a:.3f} | {b:.3f} | {res['slower_by'][str(c)]:+.1%} |" in bench
+    one, four = (f"{100 * res['slower_by'][k]:.0f}%" for k in ("1", "4"))
+    assert f"{one} slower for one client and {four} for four" in serving
+    met = all(t["met"] for t in run["targets"])
+    assert ("**met**" if met else "**missed**") in bench.split("Reply guard in front of vLLM")[1][:2500]
