@@ -146,10 +146,14 @@ def _client(url: str) -> OpenAI:
     return OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=60)
 
 
-def test_server_stops_an_engine_reply_before_the_piece_it_flags(parts, served):
+@pytest.mark.parametrize("delay_s", [0.05, 0.0], ids=["piece by piece", "pieces read together"])
+def test_server_stops_an_engine_reply_before_the_piece_it_flags(parts, served, delay_s):
+    """Slow, each piece is read as it comes and the engine is still writing when it is cut off;
+    at once, the pieces that arrived during a read are read together, and the same pieces reach
+    the client."""
     _, tok, _ = parts
     url, fake, k, _ = served
-    fake.mode, fake.aborted, fake.delay_s = "slow", 0, 0.05  # the engine is still writing when it is cut off
+    fake.mode, fake.aborted, fake.delay_s = "slow" if delay_s else "ok", 0, delay_s
     msgs = [{"role": "user", "content": PROMPT}]
     chunks = list(_client(url).chat.completions.create(model="m", messages=msgs, max_tokens=64, stream=True))
     assert fake.requests[-1]["return_token_ids"] is True
@@ -162,10 +166,11 @@ def test_server_stops_an_engine_reply_before_the_piece_it_flags(parts, served):
     counts = np.cumsum([len(p) for p in _piece_ids(tok, PIECES)])
     holding = int(np.searchsorted(counts, k, side="right"))
     assert text == "".join(PIECES[:holding])
-    deadline = time.monotonic() + 10
-    while fake.aborted == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fake.aborted == 1  # the engine's stream was closed before its end
+    if delay_s:
+        deadline = time.monotonic() + 10
+        while fake.aborted == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fake.aborted == 1  # the engine's stream was closed before its end
     fake.mode, fake.delay_s = "ok", 0.0
     whole = _client(url).chat.completions.create(model="m", messages=msgs, max_tokens=64)
     assert whole.choices[0].finish_reason == "content_filter" and whole.choices[0].message.content == "No."
@@ -211,3 +216,38 @@ def test_a_scoring_copy_for_upstream_keeps_the_reply_guards_layers(parts, tmp_pa
     assert _reply_guard_states(str(tmp_path / "rg")) == list(guard.states_) == [1, 2]
     assert _reply_guard_states(None) == [] and _reply_guard_states(str(tmp_path / "missing")) == []
     assert layers_to_run(4, [1, *_reply_guard_states(str(tmp_path / "rg"))]) == 2
+
+
+def test_chunks_that_arrive_during_a_read_are_read_together_and_errors_still_surface():
+    import asyncio
+    import json
+
+    from pyvene_harm.serve.errors import ApiError
+    from pyvene_harm.serve.upstream import _batches
+
+    class Response:
+        def __init__(self, lines):
+            self.lines = lines
+
+        async def aiter_lines(self):
+            for line in self.lines:
+                await asyncio.sleep(0.001)
+                yield line
+
+    def line(i):
+        return "data: " + json.dumps({"choices": [{"text": str(i), "token_ids": [i]}]})
+
+    async def consume(lines, coalesce):
+        sizes = []
+        async for batch in _batches(Response(lines), coalesce=coalesce):
+            sizes.append(len(batch))
+            await asyncio.sleep(0.02)  # a read of the guard's copy
+        return sizes
+
+    lines = [line(i) for i in range(12)] + ["data: [DONE]"]
+    together = asyncio.run(consume(lines, True))
+    assert sum(together) == 12 and len(together) < 12  # later batches hold what came meanwhile
+    assert asyncio.run(consume(lines, False)) == [1] * 12
+    failing = [line(0), line(1), "data: " + json.dumps({"error": {"message": "engine lost its worker"}})]
+    with pytest.raises(ApiError, match="engine lost its worker"):
+        asyncio.run(consume(failing, True))
