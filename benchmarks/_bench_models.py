@@ -69,7 +69,9 @@ FULL_SIZE = {
         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024,
         tie_word_embeddings=True)),
 }
-MODEL_CHOICES = ("demo", *FULL_SIZE)
+REAL_MODELS = {"demo": "Qwen2.5-Coder-0.5B-Instruct", "demo-1.5b": "Qwen2.5-Coder-1.5B-Instruct"}
+"""The built-in models (real weights, their own tokenizers), by the name ``load_model`` takes."""
+MODEL_CHOICES = (*REAL_MODELS, *FULL_SIZE)
 
 
 @functools.cache
@@ -121,29 +123,29 @@ class BenchModel:
         return {
             "name": self.name,
             "architecture": type(self.model).__name__,
-            "weights": "real (Qwen2.5-Coder-0.5B-Instruct)" if self.name == "demo" else "random",
+            "weights": f"real ({REAL_MODELS[self.name]})" if self.name in REAL_MODELS else "random",
             "parameters": n_params,
             "layers": self.n_layers,
             "hidden_size": int(cfg.hidden_size),
             "vocab_size": int(cfg.vocab_size),
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
-            "tokenizer": "model's own" if self.name == "demo" else "in-memory BPE (benchmarks/_bench_models.py)",
+            "tokenizer": "model's own" if self.name in REAL_MODELS else "in-memory BPE (benchmarks/_bench_models.py)",
         }
 
 
 def load_bench_model(name: str, *, device: str | torch.device, dtype: torch.dtype,
                      seed: int = 0) -> BenchModel:
-    """``demo`` (the real Qwen2.5-Coder-0.5B-Instruct), a full-size random model, or ``tiny``.
+    """A built-in model (``demo``, ``demo-1.5b``: real weights), a full-size random model, or ``tiny``.
 
     Random models are built directly on ``device`` in ``dtype`` (no float32 copy on the host
     first): an 8B model takes 16 GB in bf16 and a few seconds to initialise on a GPU.
     """
     device = torch.device(device)
-    if name == "demo":
+    if name in REAL_MODELS:
         from pyvene_harm.models import load_model
 
-        loaded = load_model("demo", device=str(device), dtype=dtype)
+        loaded = load_model(name, device=str(device), dtype=dtype)
         return BenchModel(loaded.model, loaded.tokenizer, name, device, dtype)
     if name not in FULL_SIZE:
         raise ValueError(f"unknown benchmark model {name!r}: choose one of {', '.join(MODEL_CHOICES)}")

@@ -36,7 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere, without installing the package
     sys.path.insert(0, str(ROOT))
 
-from _bench_models import FULL_SIZE, MODEL_CHOICES, BenchModel, bench_tokenizer, load_bench_model  # noqa: E402,F401
+from _bench_models import (  # noqa: E402,F401
+    FULL_SIZE,
+    MODEL_CHOICES,
+    REAL_MODELS,
+    BenchModel,
+    bench_tokenizer,
+    load_bench_model,
+)
 from _bench_prompts import DATA_DIR, alpaca_prompts, bench_prompts, data_source, prompts_of_length  # noqa: E402,F401
 
 from pyvene_harm.io_utils import atomic_write_json  # noqa: E402

@@ -37,12 +37,12 @@ NAME = "preparation"
 
 def load_tokenizer(name: str):
     """The demo model's own tokenizer (no weights loaded), or the in-memory benchmark tokenizer."""
-    if name == "demo":
+    if name in C.REAL_MODELS:
         from transformers import AutoTokenizer
 
-        from pyvene_harm.builtin_models import prepare_demo
+        from pyvene_harm.builtin_models import builtin_spec, prepare_demo
 
-        return AutoTokenizer.from_pretrained(prepare_demo())
+        return AutoTokenizer.from_pretrained(prepare_demo(spec=builtin_spec(name)))
     return C.bench_tokenizer(C.FULL_SIZE[name][1])
 
 

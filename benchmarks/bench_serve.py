@@ -83,8 +83,8 @@ def served_model(bm: C.BenchModel, folder: Path) -> tuple[str, C.BenchModel]:
     """What the server's ``-m`` gets (``demo``, or this random model saved to ``folder``), and the
     model as the server loads it: a saved tokenizer can come back as another class that splits
     text differently, so both sides must use the reloaded one."""
-    if bm.name == "demo":
-        return "demo", bm
+    if bm.name in C.REAL_MODELS:
+        return bm.name, bm
     from pyvene_harm.models import load_model
 
     bm.model.save_pretrained(folder)

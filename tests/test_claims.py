@@ -183,15 +183,17 @@ def test_batching_and_apostrophe_sentence_comes_from_the_runs():
             f"{m['judged']} replies") in text
 
 
-def test_reply_guard_decoding_cost_comes_from_its_benchmark_run():
+@pytest.mark.parametrize("result, card_folder", [("reply_guard.json", "qwen2.5-coder-0.5b-instruct"),
+                                                 ("reply_guard_1.5b.json", "qwen2.5-coder-1.5b-instruct")])
+def test_reply_guard_decoding_cost_comes_from_its_benchmark_run(result, card_folder):
     """benchmarks/README.md's reply-guard table and the model card's cost line are the JSON's."""
     import json
 
-    run = json.loads((ROOT / "benchmarks/results/cpu/reply_guard.json").read_text(encoding="utf-8"))
+    run = json.loads((ROOT / "benchmarks/results/cpu" / result).read_text(encoding="utf-8"))
     res = run["results"]
     assert res["checks"] == {"same_replies": True, "every_token_but_last_judged": True}
     bench = (ROOT / "benchmarks/README.md").read_text(encoding="utf-8")
-    card = (ROOT / "artifacts/qwen2.5-coder-0.5b-instruct/README.md").read_text(encoding="utf-8")
+    card = (ROOT / "artifacts" / card_folder / "README.md").read_text(encoding="utf-8")
     t = {name: v["median_s"] for name, v in res["timings"].items()}
     batch = run["workload"]["batch_size"]
     for key, plain, guarded in (("single", "1 reply, plain", "1 reply, reply guard"),
