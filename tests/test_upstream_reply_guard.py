@@ -251,3 +251,76 @@ def test_chunks_that_arrive_during_a_read_are_read_together_and_errors_still_sur
     failing = [line(0), line(1), "data: " + json.dumps({"error": {"message": "engine lost its worker"}})]
     with pytest.raises(ApiError, match="engine lost its worker"):
         asyncio.run(consume(failing, True))
+
+
+class _StubReading:
+    """A reply guard's read that flags at a chosen reply token (None: never)."""
+
+    def __init__(self, flag_at, end_ids=()):
+        self.flag_at, self.end_ids, self.read = flag_at, set(end_ids), []
+
+    @property
+    def tokens_read(self):
+        return len(self.read)
+
+    def end_of_reply(self, ids):
+        return ids[:-1] if ids and ids[-1] in self.end_ids else list(ids)
+
+    async def judge(self, ids):
+        for t in ids:
+            self.read.append(t)
+            if self.flag_at is not None and len(self.read) - 1 == self.flag_at:
+                return self.flag_at
+        return None
+
+
+@pytest.mark.parametrize("flag_at, relayed", [(None, 4), (0, 0), (1, 0), (2, 2), (4, 2), (5, 3)])
+def test_a_flag_inside_pieces_read_together_relays_exactly_the_pieces_before_it(flag_at, relayed):
+    """Pieces of 2, 0 (text held back: its tokens came earlier), 3 and 1 tokens read in one
+    batch: a piece is relayed only if every token of it comes before the flagged one."""
+    import asyncio
+
+    engine = UpstreamEngine("http://127.0.0.1:1")
+    pieces = [{"text": "ab", "token_ids": [1, 2]}, {"text": "c", "token_ids": []},
+              {"text": "def", "token_ids": [3, 4, 5]}, {"text": "g", "token_ids": [6]}]
+    reading = _StubReading(flag_at)
+    flagged, n = asyncio.run(engine._read(reading, pieces))
+    assert (flagged, n) == (flag_at, relayed)
+
+
+def test_the_end_of_turn_that_ends_a_reply_is_not_read_as_in_process():
+    import asyncio
+
+    engine = UpstreamEngine("http://127.0.0.1:1")
+    reading = _StubReading(None, end_ids=[99])
+    pieces = [{"text": "ab", "token_ids": [1, 2]}, {"text": "", "token_ids": [99], "finish_reason": "stop"}]
+    assert asyncio.run(engine._read(reading, pieces)) == (None, 2) and reading.read == [1, 2]
+    reading = _StubReading(None, end_ids=[99])
+    cut = [{"text": "ab", "token_ids": [1, 2]}, {"text": "c", "token_ids": [3], "finish_reason": "length"}]
+    assert asyncio.run(engine._read(reading, cut)) == (None, 2) and reading.read == [1, 2, 3]
+
+
+def test_a_reply_read_waits_for_no_batch_and_is_not_counted_against_the_queue(parts):
+    """A read of a reply in flight runs before queued jobs, without the batching wait, and does
+    not take a place of --max-queue (its request already holds one)."""
+    import asyncio
+
+    from pyvene_harm.serve import GuardWorker
+    from pyvene_harm.serve.jobs import CallJob
+
+    model, tok, _ = parts
+    prompt_guard = LatentGuard(model, tok, batch_size=4).fit(["bomb", "malware", "bread", "tides"], [1, 1, 0, 0])
+    worker = GuardWorker(prompt_guard, model, tok, max_wait_ms=3000, max_queue=1)
+    worker.start()
+    try:
+        async def go():
+            call = CallJob(asyncio.get_running_loop(), lambda: "read")
+            start = time.monotonic()
+            worker.submit(call, in_hand=True)
+            value = await asyncio.wait_for(call.future, 10)
+            return value, time.monotonic() - start, worker.snapshot()["outstanding"]
+
+        value, took, outstanding = asyncio.run(go())
+        assert value == "read" and took < 1.5 and outstanding == 0
+    finally:
+        worker.stop()

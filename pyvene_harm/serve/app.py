@@ -84,7 +84,8 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
         reply_guard: a fitted ``ReplyGuard`` for ``model`` judging each reply as it is decoded
             here; a reply it flags ends with ``finish_reason: "content_filter"`` (a streamed one
             where it was caught, a whole one replaced by ``refusal_message``) and ``guard.reply``
-            says where. Not with ``engine``.
+            says where. With ``engine``, this process's copy reads the engine's reply tokens
+            (:mod:`~.upstream_replies`).
 
     Example:
         >>> app = create_app(LatentGuard.from_pretrained("runs/guard"), m.model, m.tokenizer,

@@ -184,6 +184,9 @@ class UpstreamEngine:
             job.fail(ApiError(502, f"the generation engine at {self.url} failed: {type(err).__name__}: {err}",
                               type="server_error", code="upstream_unavailable"))
             return
+        finally:
+            if reading is not None:
+                reading.close()
         reply = "".join(text)
         if flagged is not None:
             job.emit("done", Reply(text=reply, prompt_tokens=len(prompt_ids), completion_tokens=reading.tokens_read,
@@ -199,6 +202,8 @@ class UpstreamEngine:
         with ``flagged`` the reply token that crossed the threshold (None: none) and ``n`` how many
         of the pieces may be relayed (those whose every token comes before it)."""
         ids = [self._token_ids(choice) for choice in pieces]
+        if pieces and pieces[-1].get("finish_reason") == "stop":  # the end of turn is not read
+            ids[-1] = reading.end_of_reply(ids[-1])
         start = reading.tokens_read
         flat = [t for part in ids for t in part]
         flagged = await reading.judge(flat) if flat else None
@@ -274,8 +279,7 @@ async def _batches(response: Any, *, coalesce: bool) -> AsyncIterator[list[dict[
             yield batch
     finally:
         reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await asyncio.wait([reader])  # a cancellation of this task itself still propagates
 
 
 def _refused(status: int, body: str) -> ApiError:

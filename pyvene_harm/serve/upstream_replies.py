@@ -10,14 +10,19 @@ the tokens it wrote (vLLM's ``return_token_ids``), so the guard reads exactly th
 re-tokenisation of their text; an engine that does not send them is an error, not a reply relayed
 unread.
 
-A piece of text is relayed only after its tokens were read, the last one included (in-process
-decoding cannot read the last token: no forward ever takes it). A flagged reply ends before the
-piece that crossed the threshold: the engine's stream is closed (vLLM aborts the request) and the
-client gets ``finish_reason: "content_filter"``, as in-process.
+A piece of text is relayed only after its tokens were read, so the engine must send each piece's
+ids with it (text that vLLM holds back for a stop string comes later than its ids, never before).
+A reply's last token is read too, unless it is the end of turn that ended the reply: in-process
+decoding never reads that one (no forward takes it), and neither does this, so both judge the same
+tokens. A flagged reply ends before the piece that crossed the threshold: the engine's stream is
+closed (vLLM aborts the request) and the client gets ``finish_reason: "content_filter"``, as
+in-process.
 
-The cost is a second forward of the copy, one piece at a time per reply, on the worker's thread
-(the one thread that runs the model): decoding stays the engine's, and so does scale-out; the read
-is a forward over one new token with a cache, much cheaper than the prompt's scoring.
+The cost is a second forward of the copy, on the worker's thread (the one thread that runs the
+model), the prompt once and then each reply's new tokens with its cache (the pieces that arrived
+during a read together). Decoding stays the engine's; the reads of every reply a guard server
+fronts share its one thread (``benchmarks/bench_upstream_reply_guard.py`` measures what that
+costs). A reply's cache is dropped as soon as the reply is flagged or finished.
 """
 
 from __future__ import annotations
@@ -32,7 +37,16 @@ from ..decoder_depth import decoder_of
 from ..guard.reply_states import StateTap
 from .reply_watch import stream_summary
 
-__all__ = ["UpstreamReplyRead", "WorkerReplyRead"]
+__all__ = ["UpstreamReplyRead", "WorkerReplyRead", "end_of_turn_ids"]
+
+
+def end_of_turn_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a reply, as in-process decoding stops on them (the model's generation
+    config's ``eos_token_id``, else the tokenizer's)."""
+    from ..generation import greedy_config
+
+    eos = greedy_config(model, tokenizer, 1).eos_token_id
+    return [] if eos is None else [int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 class UpstreamReplyRead:
@@ -43,16 +57,29 @@ class UpstreamReplyRead:
         model: the guard's copy (a scoring copy cut to the layers it reads is enough: the reply
             guard's states must be among them).
         prompt_ids: the ids the engine was sent (what the guard judged).
+        end_ids: the model's end-of-turn ids: one that ends a reply is not read
+            (:meth:`end_of_reply`), as in-process decoding never reads it.
 
     :meth:`read` runs the model, so call it on the worker's thread.
     """
 
-    def __init__(self, reply_guard: Any, model: Any, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, reply_guard: Any, model: Any, prompt_ids: Sequence[int], *,
+                 end_ids: Sequence[int] = ()) -> None:
         self.guard, self.model = reply_guard, model
         self.prompt_ids = [int(t) for t in prompt_ids]
+        self.end_ids = frozenset(int(t) for t in end_ids)
         self.stream = reply_guard.stream()
         self.cache: Any = None
         self.read_ids: list[int] = []
+
+    def end_of_reply(self, ids: Sequence[int]) -> list[int]:
+        """The last piece's ids without the end of turn that ended the reply."""
+        ids = list(ids)
+        return ids[:-1] if ids and ids[-1] in self.end_ids else ids
+
+    def close(self) -> None:
+        """Drop the cache (the reply is flagged or finished): it holds every layer's keys and values."""
+        self.cache = None
 
     @torch.no_grad()
     def read(self, ids: Sequence[int]) -> int | None:
@@ -62,6 +89,8 @@ class UpstreamReplyRead:
         ids = [int(t) for t in ids]
         if not ids or self.stream.flagged_at is not None:
             return self.stream.flagged_at
+        if self.cache is None and self.read_ids:
+            raise RuntimeError("this reply's read was closed: a reply is read once")
         fed = self.prompt_ids + ids if self.cache is None else ids
         decoder = decoder_of(self.model)
         inputs: dict[str, Any] = {"input_ids": torch.tensor([fed], device=next(self.model.parameters()).device),
@@ -76,9 +105,10 @@ class UpstreamReplyRead:
         states = tap.last[0, -len(ids):]
         for k in range(len(ids)):
             self.stream.push(states[k])
+            self.read_ids.append(ids[k])
             if self.stream.flagged_at is not None:
+                self.close()
                 break
-        self.read_ids.extend(ids)
         return self.stream.flagged_at
 
     def summary(self) -> dict[str, Any]:
@@ -117,6 +147,12 @@ class WorkerReplyRead:
     @property
     def tokens_read(self) -> int:
         return len(self.read.read_ids)
+
+    def end_of_reply(self, ids: Sequence[int]) -> list[int]:
+        return self.read.end_of_reply(ids)
+
+    def close(self) -> None:
+        self.read.close()
 
     def summary(self) -> dict[str, Any]:
         return self.read.summary()

@@ -44,7 +44,7 @@ from .decoding import Reply
 from .errors import ApiError, internal_error
 from .jobs import CallJob, ChatJob, Job, ScoreJob
 from .schemas import Verdict
-from .upstream_replies import UpstreamReplyRead, WorkerReplyRead
+from .upstream_replies import UpstreamReplyRead, WorkerReplyRead, end_of_turn_ids
 from .verdict_rows import combine_rows, report_rows
 from .worker_replies import ReplyDecoding
 
@@ -53,6 +53,7 @@ __all__ = ["GuardWorker", "WorkerStats"]
 logger = logging.getLogger("pyvene_harm.serve")
 
 _STOP = object()
+_WAKE = object()  # queued beside an in-hand call so that a worker waiting for jobs looks at it
 
 
 @dataclass
@@ -144,6 +145,7 @@ class GuardWorker(ReplyDecoding):
         self._held: Any = None  # the stop signal, taken while a batch was being formed
         self._active: list[Job] = []  # jobs with reads left to score, in order of arrival
         self._replies: deque[ChatJob] = deque()
+        self._in_hand: deque[CallJob] = deque()  # reads of replies in flight: run before any new job
         self._batches_while_waiting = 0  # scoring batches run since the oldest waiting reply was queued
         self._lock = threading.Lock()
         self._outstanding = 0
@@ -171,12 +173,21 @@ class GuardWorker(ReplyDecoding):
 
     def submit(self, job: Job, *, in_hand: bool = False) -> None:
         """Queue a job, or raise 503 (stopping) / 429 (``max_queue`` jobs already in hand).
-        ``in_hand``: work for a request already admitted (a read of its reply), never refused as busy."""
+
+        ``in_hand`` (a :class:`CallJob` for a request already admitted: a read of its reply): run
+        before any queued job and after at most the scoring batch in progress, never refused as
+        busy and not counted against ``max_queue`` (its request already is)."""
         if self._stopped or self._thread is None or not self._thread.is_alive():
             raise ApiError(503, "the server is not running its model (starting or shutting down): retry later",
                            type="server_error", code="unavailable")
+        if in_hand:
+            if not isinstance(job, CallJob):
+                raise TypeError("only a CallJob can be run in hand")
+            self._in_hand.append(job)
+            self._queue.put(_WAKE)
+            return
         with self._lock:
-            if self._outstanding >= self.max_queue and not in_hand:
+            if self._outstanding >= self.max_queue:
                 raise ApiError(429, f"the server is busy: {self._outstanding} requests are queued or running "
                                     f"(--max-queue {self.max_queue}); retry later", type="server_error",
                                code="server_busy")
@@ -205,6 +216,7 @@ class GuardWorker(ReplyDecoding):
     def _run(self) -> None:
         while True:
             try:
+                self._run_in_hand()
                 if self._replies and self._batches_while_waiting >= self.scoring_batches_per_reply:
                     self._reply_next()  # scoring traffic must not starve replies
                     self._batches_while_waiting = 0
@@ -244,7 +256,7 @@ class GuardWorker(ReplyDecoding):
         then whatever arrives within ``max_wait`` (and within ``max_gap`` of the last arrival)
         until they hold ``max_batch`` reads; [] when nothing is waiting; None when stopping."""
         first = self._take(None if block else 0)
-        if first is None:
+        if first is None or first is _WAKE:
             return []
         if first is _STOP:
             return None
@@ -257,6 +269,8 @@ class GuardWorker(ReplyDecoding):
                 break
             if job is _STOP:
                 self._held = job  # stop once the jobs in hand are answered
+                break
+            if job is _WAKE:  # a read of a reply in flight waits for no batch to fill
                 break
             last = time.monotonic()
             jobs.append(job)
@@ -303,6 +317,21 @@ class GuardWorker(ReplyDecoding):
         self._active.extend(jobs)
         while self._active and not self._stopped:
             self._score_next()
+
+    def _run_in_hand(self) -> None:
+        """The reads of replies in flight, in order of arrival (outside the ``max_queue`` count)."""
+        while self._in_hand:
+            job = self._in_hand.popleft()
+            if job.cancelled:
+                continue
+            self.stats.busy = "reading a reply"
+            try:
+                value = job.fn()
+            except Exception as exc:
+                logger.error("reading a reply failed in the model worker", exc_info=exc)
+                job.fail(exc if isinstance(exc, ApiError) else internal_error())
+                continue
+            job.finish(value)
 
     def _run_call(self, job: CallJob) -> None:
         if job.cancelled:
@@ -392,7 +421,8 @@ class GuardWorker(ReplyDecoding):
             self.stats.replies += 1
             reading = None
             if self.reply_guard is not None:  # the engine's tokens, read by this copy as they come
-                reading = WorkerReplyRead(self, UpstreamReplyRead(self.reply_guard, self.model, ids))
+                reading = WorkerReplyRead(self, UpstreamReplyRead(self.reply_guard, self.model, ids,
+                                                                  end_ids=end_of_turn_ids(self.model, self.tokenizer)))
             self.engine.submit(job, ids, steer=self.steers(job), done=lambda: self._finished(job), reading=reading)
             return
         if not verdict.harmful:
@@ -413,6 +443,9 @@ class GuardWorker(ReplyDecoding):
         """After stopping: every job still waiting gets a 503."""
         gone = ApiError(503, "the server is shutting down: retry on another instance", type="server_error",
                         code="unavailable")
+        for job in self._in_hand:
+            job.fail(gone)
+        self._in_hand.clear()
         pending: list[Any] = [self._held, *self._active, *self._replies]
         self._active.clear()
         while True:
@@ -421,6 +454,6 @@ class GuardWorker(ReplyDecoding):
             except queue.Empty:
                 break
         for job in pending:
-            if job is not None and job is not _STOP:
+            if job is not None and job is not _STOP and job is not _WAKE:
                 job.fail(gone)
                 self._finished(job)
