@@ -120,8 +120,9 @@ class UpstreamReplyRead:
 class WorkerReplyRead:
     """An :class:`UpstreamReplyRead` whose reads run on the worker's thread, awaited from the relay.
 
-    A read belongs to a reply already in hand, so it is queued past ``--max-queue`` (it counts as
-    outstanding while it waits, as every job does)."""
+    A read belongs to a reply already in hand, so the worker runs it in hand: ahead of queued
+    jobs, without waiting for a batch to fill, and outside ``--max-queue`` (its request is counted
+    there already)."""
 
     def __init__(self, worker: Any, read: UpstreamReplyRead) -> None:
         self.worker, self.read = worker, read

@@ -14,7 +14,8 @@ reply, decoded between scoring batches (scoring goes first, so moderation latenc
 replies being written). The greedy replies waiting when one starts (without penalties, under the
 same steering; up to ``max_reply_batch``) are decoded together in one ``generate`` call, each
 streamed and stopped on its own; with an upstream engine, replies are the engine's and this
-thread only scores (and, with a reply guard, reads the engine's reply tokens as they come). Nothing else touches the model, so two requests never run it at once.
+thread only scores (and, with a reply guard, reads the engine's reply tokens as they come, ahead
+of queued jobs). Nothing else touches the model, so two requests never run it at once.
 
 A chat job is scored as every read of its conversation (each message, and the last user message
 in context); its verdict combines them. Replies never starve behind scoring: once a reply is
