@@ -110,6 +110,16 @@ def batched_generate(model: Any, formatter: Any, prompts: Sequence[str], max_tok
     return summarise(wall, tokens, [wall] * len(tokens), [0.0] * len(tokens))
 
 
+def prompts_let_through(guard: Any, n: int) -> list[str]:
+    """``n`` harmless benchmark prompts the guard lets through: what is timed is their replies."""
+    candidates, groups = C.bench_prompts(4 * n, max_chars=300)
+    harmless = [p for p, g in zip(candidates, groups) if g != "harmful"]
+    let_through = [p for p, flagged in zip(harmless, guard.predict(harmless).tolist()) if not flagged]
+    if len(let_through) < n:
+        raise SystemExit(f"only {len(let_through)} prompts pass the guard; need {n}")
+    return let_through[:n]
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,12 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     loaded = load_model("demo", dtype="float32", device="cpu")
     guard = LatentGuard.from_pretrained(str(GUARD), loaded.model, loaded.tokenizer)
     fmt = guard.chat_formatter()
-    candidates, groups = C.bench_prompts(4 * max(clients), max_chars=300)
-    harmless = [p for p, g in zip(candidates, groups) if g != "harmful"]
-    let_through = [p for p, flagged in zip(harmless, guard.predict(harmless).tolist()) if not flagged]
-    if len(let_through) < max(clients):
-        raise SystemExit(f"only {len(let_through)} prompts pass the guard; need {max(clients)}")
-    prompts = let_through[:max(clients)]
+    prompts = prompts_let_through(guard, max(clients))
     ids = [list(e.ids) for e in fmt.tokenize(prompts)]
     chat_body = lambda p: {"model": SERVED, "messages": [{"role": "user", "content": p}],  # noqa: E731
                            "max_tokens": args.max_tokens, "stream": True, "stream_options": {"include_usage": True}}

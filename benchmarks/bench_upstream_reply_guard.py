@@ -27,7 +27,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
-from bench_serve_chat import drive  # noqa: E402
+from bench_serve_chat import drive, prompts_let_through  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "upstream_reply_guard"
@@ -76,11 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     loaded = load_model("demo", dtype="float32", device="cpu")
     guard = LatentGuard.from_pretrained(str(SHIPPED / "guard"), loaded.model, loaded.tokenizer)
-    candidates, groups = C.bench_prompts(4 * max(clients), max_chars=300)
-    harmless = [p for p, g in zip(candidates, groups) if g != "harmful"]
-    prompts = [p for p, flagged in zip(harmless, guard.predict(harmless).tolist()) if not flagged][:max(clients)]
-    if len(prompts) < max(clients):
-        raise SystemExit(f"only {len(prompts)} prompts pass the guard; need {max(clients)}")
+    prompts = prompts_let_through(guard, max(clients))
     del loaded, guard
     body = lambda p: {"model": SERVED, "messages": [{"role": "user", "content": p}],  # noqa: E731
                       "max_tokens": args.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
