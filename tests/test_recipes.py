@@ -188,6 +188,13 @@ def _empty_replies(run) -> int:
     return sum(1 for r in load_reply_rows(run) if not r.reply.strip())
 
 
+def _csv_rows(path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
 def test_reply_set_then_reply_crossval(tiny_dir, tmp_path):
     ext = tmp_path / "extract"
     r = _run(["extract", *_common(tiny_dir, ext), "--harmful", str(tiny_dir / "harmful.json"),
@@ -234,6 +241,21 @@ def test_reply_set_then_reply_crossval(tiny_dir, tmp_path):
     loaded = ReplyGuard.load(rg)
     assert loaded.threshold_ == fit["out_of_fold"]["threshold"] and loaded.extra_["design"] == "2/4"
     assert "held_out_together" not in fit
+    ev = tmp_path / "reply-eval"
+    r = _run(["guard", "reply-eval", "--model", str(tiny_dir / "model"), "--replies", str(rs), "--reply-guard", str(rg),
+              "-o", str(ev), "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout[r.stdout.index("{"):])
+    assert got["in_sample"] is True and "in-sample" in r.stderr  # fitted on these very replies: said so
+    assert got["n"] == res["n"] - _empty_replies(rs) and got["threshold"] == loaded.threshold_
+    per_source = {(x["source"], x["class"]) for x in got["per_source"]}
+    assert per_source == {(x["source"], x["class"]) for x in _csv_rows(ev / "eval.csv")}
+    scored = _csv_rows(ev / "scores.csv")
+    assert len(scored) == got["n"] and "reply" not in scored[0] and "prompt_sha" in scored[0]
+    assert sum(float(x["score"]) > 0 for x in scored if x["label"] == "1") == got["harmful_flagged"]
+    r = CliRunner().invoke(main, ["guard", "reply-eval", "--model", str(tiny_dir / "model"), "--replies", str(rs),
+                                  "--reply-guard", str(tmp_path), "-o", str(tmp_path / "ev-bad")])
+    assert r.exit_code == 2 and "--reply-guard" in r.output and not (tmp_path / "ev-bad").exists()
     tr = tmp_path / "trace"
     r = _run(["guard", "reply-trace", "--model", str(tiny_dir / "model"), "--replies", str(rs), "--reply-guard", str(rg),
               "--directions", str(ext), "--plot", "1", "-o", str(tr), "--json"])

@@ -26,7 +26,7 @@ from .metrics import pooled_metrics
 from .reply import ReplyGuard, scored_ends
 
 __all__ = ["BALANCES", "fit_reply_guard", "held_out_units", "kind_weights", "out_of_fold_token_scores",
-           "threshold_for_safe_share"]
+           "report_at_threshold", "threshold_for_safe_share"]
 
 BALANCES = ("kind", "none")
 
@@ -114,8 +114,12 @@ def threshold_for_safe_share(safe_scores: np.ndarray, share: float) -> float:
     return float(s[len(s) - 1 - allowed]) if allowed < len(s) else float(s[0]) - 1.0
 
 
-def _report(token_scores: Sequence[np.ndarray], y: np.ndarray, kinds: Sequence[str], sources: Sequence[str],
-            threshold: float, min_tokens: int) -> dict[str, Any]:
+def report_at_threshold(token_scores: Sequence[np.ndarray], y: np.ndarray, kinds: Sequence[str],
+                        sources: Sequence[str], threshold: float, min_tokens: int) -> dict[str, Any]:
+    """What a reply guard does at ``threshold`` to replies whose token scores are ``token_scores``:
+    harmful replies caught, safe ones flagged (replies to harmless prompts cut short, refusals),
+    detection delay (reply tokens until the first counted window over the threshold), pooled
+    AUROC/AUPRC with an interval, and flags per (source, class)."""
     v = _verdicts(token_scores, min_tokens)
     flagged = v > threshold
     first = []
@@ -176,7 +180,7 @@ def fit_reply_guard(sources: Sequence[str], labels: Sequence[int], kinds: Sequen
                       + (" (grouped sources together)" if together else ""),
               "balance": balance, "max_safe_flagged": max_safe_flagged,
               **({"held_out_together": ["+".join(g) for g in together]} if together else {}),
-              "out_of_fold": _report(oof, y, kinds, sources, threshold, min_tokens),
+              "out_of_fold": report_at_threshold(oof, y, kinds, sources, threshold, min_tokens),
               "training": {"sources": dict(sorted(Counter(sources).items())),
                            "kinds": dict(sorted(Counter(kinds).items()))}}
     guard.extra_ = report

@@ -361,6 +361,7 @@ def _register_subcommands() -> None:
     from .guard_refusal_fit import refusal_fit
     from .guard_reply_crossval import reply_crossval
     from .guard_reply_decide import reply_decide
+    from .guard_reply_eval import reply_eval
     from .guard_reply_fit import reply_fit
     from .guard_reply_set import reply_set
     from .guard_reply_trace import reply_trace
@@ -373,6 +374,7 @@ def _register_subcommands() -> None:
     guard.add_command(reply_set)
     guard.add_command(reply_crossval)
     guard.add_command(reply_decide)
+    guard.add_command(reply_eval)
     guard.add_command(reply_fit)
     guard.add_command(reply_trace)
     guard.add_command(recall)
