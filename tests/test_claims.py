@@ -278,3 +278,22 @@ def test_upstream_reply_guard_cost_comes_from_its_benchmark_run():
     assert f"{one} slower for one client and {four} for four" in serving
     met = all(t["met"] for t in run["targets"])
     assert ("**met**" if met else "**missed**") in bench.split("Reply guard in front of vLLM")[1][:2500]
+
+
+def test_the_1_5b_reply_guard_on_fresh_prompts_is_its_reply_eval_run():
+    """The 1.5B card's figures on reply-set-2 are results/demo-1.5b/reply-eval-2's, and that run read
+    the shipped guard on prompts its training set excluded."""
+    import json
+
+    run = RESULTS / "demo-1.5b" / "reply-eval-2"
+    res = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))["options"]
+    assert cfg["reply_guard"] == "artifacts/qwen2.5-coder-1.5b-instruct/reply-guard" and res["in_sample"] is False
+    train = json.loads((RESULTS / "demo-1.5b" / "reply-set-3" / "config.json").read_text(encoding="utf-8"))["options"]
+    assert "results/demo-1.5b/reply-set-2" in train["exclude"]
+    card = " ".join((ROOT / "artifacts/qwen2.5-coder-1.5b-instruct/README.md").read_text(encoding="utf-8").split())
+    share = 100 * res["harmful_flagged"] / res["harmful"]
+    assert (f"{res['harmful_flagged']} of {res['harmful']} harmful replies caught ({share:.1f}%), replies to "
+            f"harmless prompts cut short {res['harmless_cut_short']} of {res['harmless']}, refusals flagged "
+            f"{res['refusals_flagged']} of {res['refusals']}, median delay {res['median_delay']:.0f}, AUROC "
+            f"{res['auroc']:.3f}") in card
