@@ -132,6 +132,8 @@ class GuardWorker(ReplyDecoding):
         self.guard, self.model, self.tokenizer, self.steering = guard, model, tokenizer, steering
         self.engine = engine  # an UpstreamEngine decodes the replies; None: this thread does
         self.reply_guard = reply_guard  # judges each reply from the decoding forward's states
+        # an upstream reply's end of turn is not read (as in-process); worked out once, not per reply
+        self._end_ids = end_of_turn_ids(model, tokenizer) if reply_guard is not None and engine is not None else []
         self.max_reply_batch = max_reply_batch
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_gap = self.max_wait if max_gap_ms is None else min(self.max_wait, max_gap_ms / 1000.0)
@@ -423,7 +425,7 @@ class GuardWorker(ReplyDecoding):
             reading = None
             if self.reply_guard is not None:  # the engine's tokens, read by this copy as they come
                 reading = WorkerReplyRead(self, UpstreamReplyRead(self.reply_guard, self.model, ids,
-                                                                  end_ids=end_of_turn_ids(self.model, self.tokenizer)))
+                                                                  end_ids=self._end_ids))
             self.engine.submit(job, ids, steer=self.steers(job), done=lambda: self._finished(job), reading=reading)
             return
         if not verdict.harmful:
