@@ -41,11 +41,10 @@ import numpy as np
 
 from ..guard.conversations import score_reads
 from ..guard.guarded import DEFAULT_REFUSAL
-from .decoding import Reply
 from .errors import ApiError, internal_error
 from .jobs import CallJob, ChatJob, Job, ScoreJob
 from .schemas import Verdict
-from .upstream_replies import UpstreamReplyRead, WorkerReplyRead, end_of_turn_ids
+from .upstream_replies import end_of_turn_ids
 from .verdict_rows import combine_rows, report_rows
 from .worker_replies import ReplyDecoding
 
@@ -321,21 +320,6 @@ class GuardWorker(ReplyDecoding):
         while self._active and not self._stopped:
             self._score_next()
 
-    def _run_in_hand(self) -> None:
-        """The reads of replies in flight, in order of arrival (outside the ``max_queue`` count)."""
-        while self._in_hand:
-            job = self._in_hand.popleft()
-            if job.cancelled:
-                continue
-            self.stats.busy = "reading a reply"
-            try:
-                value = job.fn()
-            except Exception as exc:
-                logger.error("reading a reply failed in the model worker", exc_info=exc)
-                job.fail(exc if isinstance(exc, ApiError) else internal_error())
-                continue
-            job.finish(value)
-
     def _run_call(self, job: CallJob) -> None:
         if job.cancelled:
             self._skip(job)
@@ -412,35 +396,6 @@ class GuardWorker(ReplyDecoding):
             self._finished(job)
         else:
             self._after_verdict(job, mine[0])
-
-    def _after_verdict(self, job: ChatJob, verdict: Verdict) -> None:
-        job.emit("verdict", verdict)
-        if not verdict.harmful and self.engine is not None:
-            try:  # the engine reads the very ids this formatter gives the guard
-                ids = list(self.formatter.tokenize([job.conversation])[0].ids)
-            except Exception as exc:
-                self._fail(job, exc)
-                return
-            self.stats.replies += 1
-            reading = None
-            if self.reply_guard is not None:  # the engine's tokens, read by this copy as they come
-                reading = WorkerReplyRead(self, UpstreamReplyRead(self.reply_guard, self.model, ids,
-                                                                  end_ids=self._end_ids))
-            self.engine.submit(job, ids, steer=self.steers(job), done=lambda: self._finished(job), reading=reading)
-            return
-        if not verdict.harmful:
-            if not self._replies:
-                self._batches_while_waiting = 0
-            self._replies.append(job)
-            return
-        try:
-            tokens = len(self.formatter.tokenize([job.conversation])[0].ids)
-        except Exception as exc:
-            self._fail(job, exc)
-            return
-        job.emit("done", Reply(text=self.refusal_message, prompt_tokens=tokens, completion_tokens=0,
-                               finish_reason="content_filter"))
-        self._finished(job)
 
     def _drain(self) -> None:
         """After stopping: every job still waiting gets a 503."""

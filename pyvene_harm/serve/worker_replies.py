@@ -1,25 +1,32 @@
 """The reply side of :class:`~pyvene_harm.serve.worker.GuardWorker`: the replies the guard let
 through, decoded on the worker thread between scoring batches, alone or several greedy ones in one
 ``generate`` call, each streamed, stopped on its own and judged by the reply guard if one is
-served. A mixin, because it shares the worker's state (its model, queue of waiting replies,
-counters); kept apart so that each half of the worker reads on its own.
+served; with an upstream engine, the reply handed to the engine and the reads of its tokens, run
+in hand (ahead of queued jobs). A mixin, because it shares the worker's state (its model, queue
+of waiting replies, counters); kept apart so that each half of the worker reads on its own.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .decoding import Reply, ReplyRequest, generate_reply, generate_reply_batch
-from .errors import ApiError
+from .errors import ApiError, internal_error
 from .jobs import ChatJob
+from .schemas import Verdict
+from .upstream_replies import UpstreamReplyRead, WorkerReplyRead
 
 __all__ = ["ReplyDecoding"]
+
+logger = logging.getLogger("pyvene_harm.serve")
 
 
 class ReplyDecoding:
     """Needs the worker's ``model``, ``formatter``, ``steering``, ``engine``, ``reply_guard``,
-    ``max_reply_batch``, ``steer_any_system_prompt``, ``stats``, ``_replies``, ``_stopped`` and
-    its ``_skip``, ``_fail`` and ``_finished``."""
+    ``max_reply_batch``, ``steer_any_system_prompt``, ``stats``, ``refusal_message``, ``_replies``,
+    ``_in_hand``, ``_end_ids``, ``_batches_while_waiting``, ``_stopped`` and its ``_skip``,
+    ``_fail`` and ``_finished``."""
 
     model: Any
     formatter: Any
@@ -29,7 +36,11 @@ class ReplyDecoding:
     max_reply_batch: int
     steer_any_system_prompt: bool
     stats: Any
+    refusal_message: str
     _replies: Any
+    _in_hand: Any
+    _end_ids: Any
+    _batches_while_waiting: int
     _stopped: bool
 
     def steers(self, job: ChatJob) -> bool:
@@ -39,6 +50,50 @@ class ReplyDecoding:
             return False
         own = job.conversation.system_prompt
         return self.steer_any_system_prompt or own is None or own == self.formatter.system_prompt
+
+    def _after_verdict(self, job: ChatJob, verdict: Verdict) -> None:
+        job.emit("verdict", verdict)
+        if not verdict.harmful and self.engine is not None:
+            try:  # the engine reads the very ids this formatter gives the guard
+                ids = list(self.formatter.tokenize([job.conversation])[0].ids)
+            except Exception as exc:
+                self._fail(job, exc)
+                return
+            self.stats.replies += 1
+            reading = None
+            if self.reply_guard is not None:  # the engine's tokens, read by this copy as they come
+                reading = WorkerReplyRead(self, UpstreamReplyRead(self.reply_guard, self.model, ids,
+                                                                  end_ids=self._end_ids))
+            self.engine.submit(job, ids, steer=self.steers(job), done=lambda: self._finished(job), reading=reading)
+            return
+        if not verdict.harmful:
+            if not self._replies:
+                self._batches_while_waiting = 0
+            self._replies.append(job)
+            return
+        try:
+            tokens = len(self.formatter.tokenize([job.conversation])[0].ids)
+        except Exception as exc:
+            self._fail(job, exc)
+            return
+        job.emit("done", Reply(text=self.refusal_message, prompt_tokens=tokens, completion_tokens=0,
+                               finish_reason="content_filter"))
+        self._finished(job)
+
+    def _run_in_hand(self) -> None:
+        """The reads of replies in flight, in order of arrival (outside the ``max_queue`` count)."""
+        while self._in_hand:
+            job = self._in_hand.popleft()
+            if job.cancelled:
+                continue
+            self.stats.busy = "reading a reply"
+            try:
+                value = job.fn()
+            except Exception as exc:
+                logger.error("reading a reply failed in the model worker", exc_info=exc)
+                job.fail(exc if isinstance(exc, ApiError) else internal_error())
+                continue
+            job.finish(value)
 
     def _reply_next(self) -> None:
         """Decode the oldest waiting reply, together with the waiting ones that can share its
