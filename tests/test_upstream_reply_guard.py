@@ -324,3 +324,40 @@ def test_a_reply_read_waits_for_no_batch_and_is_not_counted_against_the_queue(pa
         assert value == "read" and took < 1.5 and outstanding == 0
     finally:
         worker.stop()
+
+
+def test_replies_read_at_once_are_capped_and_a_finished_one_frees_its_place(parts):
+    """Each upstream reply read keeps its KV cache until the reply ends: past --max-reply-reads,
+    a chat is answered 429 in OpenAI's shape, and once a reply ends its place is free again."""
+    import threading
+
+    from openai import RateLimitError
+
+    from pyvene_harm.serve import Limits
+
+    model, tok, guard = parts
+    prompt_guard = LatentGuard(model, tok, batch_size=4).fit(["bomb", "malware", "bread", "tides"], [1, 1, 0, 0])
+    prompt_guard.threshold_ = 1e9
+    fake = FakeEngine(tok)
+    fake.pieces, fake.mode, fake.delay_s = [" Hi", "!"], "slow", 0.5  # too short to be flagged
+    msgs = [{"role": "user", "content": "Hello"}]
+    with serve_in_thread(fake.app) as engine_url:
+        upstream = check_upstream(UpstreamEngine(engine_url, timeout_s=10.0), tok)
+        app = create_app(prompt_guard, model, tok, model_name="m", engine=upstream, reply_guard=guard,
+                         limits=Limits(max_reply_reads=1))
+        with serve_in_thread(app) as url:
+            first: list = []
+            t = threading.Thread(target=lambda: first.append(
+                _client(url).chat.completions.create(model="m", messages=msgs, max_tokens=16)))
+            t.start()
+            deadline = time.monotonic() + 10
+            while not fake.requests and time.monotonic() < deadline:  # the first reply is being relayed
+                time.sleep(0.02)
+            with pytest.raises(RateLimitError) as err:
+                _client(url).chat.completions.create(model="m", messages=msgs, max_tokens=16)
+            assert "--max-reply-reads 1" in err.value.body["message"]
+            t.join(30)
+            assert first and first[0].choices[0].message.content == " Hi!"
+            fake.delay_s = 0.0
+            again = _client(url).chat.completions.create(model="m", messages=msgs, max_tokens=16)
+            assert again.choices[0].message.content == " Hi!"

@@ -65,6 +65,9 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
                    "1 decodes them one at a time.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Most requests waiting or running; more are answered 429 (busy).")
+@click.option("--max-reply-reads", type=click.IntRange(min=1), default=64, show_default=True,
+              help="With --upstream and --reply-guard: most chats queued or relayed at once, more are answered "
+                   "429. Each reply's read keeps the model's cache of its tokens until the reply ends.")
 @click.option("--max-inputs", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most strings in one moderation request.")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
@@ -110,7 +113,7 @@ API_KEY_ENV = "PYVENE_HARM_API_KEY"
               show_default=True, help="uvicorn's log level (one line per request at info).")
 def serve(guard_path, model_args, directions_path, reply_guard_path, refusal_read_path, host, port, api_key, served_model_name, max_batch, max_batch_tokens,
           max_wait_ms, max_reply_batch,
-          max_gap_ms, max_queue, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message,
+          max_gap_ms, max_queue, max_reply_reads, max_inputs, max_prompt_tokens, max_new_tokens, max_body_bytes, refusal_message,
           request_timeout, read_timeout, limit_concurrency, keep_alive_timeout, graceful_shutdown_timeout,
           steer_any_system_prompt, upstream, upstream_model, upstream_adapter, upstream_timeout, threads, log_level):
     """Serve the guard: POST /v1/moderations and guarded POST /v1/chat/completions (OpenAI shapes).
@@ -133,7 +136,7 @@ def serve(guard_path, model_args, directions_path, reply_guard_path, refusal_rea
         raise click.UsageError(f"{err}: pip install 'pyvene-harm[serve]'") from None
     try:
         limits = Limits(max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_gap_ms=max_gap_ms, max_queue=max_queue,
-                        max_reply_batch=max_reply_batch,
+                        max_reply_batch=max_reply_batch, max_reply_reads=max_reply_reads,
                         max_inputs=max_inputs,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                         max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, read_timeout_s=read_timeout)

@@ -98,7 +98,7 @@ def create_app(guard: Any, model: Any, tokenizer: Any, *, model_name: str, steer
                          max_batch_tokens=limits.max_batch_tokens,
                          max_wait_ms=limits.max_wait_ms, max_gap_ms=limits.max_gap_ms, max_queue=limits.max_queue,
                          refusal_message=refusal_message, scoring_batches_per_reply=limits.scoring_batches_per_reply,
-                         max_reply_batch=limits.max_reply_batch,
+                         max_reply_batch=limits.max_reply_batch, max_reply_reads=limits.max_reply_reads,
                          steer_any_system_prompt=steer_any_system_prompt, engine=engine,
                          reply_guard=None if reply_guard is None else copy.copy(reply_guard).set_params(
                              model=model, tokenizer=tokenizer))

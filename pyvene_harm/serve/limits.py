@@ -29,6 +29,9 @@ class Limits:
         scoring_batches_per_reply: most scoring batches run while a chat reply waits.
         max_reply_batch: most greedy chat replies decoded together in one ``generate`` call
             (the replies waiting when one starts; 1 decodes one at a time).
+        max_reply_reads: with an upstream engine and a reply guard, most chats queued or being
+            relayed at once (more get 429): each reply read holds its KV cache until it ends, so
+            this bounds the memory the reads take, apart from ``max_queue``.
     """
 
     max_batch: int = 32
@@ -44,13 +47,14 @@ class Limits:
     read_timeout_s: float = 10.0
     scoring_batches_per_reply: int = 2
     max_reply_batch: int = 32
+    max_reply_reads: int = 64
 
     def __post_init__(self) -> None:
         for name in ("request_timeout_s", "read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be more than 0, got {getattr(self, name)}")
         for name in ("max_batch", "max_batch_tokens", "max_queue", "max_inputs", "max_prompt_tokens", "max_new_tokens",
-                     "max_body_bytes", "scoring_batches_per_reply", "max_reply_batch"):
+                     "max_body_bytes", "scoring_batches_per_reply", "max_reply_batch", "max_reply_reads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:

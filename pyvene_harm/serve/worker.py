@@ -96,6 +96,8 @@ class GuardWorker(ReplyDecoding):
             the whole ``max_wait_ms``). A long ``max_wait_ms`` with a short gap gathers a burst
             of requests that trickles in, without making a lone request wait long.
         max_queue: most jobs waiting or running; more get 429 (server busy).
+        max_reply_reads: with an upstream ``engine`` and a ``reply_guard``, most chat jobs waiting
+            or relayed at once (429 beyond): each reply's read holds its KV cache until it ends.
         refusal_message: the reply to prompts the guard calls harmful.
         scoring_batches_per_reply: most scoring batches run while a reply waits.
         reply_guard: a fitted ``ReplyGuard`` for ``model``: every reply decoded here is judged
@@ -113,7 +115,7 @@ class GuardWorker(ReplyDecoding):
                  max_queue: int = 1024, refusal_message: str = DEFAULT_REFUSAL,
                  scoring_batches_per_reply: int = 2, steer_any_system_prompt: bool = False,
                  max_batch_tokens: int = 16384, engine: Any | None = None, max_reply_batch: int = 1,
-                 reply_guard: Any | None = None) -> None:
+                 reply_guard: Any | None = None, max_reply_reads: int = 64) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -126,6 +128,8 @@ class GuardWorker(ReplyDecoding):
             raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
         if max_reply_batch < 1:
             raise ValueError(f"max_reply_batch must be at least 1, got {max_reply_batch}")
+        if max_reply_reads < 1:
+            raise ValueError(f"max_reply_reads must be at least 1, got {max_reply_reads}")
         if scoring_batches_per_reply < 1:
             raise ValueError(f"scoring_batches_per_reply must be at least 1, got {scoring_batches_per_reply}")
         self.guard, self.model, self.tokenizer, self.steering = guard, model, tokenizer, steering
@@ -134,6 +138,9 @@ class GuardWorker(ReplyDecoding):
         # an upstream reply's end of turn is not read (as in-process); worked out once, not per reply
         self._end_ids = end_of_turn_ids(model, tokenizer) if reply_guard is not None and engine is not None else []
         self.max_reply_batch = max_reply_batch
+        # each upstream reply read holds a KV cache until the reply ends: chats are counted apart
+        self.max_reply_reads = max_reply_reads if reply_guard is not None and engine is not None else None
+        self._reading: set[int] = set()  # id() of the chat jobs counted against max_reply_reads
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_gap = self.max_wait if max_gap_ms is None else min(self.max_wait, max_gap_ms / 1000.0)
         self.refusal_message = refusal_message
@@ -174,7 +181,8 @@ class GuardWorker(ReplyDecoding):
             self._thread.join(timeout)
 
     def submit(self, job: Job, *, in_hand: bool = False) -> None:
-        """Queue a job, or raise 503 (stopping) / 429 (``max_queue`` jobs already in hand).
+        """Queue a job, or raise 503 (stopping) / 429 (``max_queue`` jobs already in hand, or
+        ``max_reply_reads`` chats whose upstream replies are read).
 
         ``in_hand`` (a :class:`CallJob` for a request already admitted: a read of its reply): run
         before any queued job and after at most the scoring batch in progress, never refused as
@@ -193,6 +201,12 @@ class GuardWorker(ReplyDecoding):
                 raise ApiError(429, f"the server is busy: {self._outstanding} requests are queued or running "
                                     f"(--max-queue {self.max_queue}); retry later", type="server_error",
                                code="server_busy")
+            if self.max_reply_reads is not None and isinstance(job, ChatJob):
+                if len(self._reading) >= self.max_reply_reads:
+                    raise ApiError(429, f"the server is busy: {len(self._reading)} guarded replies are queued or being "
+                                        f"relayed (--max-reply-reads {self.max_reply_reads}); retry later",
+                                   type="server_error", code="server_busy")
+                self._reading.add(id(job))
             self._outstanding += 1
         self._queue.put(job)
 
@@ -336,6 +350,7 @@ class GuardWorker(ReplyDecoding):
     def _finished(self, job: Job) -> None:
         with self._lock:
             self._outstanding -= 1
+            self._reading.discard(id(job))
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         # requests are checked before they are queued (the app renders and counts every prompt):
