@@ -256,6 +256,24 @@ def test_the_margin_is_fitted_per_group_within_its_budget(tiny):
     np.testing.assert_allclose(strict.readout_.coef, loose.readout_.coef)  # only the margin moves
 
 
+def test_prompts_without_a_margin_group_are_fitted_on_but_not_counted_in_the_margin(tiny):
+    """``guard fit`` leaves mined pool prompts out of the margin's budget, as crossval does: they
+    still shape the read-out, and a margin fitted on fewer prompts is never larger."""
+    model, tok = tiny
+    kw = dict(method="linear", reads=("sent:4",), C=1.0, rank=None, batch_size=4, sentence_budget=0.0)
+    groups = ["a", "b"] * 8
+    every = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, groups=groups)
+    fewer = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, groups=groups,
+                                              margin_groups=groups[:12] + [None] * 4)
+    np.testing.assert_allclose(fewer.readout_.coef, every.readout_.coef)  # the same rows fitted
+    assert 0.0 <= fewer.sentence_margin_ <= every.sentence_margin_
+    with pytest.raises(ValueError, match="harmless training prompts"):
+        LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, groups=groups,
+                                          margin_groups=groups[:8] + [None] * 8)
+    with pytest.raises(ValueError, match="margin_groups"):
+        LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, margin_groups=["a"])
+
+
 def test_sent_guard_saves_and_loads(tmp_path, tiny, sent_guard):
     model, tok = tiny
     sent_guard.save(tmp_path / "g")

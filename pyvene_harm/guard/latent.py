@@ -170,7 +170,7 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
 
     def fit(self, X: Any, y: Any, *, categories: Sequence[str | None] | None = None,
             groups: Sequence[Any] | None = None, sample_weight: Sequence[float] | None = None,
-            states_cache: Any = None) -> LatentGuard:
+            states_cache: Any = None, margin_groups: Sequence[Any] | None = None) -> LatentGuard:
         """Centroids of the harmful and harmless training prompts per read and state, and for
         ``method="linear"`` the read-out.
 
@@ -186,11 +186,16 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
                 every prompt set has the same say whatever its size).
             states_cache: a :class:`~pyvene_harm.guard.states_cache.StatesCache`: prompts whose
                 states it holds are not run again (a refit, e.g. after mining hard negatives).
+            margin_groups: with ``sentence_budget``, the group each harmless prompt's budget is
+                counted in (default: ``groups``); None leaves a prompt out of the margin's fit. Hard
+                negatives mined from a pool are left out by ``guard fit``, as ``guard crossval``
+                does: the margin is a budget per training source, not per pool.
         """
         reads = self._check_params()
         prompts = self._as_read(as_prompts(X))
         n = len(prompts) if prompts is not None else None
-        for name, v in (("groups", groups), ("sample_weight", sample_weight), ("categories", categories)):
+        for name, v in (("groups", groups), ("sample_weight", sample_weight), ("categories", categories),
+                        ("margin_groups", margin_groups)):
             if v is not None and n is not None and len(v) != n:
                 raise ValueError(f"{len(v)} {name} for {n} prompts: give one per prompt")
         if prompts is None:
@@ -210,7 +215,8 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
             metadata, fitted_on, model, fmt = {}, "states", None, None
         else:
             model, fmt = self._require_model()
-            rows = prompt_rows(prompts, y, groups, categories, sample_weight, augment=self.augment)
+            rows = prompt_rows(prompts, y, groups, categories, sample_weight, augment=self.augment,
+                               budget_groups=margin_groups)
             prompts, positive, groups, categories, sample_weight = (rows.prompts, rows.positive, rows.groups,
                                                                     rows.categories, rows.sample_weight)
             classes = rows.classes

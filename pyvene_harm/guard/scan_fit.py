@@ -108,7 +108,7 @@ def fit_sentence_margin(guard: Any, model: Any, fmt: ChatFormatter, prompts: Seq
     (:func:`~pyvene_harm.sentences.fit_margin`): the read-out refitted without each fold of
     ``groups`` (:class:`OutOfGroupReadouts`, on the rows ``x`` it was fitted on), and every harmless
     prompt as written (``original``; not its surface variants) scored by the refit that left its
-    group out, within ``guard.sentence_budget`` per ``budget_groups`` group."""
+    group out, within ``guard.sentence_budget`` per ``budget_groups`` group (None: not counted)."""
     width = sentence_width(guard.reads[0])
     if width is None:
         raise ValueError(f"sentence_budget sets the margin of a sent:K read's earlier sentence ends: use reads=['sent:K'] "
@@ -118,7 +118,8 @@ def fit_sentence_margin(guard: Any, model: Any, fmt: ChatFormatter, prompts: Seq
                          "precomputed states")
     g = np.asarray(groups, dtype=object).astype(str)
     folds = OutOfGroupReadouts.fit(readout, x, np.asarray(positive, bool), g, rank=guard.rank, sample_weight=weights)
-    which = np.flatnonzero(~np.asarray(positive, bool) & np.asarray(original, bool))
+    counted = np.asarray([b is not None for b in budget_groups], bool)
+    which = np.flatnonzero(~np.asarray(positive, bool) & np.asarray(original, bool) & counted)
     if not len(which):
         raise ValueError("sentence_budget needs harmless training prompts to fit the margin on")
     texts = [prompts[i] for i in which]

@@ -170,16 +170,19 @@ class PromptRows:
     original: np.ndarray
     """True on a prompt as given, False on a surface variant of it."""
     budget_groups: list[Any]
-    """Groups a sentence margin's budget is counted in: the caller's, else a single group."""
+    """Groups a sentence margin's budget is counted in: the caller's margin groups, else its
+    groups, else a single group; None on a prompt the margin is not fitted on."""
 
 
 def prompt_rows(prompts: Sequence[Any], y: Any, groups: Sequence[Any] | None,
                 categories: Sequence[str | None] | None, sample_weight: Sequence[float] | None, *,
-                augment: bool) -> PromptRows:
+                augment: bool, budget_groups: Sequence[Any] | None = None) -> PromptRows:
     """Labels checked, groups filled in and, with ``augment``, every instruction followed by its
     surface variants (:func:`expand_surface_variants`)."""
     classes, positive = binary_labels(y, len(prompts))
-    budget_groups = [0] * len(prompts) if groups is None else list(groups)
+    if budget_groups is None:
+        budget_groups = [0] * len(prompts) if groups is None else list(groups)
+    budget_groups = list(budget_groups)
     groups = list(range(len(prompts))) if groups is None else list(groups)
     original = np.ones(len(prompts), bool)
     prompts = list(prompts)
