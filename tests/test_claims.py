@@ -297,3 +297,31 @@ def test_the_1_5b_reply_guard_on_fresh_prompts_is_its_reply_eval_run():
             f"harmless prompts cut short {res['harmless_cut_short']} of {res['harmless']}, refusals flagged "
             f"{res['refusals_flagged']} of {res['refusals']}, median delay {res['median_delay']:.0f}, AUROC "
             f"{res['auroc']:.3f}") in card
+
+
+def test_the_opt_in_sentence_guard_is_the_eighth_rules_winner_and_its_card_figures_are_the_runs():
+    """decision.json of the eighth run names the design `guard-sent16/` holds, and the card's
+    figures for it (and for the reference fitted on the same sources) are that file's."""
+    import json
+
+    run = RESULTS / "demo" / "guard-sentence-multi"
+    decision = json.loads((run / "decision.json").read_text(encoding="utf-8"))
+    assert decision["winner"] == "linear-sent16-b2"
+    by = {s["design"]: s for s in decision["standings"]}
+    ref, won = by["linear-last16-mined"], by["linear-sent16-b2"]
+    guard = json.loads((ROOT / "artifacts/qwen2.5-coder-0.5b-instruct/guard-sent16/guard.json").read_text(encoding="utf-8"))
+    assert guard["reads"] == ["sent:16"] and guard["params"]["sentence_budget"] == 0.02
+    card = " ".join((ROOT / "artifacts/qwen2.5-coder-0.5b-instruct/README.md").read_text(encoding="utf-8").split())
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    for phrase in (f"margin of {guard['sentence_margin']:.2f}",
+                   f"worst source {pct(won['worst'])} (SORRY-Bench) against {pct(ref['worst'])}",
+                   f"mean {pct(won['mean'])} against {pct(ref['mean'])}",
+                   f"spelling shifts {pct(won['spelling'])} against {pct(ref['spelling'])}",
+                   f"other languages {pct(won['other_languages'])} both",
+                   f"a harmless tail appended {pct(won['tail'])} against {pct(ref['tail'])}"):
+        assert phrase in card, f"the 0.5B card lacks {phrase!r}"
+    metrics = {r["design"]: r for r in _rows(run / "metrics.csv")}
+    for key, phrase in (("AUROC", "pooled AUROC {} against {}"), ("recall", "recall {}% against {}%"),
+                        ("FPR", "false positives {}% against {}%")):
+        a, b = (metrics[d][key].split()[0] for d in ("linear-sent16-b2", "linear-last16-mined"))
+        assert phrase.format(a, b) in card, phrase.format(a, b)
