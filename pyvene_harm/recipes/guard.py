@@ -191,7 +191,7 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
         margin_groups = (groups[:given] if by_source else [0] * given) + [None] * len(picked)
         _fit(g, prompts, labels, groups=groups if by_source else None,
              categories=(cats + [None] * len(picked)) if cats else None, states_cache=cache,
-             margin_groups=margin_groups if g.sentence_budget is not None else None)
+             margin_groups=margin_groups)
         mined = {"mine_negatives": n_mine, "pools": list(pools), "pool_limit": pool_limit,
                  "mined": dict(Counter(name for _, name in picked))}
         click.echo(f"mined {len(picked)} hard negatives ({mined['mined']})", err=True)

@@ -140,7 +140,7 @@ class GuardWorker(ReplyDecoding):
         self.max_reply_batch = max_reply_batch
         # each upstream reply read holds a KV cache until the reply ends: chats are counted apart
         self.max_reply_reads = max_reply_reads if reply_guard is not None and engine is not None else None
-        self._reading: set[int] = set()  # id() of the chat jobs counted against max_reply_reads
+        self._chats = 0  # chat jobs queued or running: each ends in _finished, like every queued job
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_gap = self.max_wait if max_gap_ms is None else min(self.max_wait, max_gap_ms / 1000.0)
         self.refusal_message = refusal_message
@@ -202,11 +202,11 @@ class GuardWorker(ReplyDecoding):
                                     f"(--max-queue {self.max_queue}); retry later", type="server_error",
                                code="server_busy")
             if self.max_reply_reads is not None and isinstance(job, ChatJob):
-                if len(self._reading) >= self.max_reply_reads:
-                    raise ApiError(429, f"the server is busy: {len(self._reading)} guarded replies are queued or being "
+                if self._chats >= self.max_reply_reads:
+                    raise ApiError(429, f"the server is busy: {self._chats} guarded replies are queued or being "
                                         f"relayed (--max-reply-reads {self.max_reply_reads}); retry later",
                                    type="server_error", code="server_busy")
-                self._reading.add(id(job))
+            self._chats += isinstance(job, ChatJob)
             self._outstanding += 1
         self._queue.put(job)
 
@@ -350,7 +350,7 @@ class GuardWorker(ReplyDecoding):
     def _finished(self, job: Job) -> None:
         with self._lock:
             self._outstanding -= 1
-            self._reading.discard(id(job))
+            self._chats -= isinstance(job, ChatJob)
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         # requests are checked before they are queued (the app renders and counts every prompt):
