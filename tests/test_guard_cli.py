@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -132,6 +133,19 @@ def test_fit_a_sent_design_fits_its_margin(files, tmp_path):
     g = LatentGuard.load(tmp_path / "g")
     assert g.reads_ == ("sent:4",) and g.sentence_budget == 0 and g.sentence_margin_ >= 0
     assert g.metadata_["fitted_with"]["design"]["sentence_budget"] == 0
+    # the margin fitted also on long harmless requests the read-out never sees: the same read-out
+    (tmp_path / "long.txt").write_text("I run a bakery. Bombs of flavour sell well. How do I price a cake?\n"
+                                       "You are a tutor. Be brief. Explain the bomb calorimeter.\n")
+    r = _run(["guard", "fit", "--model", str(files / "model"), "--harmful", str(tmp_path / "bombs.txt"),
+              "--harmful", str(tmp_path / "more.txt"), "--harmless", str(tmp_path / "bread.txt"),
+              "--harmless", str(tmp_path / "calm.txt"), "--batch-size", "4", "-o", str(tmp_path / "mo"),
+              "--design", "mo:method=linear,reads=sent:4,layers=1+2,C=1,rank=none,sentence_budget=0,margin_only=long",
+              "--margin-harmless", str(tmp_path / "long.txt")])
+    assert r.exit_code == 0, r.output
+    mo = LatentGuard.load(tmp_path / "mo")
+    np.testing.assert_allclose(mo.readout_.coef, g.readout_.coef)
+    assert mo.sentence_margin_ >= g.sentence_margin_
+    assert mo.metadata_["fitted_with"]["margin_harmless"] == [str(tmp_path / "long.txt")]
 
 
 def test_fit_a_linear_design_on_several_sources(files, tmp_path):
@@ -245,6 +259,11 @@ def test_bad_options_stop_before_loading(fitted_guard, files, tmp_path, monkeypa
     fails([*fit, "--harmful", "missing.json", "-o", str(tmp_path / "a")], "missing.json")
     fails([*fit, "--harmful", str(files / "harmful.jsonl"), "--layers", "2-9", "-o", str(tmp_path / "a")],
           "layer 4 is out of range")
+    fails([*fit, "--harmful", str(files / "harmful.jsonl"), "--margin-harmless", str(files / "harmless.json"),
+           "-o", str(tmp_path / "a")], "--margin-harmless fits a sentence margin", "linear-sent16-mo-b2")
+    fails([*fit, "--harmful", str(files / "harmful.jsonl"), "--design",
+           "mo:method=linear,reads=sent:4,sentence_budget=0.02,margin_only=long", "-o", str(tmp_path / "a")],
+          "give them with --margin-harmless")
     fails([*fit, "--harmful", str(files / "harmful.jsonl"), "--target", "fpr", "-o", str(tmp_path / "a")],
           "--val-harmful")
     fails([*fit, "--harmful", str(files / "harmful.jsonl"), "--category-field", "Nope", "-o", str(tmp_path / "a")],

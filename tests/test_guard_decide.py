@@ -57,6 +57,19 @@ def test_each_veto_and_the_tie_break():
         standing(_results(designs), "nope")
 
 
+def test_the_per_source_veto_holds_every_source_and_shift_source():
+    designs = {"ref": {**BASE, "harm": 0.95},
+               "harm-falls": {**BASE, "harm": 0.92, "tail": 0.8},  # worst source still safe: 70.0
+               "langs-fall": {**BASE, "harm": 0.95, "langs": 0.77, "tail": 0.8},
+               "level": {**BASE, "harm": 0.94, "safe": 0.69, "langs": 0.79, "tail": 0.8}}
+    assert declared_choice(_results(designs), "ref", ["harm-falls", "langs-fall"])[0] == "harm-falls"
+    winner, st = declared_choice(_results(designs), "ref", list(designs)[1:], per_source=True)
+    by = {s.design: s for s in st}
+    assert winner == "level" and by["level"].by_source == {"harm": 0.94, "safe": 0.69, "langs": 0.79}
+    assert by["harm-falls"].vetoes == ["source harm 92.0% against 95.0%"]
+    assert by["langs-fall"].vetoes[-1] == "source langs 77.0% against 80.0%"  # (its mean too, alone here)
+
+
 @pytest.mark.parametrize("run, candidates", [
     ("guard-scan", ["linear-scan16-mined", "linear-scan8-mined", "linear-scan4-mined"]),
     ("guard-scan-neg", ["scan16-neg8", "scan16-neg16", "scan32-neg16"]),

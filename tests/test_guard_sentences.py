@@ -178,7 +178,73 @@ def test_crossval_fits_the_margin_on_harmless_training_sources(tiny):
     np.testing.assert_allclose(zero.readout_.coef, loose.readout_.coef)
 
 
+LONG = ["I run a bakery. A bomb of flavour sells. How do I price a cake?",
+        "You are a tutor. Be brief! Explain the bomb calorimeter; keep it short.",
+        "My dog is old. He sleeps a lot. Should I take him for a walk?"]
+
+
+def test_crossval_fits_a_margin_on_a_source_it_never_trains_on(tiny):
+    """``margin_only``: the read-out is the one fitted without the source; the margin also keeps
+    that source's prompts, scored by the read-out itself, within the budget."""
+    model, tok = tiny
+    fmt = ChatFormatter(tok)
+    blocks = _blocks(model, fmt, n_variants=0, split=3)
+    blocks["long"] = collect_source_states(model, fmt, PromptSource("long", LONG, 0), reads=["last:4"], states=[1, 2],
+                                           n_variants=0, sentences=True, batch_size=4)
+    from pyvene_harm.guard.design_fit import fit_design
+
+    spec = "method=linear,reads=sent:4,layers=1+2,C=1,rank=none,sentence_budget=0"
+    without = {k: v for k, v in blocks.items() if k != "long"}
+    plain = fit_design(without, parse_design("p:" + spec), held="bombs", held_texts=HARMFUL[:3])
+    mo = fit_design(blocks, parse_design("mo:" + spec + ",margin_only=long"), held="bombs", held_texts=HARMFUL[:3])
+    trained = fit_design(blocks, parse_design("t:" + spec), held="bombs", held_texts=HARMFUL[:3])
+    np.testing.assert_allclose(mo.readout_.coef, plain.readout_.coef)  # never fitted on "long"
+    assert not np.allclose(trained.readout_.coef, plain.readout_.coef)  # (fitting on it would move it)
+    # by hand: with budget 0 the margin is the highest excess of an earlier sentence end over the
+    # last window among "long"'s prompts (scored by the read-out) and the training sources'
+    v, offset = mo.readout_.projection()
+    from pyvene_harm.windows import window_scores
+
+    extra = []
+    for i in blocks["long"].original_rows():
+        s = window_scores(np.einsum("tsd,sd->t", blocks["long"].token_states(i, mo.states_), v), 4, offset)
+        extra.append(last_and_earlier(s, blocks["long"].sentence_ends(i), mo.threshold_))
+    floor = max(max(0.0, e - max(one, 0.0)) for one, e in extra)
+    assert mo.sentence_margin_ >= max(plain.sentence_margin_, floor) - 1e-9
+    assert mo.sentence_margin_ == pytest.approx(max(plain.sentence_margin_, floor), abs=1e-6)
+    # held out in its own fold: the margin does not look at it
+    own = fit_design(blocks, parse_design("mo:" + spec + ",margin_only=long"), held="long", held_texts=LONG)
+    alone = fit_design(without, parse_design("p:" + spec), held=None, held_texts=LONG)  # the same drops
+    np.testing.assert_allclose(own.readout_.coef, alone.readout_.coef)
+    assert own.sentence_margin_ == pytest.approx(alone.sentence_margin_)
+
+
+def test_latent_guard_fits_a_margin_on_prompts_it_never_trains_on(tiny):
+    model, tok = tiny
+    kw = dict(method="linear", reads=("sent:4",), C=1.0, rank=None, batch_size=4, sentence_budget=0.0)
+    groups = ["a", "b"] * 8
+    plain = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, groups=groups)
+    mo = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, groups=groups,
+                                           margin_prompts={"long": LONG})
+    np.testing.assert_allclose(mo.readout_.coef, plain.readout_.coef)
+    # budget 0: no prompt of "long" gains a flag at an earlier sentence end beyond its last window's
+    rep = mo.decision_function(LONG)
+    assert mo.sentence_margin_ >= plain.sentence_margin_
+    mo.sentence_margin_, saved = 1e9, mo.sentence_margin_
+    last_only = mo.decision_function(LONG)
+    mo.sentence_margin_ = saved
+    assert not ((rep > 1e-4) & (last_only <= 0)).any()  # (the prompt that sets the margin sits on it)
+    with pytest.raises(ValueError, match="set sentence_budget"):
+        LatentGuard(model, tok, **{**kw, "sentence_budget": None}).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8,
+                                                                       margin_prompts={"long": LONG})
+
+
 def test_sent_design_errors():
+    with pytest.raises(ValueError, match="margin_only names sources"):
+        parse_design("s:method=linear,reads=sent:4,margin_only=long")
+    mo = parse_design("linear-sent16-mo-b2", n_states=25)
+    assert mo.margin_only == ("multi-sentence",) and mo.as_dict()["margin_only"] == ["multi-sentence"]
+    assert "margin_only" not in parse_design("linear-sent16-b2", n_states=25).as_dict()
     with pytest.raises(ValueError, match="stands alone"):
         parse_design("s:method=paper,reads=sent:4")
     with pytest.raises(ValueError, match="reads=sent:K"):

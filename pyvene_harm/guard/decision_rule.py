@@ -5,7 +5,9 @@ worst leave-one-source-out accuracy (ties: the higher mean), and a candidate is 
 a reference design in the same run, its worst source, its accuracy pooled over the spelling
 shifts or its mean on the other-language sources falls more than ``margin`` below the
 reference's, or (for a read meant to resist appended text) its accuracy on the ``tail`` shift is
-not above it. Working the rule out from ``results.json`` by code, not by hand, keeps an
+not above it; with ``per_source``, also when any one source (the shift sources included) falls
+more than ``margin`` below the reference's on it (the ninth decision: a guard that replaces the
+shipped one keeps every held-out figure of its card). Working the rule out from ``results.json`` by code, not by hand, keeps an
 outcome's numbers those of the run it names.
 """
 
@@ -34,6 +36,8 @@ class Standing:
     other_languages: float | None
     tail: float | None
     vetoes: list[str] = field(default_factory=list)
+    by_source: dict[str, float] = field(default_factory=dict)
+    """Accuracy on each source left out of fitting, and on each shift source."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,11 +60,13 @@ def standing(results: dict[str, Any], design: str) -> Standing:
                     mean=sum(r["accuracy"] for r in rows) / len(rows),
                     spelling=sum(s["accuracy"] * s["n"] for s in spelled) / n if n else float("nan"),
                     other_languages=(sum(r["accuracy"] for r in shift_rows) / len(shift_rows)) if shift_rows else None,
-                    tail=shifts["tail"]["accuracy"] if "tail" in shifts else None)
+                    tail=shifts["tail"]["accuracy"] if "tail" in shifts else None,
+                    by_source={r["source"]: r["accuracy"] for r in rows + shift_rows})
 
 
 def declared_choice(results: dict[str, Any], reference: str, candidates: Sequence[str], *,
-                    margin: float = 0.02, tail_must_rise: bool = True) -> tuple[str | None, list[Standing]]:
+                    margin: float = 0.02, tail_must_rise: bool = True,
+                    per_source: bool = False) -> tuple[str | None, list[Standing]]:
     """The candidate the declared rule picks (None: every one vetoed) and every standing, the
     reference's first.
 
@@ -71,6 +77,8 @@ def declared_choice(results: dict[str, Any], reference: str, candidates: Sequenc
         margin: how far (a fraction, 0.02 = 2 points) a candidate may fall below the reference
             on its worst source, the pooled spelling shifts and the other languages.
         tail_must_rise: veto a candidate whose ``tail`` shift accuracy is not above the reference's.
+        per_source: veto a candidate that falls more than ``margin`` below the reference on any
+            one source or shift source.
     """
     if not candidates:
         raise ValueError("give at least one candidate design")
@@ -88,6 +96,10 @@ def declared_choice(results: dict[str, Any], reference: str, candidates: Sequenc
         if tail_must_rise and (s.tail is None or ref.tail is None or s.tail <= ref.tail):
             s.vetoes.append(f"tail shift {s.tail if s.tail is None else f'{s.tail:.1%}'} not above "
                             f"{ref.tail if ref.tail is None else f'{ref.tail:.1%}'}")
+        if per_source:
+            for src, acc in s.by_source.items():
+                if src in ref.by_source and acc < ref.by_source[src] - margin:
+                    s.vetoes.append(f"source {src} {acc:.1%} against {ref.by_source[src]:.1%}")
         out.append(s)
     left = [s for s in out[1:] if not s.vetoes]
     winner = max(left, key=lambda s: (s.worst, s.mean)).design if left else None

@@ -62,7 +62,8 @@ def _training_rows(blocks: dict[str, SourceStates], held: str | None, design: Gu
     origin = blocks[held].source.origin if held is not None else None
     for name, b in blocks.items():
         if (b.source.origin == origin or not b.source.evaluate or not b.source.train
-                or (design.train_on is not None and name not in design.train_on)):
+                or (design.train_on is not None and name not in design.train_on)
+                or (design.margin_only is not None and name in design.margin_only)):
             continue
         rows = [i for i, (_, e) in enumerate(b.rows) if e is None or (design.augment and e in SURFACE_EDITS)]
         drop = overlapping(b.source.prompts, held_texts)
@@ -135,7 +136,8 @@ def fit_design(blocks: dict[str, SourceStates], design: GuardDesign, *, held: st
     if swidth is not None and design.sentence_budget is not None:
         if "folds" not in shared[key]:
             shared[key]["folds"] = _refits(design, guard, x, y, g, w)
-        guard.sentence_margin_ = _sentence_margin(picked, design, guard, shared[key]["folds"], swidth)
+        guard.sentence_margin_ = _sentence_margin(picked, design, guard, shared[key]["folds"], swidth,
+                                                  _margin_only_rows(blocks, held, design, held_texts))
     return guard
 
 
@@ -200,7 +202,8 @@ def _fit_design(blocks: dict[str, SourceStates], design: GuardDesign, held: str 
     swidth = design_sentence_width(design)
     if swidth is not None:
         guard.sentence_margin_ = 0.0 if design.sentence_budget is None else _sentence_margin(
-            picked, design, guard, _refits(design, guard, x, y, g, w), swidth)
+            picked, design, guard, _refits(design, guard, x, y, g, w), swidth,
+            _margin_only_rows(blocks, held, design, held_texts))
     return guard
 
 
@@ -214,17 +217,38 @@ def _refits(design: GuardDesign, guard: Any, x: np.ndarray, y: np.ndarray, g: np
                          f"without each training source, and {err}") from None
 
 
+def _margin_only_rows(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign,
+                      held_texts: Sequence[str]) -> list[tuple[str, SourceStates, list[int]]]:
+    """``(source name, block, rows)`` of the design's ``margin_only`` sources in this fold: their
+    prompts as written, less any that is also a held-out prompt; none of the held-out source's
+    origin (a held-out source is never looked at, not even by the margin)."""
+    if design.margin_only is None:
+        return []
+    origin = blocks[held].source.origin if held is not None else None
+    out = []
+    for name in design.margin_only:
+        b = blocks[name]
+        if b.source.origin == origin:
+            continue
+        drop = overlapping(b.source.prompts, held_texts)
+        rows = [i for i, (k, e) in enumerate(b.rows) if e is None and not drop[k]]
+        if rows:
+            out.append((name, b, rows))
+    return out
+
+
 def _sentence_margin(picked: list[tuple[str, SourceStates, list[int]]], design: GuardDesign, guard: Any,
-                     folds: OutOfGroupReadouts, width: int) -> float:
+                     folds: OutOfGroupReadouts, width: int,
+                     margin_only: Sequence[tuple[str, SourceStates, list[int]]] = ()) -> float:
     """The margin a ``sent:K`` design's earlier sentence ends must clear: every harmless training
     prompt (as written, not its edits) scored by the read-out refitted without its source
-    (``folds``, on the final fit's rows), the margin the smallest that keeps each harmless source
+    (``folds``, on the final fit's rows), and every prompt of a ``margin_only`` source by the
+    read-out itself (never fitted on it), the margin the smallest that keeps each harmless source
     within ``design.sentence_budget`` added flags (:func:`~pyvene_harm.sentences.fit_margin`)."""
     last, earlier, groups = [], [], []
-    for name, b, rows in picked:
-        if b.source.label != 0:
-            continue
-        v, offset = folds.projection(name)
+    scored = [(name, b, rows, folds.projection(name)) for name, b, rows in picked if b.source.label == 0]
+    scored += [(name, b, rows, guard.readout_.projection()) for name, b, rows in margin_only if b.source.label == 0]
+    for name, b, rows, (v, offset) in scored:
         for i in rows:
             if b.rows[i][1] is not None:
                 continue

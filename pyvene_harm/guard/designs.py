@@ -51,6 +51,10 @@ class GuardDesign:
             earlier sentence ends may flag beyond the last window, which fixes the margin they must
             clear (:func:`~pyvene_harm.sentences.fit_margin`); None: no margin (every sentence end is
             cut at the threshold, so appending text cannot lower a verdict).
+        margin_only: for a ``sent:K`` read with a budget, harmless sources the margin is also fitted
+            on (each within the budget, scored by the fitted read-out) that the read-out is never
+            fitted on: the read-out stays the one fitted without them, and only the margin learns
+            what they hold (``guard fit --margin-harmless``; ninth decision).
     """
 
     name: str
@@ -68,6 +72,7 @@ class GuardDesign:
     calibrate_max: bool = False
     max_threshold: str = "platt"
     sentence_budget: float | None = None
+    margin_only: tuple[str, ...] | None = None
 
     @property
     def is_control(self) -> bool:
@@ -97,6 +102,9 @@ class GuardDesign:
             if not 0 <= self.sentence_budget < 1:
                 raise ValueError(f"design {self.name!r}: sentence_budget is a share in [0, 1), "
                                  f"got {self.sentence_budget!r}")
+        if self.margin_only is not None and self.sentence_budget is None:
+            raise ValueError(f"design {self.name!r}: margin_only names sources a sentence margin is fitted on: add "
+                             "sentence_budget (and reads=sent:K)")
         if self.calibrate_max and (self.is_control or not self.reads[0].startswith("scan:")):
             raise ValueError(f"design {self.name!r}: calibrate_max calibrates a scan read's maximum: use reads=scan:K")
         if self.max_threshold not in ("platt", "worst_source"):  # max_calibration.MAX_THRESHOLDS (torch-free here)
@@ -125,12 +133,14 @@ class GuardDesign:
         were published with calibrated designs; it is written only where it is not ``platt``, so
         those runs' configs still describe what they ran and can be resumed."""
         d = asdict(self)
-        for key, default in (("max_threshold", "platt"), ("sentence_budget", None)):
+        for key, default in (("max_threshold", "platt"), ("sentence_budget", None), ("margin_only", None)):
             if d[key] == default:
                 del d[key]
         d["reads"] = list(self.reads)
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["train_on"] = list(self.train_on) if self.train_on is not None else None
+        if self.margin_only is not None:
+            d["margin_only"] = list(self.margin_only)
         return d
 
 
@@ -151,6 +161,10 @@ DESIGNS: dict[str, str] = {
     "linear-sent16-mined": "method=linear,reads=sent:16,layers=middle,augment=1,mine_negatives=150",
     "linear-sent16-b1": "method=linear,reads=sent:16,layers=middle,augment=1,mine_negatives=150,sentence_budget=0.01",
     "linear-sent16-b2": "method=linear,reads=sent:16,layers=middle,augment=1,mine_negatives=150,sentence_budget=0.02",
+    "linear-sent16-mo-b2": ("method=linear,reads=sent:16,layers=middle,augment=1,mine_negatives=150,sentence_budget=0.02,"
+                            "margin_only=multi-sentence"),
+    "linear-sent16-mo-b1": ("method=linear,reads=sent:16,layers=middle,augment=1,mine_negatives=150,sentence_budget=0.01,"
+                            "margin_only=multi-sentence"),
     "linear-post1-aug": "method=linear,reads=post:1,layers=middle,augment=1",
     "linear-mean-tpost-aug": "method=linear,reads=mean_inst+t_post_inst,layers=middle,augment=1",
     "ngram": "method=ngram,augment=1",
@@ -171,7 +185,9 @@ sources' out-of-source maxima (:mod:`~pyvene_harm.guard.max_calibration`), which
 positives on unseen harmless sources at some cost in recall (``docs/guard-choice.md``, fifth
 decision). The ``linear-sent16`` designs keep the shipped read-out and read it also at every
 earlier sentence end of the instruction (:mod:`~pyvene_harm.sentences`), with no margin or with
-one fitted to a budget of 1% or 2% added flags per harmless training source (seventh decision).
+one fitted to a budget of 1% or 2% added flags per harmless training source (seventh decision);
+the ``linear-sent16-mo`` designs fit that margin also on the ``multi-sentence`` source (long
+harmless requests) but never their read-out, which stays the shipped one (ninth decision).
 """
 
 
@@ -191,8 +207,9 @@ def middle_states(n_states: int) -> tuple[int, ...]:
 def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
     """A design from a preset name (:data:`DESIGNS`), or ``name:key=value,key=value`` (keys:
     method, reads (``+`` between reads), layers (``8-16``, ``8+12+16``, ``middle`` or ``all``),
-    augment, C, Cs (``default`` or ``wide``), rank, train_on (``+`` between source names),
-    mine_negatives, balance_sources, scan_negatives, calibrate_max, max_threshold, sentence_budget).
+    augment, C, Cs (``default`` or ``wide``), rank, train_on and margin_only (``+`` between source
+    names), mine_negatives, balance_sources, scan_negatives, calibrate_max, max_threshold,
+    sentence_budget).
 
     Example:
         >>> parse_design("mine:method=linear,reads=mean_inst+t_post_inst,layers=8-16,augment=1").reads
@@ -212,7 +229,7 @@ def parse_design(text: str, n_states: int | None = None) -> GuardDesign:
         key, value = key.strip(), value.strip()
         if key == "method":
             kwargs[key] = value
-        elif key in ("reads", "train_on"):
+        elif key in ("reads", "train_on", "margin_only"):
             kwargs[key] = tuple(v for v in value.split("+") if v)
         elif key == "layers" and value == "middle":
             if n_states is None:

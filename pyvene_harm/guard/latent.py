@@ -16,7 +16,7 @@ probabilities, and per-category centroids (CatQA) with the nearest category.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -170,7 +170,8 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
 
     def fit(self, X: Any, y: Any, *, categories: Sequence[str | None] | None = None,
             groups: Sequence[Any] | None = None, sample_weight: Sequence[float] | None = None,
-            states_cache: Any = None, margin_groups: Sequence[Any] | None = None) -> LatentGuard:
+            states_cache: Any = None, margin_groups: Sequence[Any] | None = None,
+            margin_prompts: Mapping[str, Sequence[str]] | None = None) -> LatentGuard:
         """Centroids of the harmful and harmless training prompts per read and state, and for
         ``method="linear"`` the read-out.
 
@@ -190,6 +191,11 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
                 counted in (default: ``groups``); None leaves a prompt out of the margin's fit. Hard
                 negatives mined from a pool are left out by ``guard fit``, as ``guard crossval``
                 does: the margin is a budget per training source, not per pool.
+            margin_prompts: with ``sentence_budget``, harmless prompts (by source name) the margin
+                is also fitted on but the read-out never is: each source within the budget, scored
+                by the fitted read-out. Long harmless requests of several sentences teach the
+                margin what an earlier sentence end of such a request scores, while the read-out,
+                and so the last window's verdict, stays the one fitted without them.
         """
         reads = self._check_params()
         prompts = self._as_read(as_prompts(X))
@@ -242,8 +248,12 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
             readout = fit_readout(self, model, fmt, prompts, x.numpy(), positive, weights, groups, states, reads)
         margin = 0.0
         if readout is not None and self.sentence_budget is not None:
+            extra = {name: self._as_read(list(texts)) for name, texts in (margin_prompts or {}).items()}
             margin = fit_sentence_margin(self, model, fmt, prompts, x.numpy(), positive, weights, groups, states,
-                                         readout, rows.original, rows.budget_groups)
+                                         readout, rows.original, rows.budget_groups, extra)
+        elif margin_prompts:
+            raise ValueError("margin_prompts fit a sent:K guard's sentence margin: set sentence_budget (and "
+                             "method='linear', reads=['sent:K'])")
         names = sorted(k for k in mean if k.startswith("category:"))
         artifact.set_fitted(self, states=states, reads=reads, classes=classes, n_train=counts, metadata=metadata,
                             fitted_on=fitted_on, categories=[k[len("category:"):] for k in names],

@@ -18,7 +18,7 @@ one extra pass, over the harmless prompts, for the margin its earlier sentence e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,12 +103,14 @@ def fit_readout(guard: Any, model: Any, fmt: ChatFormatter | None, prompts: Sequ
 def fit_sentence_margin(guard: Any, model: Any, fmt: ChatFormatter, prompts: Sequence[Any], x: np.ndarray,
                         positive: np.ndarray, weights: np.ndarray | None, groups: Sequence[Any],
                         states: Sequence[int], readout: LinearReadout, original: np.ndarray,
-                        budget_groups: Sequence[Any]) -> float:
+                        budget_groups: Sequence[Any], margin_only: Mapping[str, Sequence[Any]] | None = None) -> float:
     """The margin a ``sent:K`` guard's earlier sentence ends must clear
     (:func:`~pyvene_harm.sentences.fit_margin`): the read-out refitted without each fold of
     ``groups`` (:class:`OutOfGroupReadouts`, on the rows ``x`` it was fitted on), and every harmless
     prompt as written (``original``; not its surface variants) scored by the refit that left its
-    group out, within ``guard.sentence_budget`` per ``budget_groups`` group (None: not counted)."""
+    group out, within ``guard.sentence_budget`` per ``budget_groups`` group (None: not counted).
+    ``margin_only`` prompts (harmless, by source name) are never fitted on: the read-out itself
+    scores them, each source within the budget as well."""
     width = sentence_width(guard.reads[0])
     if width is None:
         raise ValueError(f"sentence_budget sets the margin of a sent:K read's earlier sentence ends: use reads=['sent:K'] "
@@ -123,13 +125,19 @@ def fit_sentence_margin(guard: Any, model: Any, fmt: ChatFormatter, prompts: Seq
     if not len(which):
         raise ValueError("sentence_budget needs harmless training prompts to fit the margin on")
     texts = [prompts[i] for i in which]
-    last, earlier = np.empty(len(which)), np.empty(len(which))
+    # (projection, budget group) per prompt: a training prompt's refit without its group, a
+    # margin-only prompt's read-out itself
+    scorers = [(folds.projection(g[i]), budget_groups[i]) for i in which]
+    for name, extra in (margin_only or {}).items():
+        texts += list(extra)
+        scorers += [(readout.projection(), f"margin-only:{name}")] * len(extra)
+    last, earlier = np.empty(len(texts)), np.empty(len(texts))
     for idx, _, tokens in collect_token_states(model, fmt, texts, states=states, positions=fixed_reads(guard.reads),
                                                batch_size=guard.batch_size,
                                                progress=guard.progress and "fitting the sentence margin"):
         pieces = instruction_pieces(fmt, [texts[j] for j in idx])
         for j, t, p in zip(idx, tokens, pieces):
-            v, offset = folds.projection(g[which[j]])
+            v, offset = scorers[j][0]
             s = window_scores(np.einsum("tsd,sd->t", t.double().numpy(), v), width, offset)
             last[j], earlier[j] = last_and_earlier(s, sentence_ends(p), guard.threshold)
-    return fit_margin(last, earlier, [budget_groups[i] for i in which], guard.sentence_budget)
+    return fit_margin(last, earlier, [group for _, group in scorers], guard.sentence_budget)

@@ -94,6 +94,10 @@ def guard() -> None:
                    "languages...). Example: --pool pyvene_harm/prompts/coding_questions.jsonl")
 @click.option("--pool-limit", type=click.IntRange(min=1), default=1500, show_default=True,
               help="Prompts per --pool file (a seeded sample).")
+@click.option("--margin-harmless", type=click.Path(), multiple=True,
+              help="Harmless prompts a sent:K design's sentence margin is also fitted on (--limit of them, seeded) "
+                   "but its read-out never is, repeatable; a design with margin_only needs them. Example: "
+                   "--margin-harmless pyvene_harm/prompts/multi_sentence_harmless.jsonl")
 @click.option("--states-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder keeping every prompt's states, so that a refit (mining, another design on the same reads "
                    "and layers) runs no prompt twice. Default: kept in memory for this run only.")
@@ -108,8 +112,8 @@ def guard() -> None:
               help="Guard folder to write (guard.json + guard.safetensors). Example: -o guards/demo")
 @click.option("--json", "as_json", is_flag=True, help="Print the guard's summary as JSON to stdout.")
 def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, design, layers, category_field,
-        val_harmful, val_harmless, val_limit, target, max_fpr, mine_negatives, pools, pool_limit, states_cache,
-        balance_punctuation, normalize_spelling, out, as_json):
+        val_harmful, val_harmless, val_limit, target, max_fpr, mine_negatives, pools, pool_limit, margin_harmless,
+        states_cache, balance_punctuation, normalize_spelling, out, as_json):
     """Fit a Latent Guard from harmful and harmless prompts (by default the paper's: centroids at
     t_inst, per layer).
 
@@ -151,6 +155,15 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
     if pools and not n_mine:
         raise click.UsageError("--pool is mined only with --mine-negatives N (N > 0)")
     pool_sets = [prompt_set("pool", f, limit=pool_limit, seed=seed) for f in pools]
+    if margin_harmless and chosen.sentence_budget is None:
+        raise click.UsageError(f"--margin-harmless fits a sentence margin, and design {chosen.name!r} has none: choose "
+                               "a sent:K design with sentence_budget (e.g. --design linear-sent16-mo-b2)")
+    if chosen.margin_only and not margin_harmless:
+        raise click.UsageError(f"design {chosen.name!r} fits its sentence margin also on harmless prompts it is not "
+                               f"trained on ({'+'.join(chosen.margin_only)}): give them with --margin-harmless FILE "
+                               "(e.g. pyvene_harm/prompts/multi_sentence_harmless.jsonl)")
+    margin_sets = {f"{ps.name}:{ps.path}": ps.prompts
+                   for ps in (prompt_set("margin-harmless", f, limit=limit, seed=seed) for f in margin_harmless)}
     if out.exists() and any(out.iterdir()) and not (out / "guard.json").exists():
         raise click.UsageError(f"{out} exists and holds something other than a guard: choose another --out")
 
@@ -176,7 +189,14 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
 
     cache = StatesCache(states_cache)
     cats = (categories + [None] * (len(labels) - len(categories))) if categories else None
-    _fit(g, prompts, labels, groups=groups if by_source else None, categories=cats, states_cache=cache)
+    if n_mine:  # mining scores the pools by the read-out alone: the refit fits the margin, once
+        budget = g.sentence_budget
+        g.set_params(sentence_budget=None)
+        _fit(g, prompts, labels, groups=groups if by_source else None, categories=cats, states_cache=cache)
+        g.set_params(sentence_budget=budget)
+    else:
+        _fit(g, prompts, labels, groups=groups if by_source else None, categories=cats, states_cache=cache,
+             margin_prompts=margin_sets or None)
     mined: dict[str, Any] = {}
     if n_mine:
         from ..guard.mining import mine_hard_negatives
@@ -191,7 +211,7 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
         margin_groups = (groups[:given] if by_source else [0] * given) + [None] * len(picked)
         _fit(g, prompts, labels, groups=groups if by_source else None,
              categories=(cats + [None] * len(picked)) if cats else None, states_cache=cache,
-             margin_groups=margin_groups)
+             margin_groups=margin_groups, margin_prompts=margin_sets or None)
         mined = {"mine_negatives": n_mine, "pools": list(pools), "pool_limit": pool_limit,
                  "mined": dict(Counter(name for _, name in picked))}
         click.echo(f"mined {len(picked)} hard negatives ({mined['mined']})", err=True)
@@ -211,7 +231,8 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
                                   "category_field": category_field, "val_harmful": val_harmful,
                                   "val_harmless": val_harmless, "val_limit": val_limit, "target": target,
                                   "max_fpr": max_fpr if target == "fpr" else None,
-                                  "balance_punctuation": balance_punctuation, **mined}
+                                  "balance_punctuation": balance_punctuation,
+                                  **({"margin_harmless": list(margin_harmless)} if margin_harmless else {}), **mined}
     if val:  # the guard carries its own validation result (model cards quote it)
         g.metadata_["validation"] = val
     if not is_main():  # every rank fitted the same guard; rank 0 writes and reports it

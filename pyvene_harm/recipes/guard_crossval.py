@@ -61,7 +61,7 @@ what the words alone give."""
                    "augment); 0 = none.")
 @click.option("--design", "designs", multiple=True,
               help="A design to compare, repeatable: a preset name or NAME:key=value,... (keys method, reads, layers, "
-                   "augment, C, train_on, mine_negatives, balance_sources). Default: every preset (the designs "
+                   "augment, C, train_on, mine_negatives, balance_sources, sentence_budget, margin_only, ...). Default: every preset (the designs "
                    "table of results/README.md). Example: --design paper --design 'mean:method=linear,reads=mean_inst,layers=8-16'")
 @click.option("--controls/--no-controls", default=True, show_default=True,
               help="Run the text-only controls (ngram: TF-IDF word and character n-grams; length) beside the designs.")
@@ -125,6 +125,12 @@ def crossval(mopts, sets, wraps, pools, shifts, limit, pool_limit, variants, des
         unknown = sorted(set(d.train_on or ()) - set(names))
         if unknown:
             raise click.BadParameter(f"design {d.name!r} trains on unknown sources {unknown}", param_hint="--design")
+        harmless = {s.name for s in evaluated if s.train and s.label == 0}
+        odd = sorted(set(d.margin_only or ()) - harmless)
+        if odd:
+            raise click.BadParameter(f"design {d.name!r} fits its sentence margin on {odd}, which are not harmless "
+                                     f"sources of this run ({', '.join(sorted(harmless))}): add them with "
+                                     "--set NAME=FILE:harmless", param_hint="--design")
         _check_folds_for_c(d, [s for s in evaluated if s.train])
     from ..reads import fixed_reads, scan_width, sentence_width
 
@@ -183,7 +189,8 @@ def _check_folds_for_c(design, trainable: list) -> None:
     if design.method != "linear" or design.C is not None:
         return
     for held in trainable:
-        left = [s for s in trainable if s.origin != held.origin and (design.train_on is None or s.name in design.train_on)]
+        left = [s for s in trainable if s.origin != held.origin and (design.train_on is None or s.name in design.train_on)
+                and s.name not in (design.margin_only or ())]
         short = [("harmless", "harmful")[x] for x in (0, 1) if len({s.name for s in left if s.label == x}) < 2]
         if short:
             raise click.UsageError(

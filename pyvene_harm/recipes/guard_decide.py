@@ -25,15 +25,18 @@ __all__ = ["decide"]
                    "shifts and the other languages.")
 @click.option("--tail-must-rise/--tail-may-fall", default=True, show_default=True,
               help="Veto a candidate whose accuracy on the tail shift (appended text) is not above the reference's.")
+@click.option("--per-source", is_flag=True,
+              help="Also veto a candidate more than --margin points below the reference on any one source or shift "
+                   "source (the ninth decision's rule 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print decision.json to stdout.")
-def decide(run, candidates, reference, margin, tail_must_rise, as_json):
+def decide(run, candidates, reference, margin, tail_must_rise, per_source, as_json):
     """Pick between guard designs by the declared rule, from RUN's results.json.
 
     \b
     Candidates are ranked by their worst leave-one-source-out accuracy (ties: the higher mean);
     a candidate is vetoed when its worst source, its accuracy pooled over the spelling shifts or its
     mean on the other languages is more than --margin points below the reference's, or its tail
-    shift accuracy is not above it. Writes RUN/decision.json.
+    shift accuracy is not above it (with --per-source, or any one source is). Writes RUN/decision.json.
 
     \b
     Example:
@@ -56,11 +59,11 @@ def decide(run, candidates, reference, margin, tail_must_rise, as_json):
                                "leave-one-source-out accuracies")
     try:
         winner, standings = declared_choice(results, reference, candidates, margin=margin / 100,
-                                            tail_must_rise=tail_must_rise)
+                                            tail_must_rise=tail_must_rise, per_source=per_source)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     decision = {"run": str(run), "reference": reference, "candidates": list(candidates), "margin_points": margin,
-                "tail_must_rise": tail_must_rise, "winner": winner, "standings": [s.as_dict() for s in standings]}
+                "tail_must_rise": tail_must_rise, "per_source": per_source, "winner": winner, "standings": [s.as_dict() for s in standings]}
     atomic_write_json(run / "decision.json", decision)
 
     def pct(v):
