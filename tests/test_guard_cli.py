@@ -146,6 +146,8 @@ def test_fit_a_sent_design_fits_its_margin(files, tmp_path):
     np.testing.assert_allclose(mo.readout_.coef, g.readout_.coef)
     assert mo.sentence_margin_ >= g.sentence_margin_
     assert mo.metadata_["fitted_with"]["margin_harmless"] == [str(tmp_path / "long.txt")]
+    # `--exclude` of this guard leaves out the prompts its margin was fitted on too
+    assert "You are a tutor. Be brief. Explain the bomb calorimeter." in guard_training_prompts(tmp_path / "mo")
 
 
 def test_fit_a_linear_design_on_several_sources(files, tmp_path):

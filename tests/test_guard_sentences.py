@@ -193,8 +193,13 @@ def test_crossval_fits_a_margin_on_a_source_it_never_trains_on(tiny):
                                            n_variants=0, sentences=True, batch_size=4)
     from pyvene_harm.guard.design_fit import fit_design
 
-    spec = "method=linear,reads=sent:4,layers=1+2,C=1,rank=none,sentence_budget=0"
-    without = {k: v for k, v in blocks.items() if k != "long"}
+    # a pool that is part of the margin-only source is never mined either
+    blocks["long/pool"] = collect_source_states(model, fmt, PromptSource("long/pool", LONG[::-1], 0, evaluate=False,
+                                                                         group="long"),
+                                                reads=["last:4"], states=[1, 2], n_variants=0, sentences=True,
+                                                batch_size=4)
+    spec = "method=linear,reads=sent:4,layers=1+2,C=1,rank=none,sentence_budget=0,mine_negatives=2"
+    without = {k: v for k, v in blocks.items() if not k.startswith("long")}
     plain = fit_design(without, parse_design("p:" + spec), held="bombs", held_texts=HARMFUL[:3])
     mo = fit_design(blocks, parse_design("mo:" + spec + ",margin_only=long"), held="bombs", held_texts=HARMFUL[:3])
     trained = fit_design(blocks, parse_design("t:" + spec), held="bombs", held_texts=HARMFUL[:3])
@@ -234,6 +239,12 @@ def test_latent_guard_fits_a_margin_on_prompts_it_never_trains_on(tiny):
     last_only = mo.decision_function(LONG)
     mo.sentence_margin_ = saved
     assert not ((rep > 1e-4) & (last_only <= 0)).any()  # (the prompt that sets the margin sits on it)
+    # a margin-only prompt that is also a training prompt is not scored (it would be in-sample)
+    same = LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, groups=groups,
+                                             margin_prompts={"long": LONG + HARMLESS})
+    assert same.sentence_margin_ == pytest.approx(mo.sentence_margin_)
+    with pytest.raises(ValueError, match="list of non-empty prompt strings"):
+        LatentGuard(model, tok, **kw).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8, margin_prompts={"long": LONG[0]})
     with pytest.raises(ValueError, match="set sentence_budget"):
         LatentGuard(model, tok, **{**kw, "sentence_budget": None}).fit(HARMFUL + HARMLESS, [1] * 8 + [0] * 8,
                                                                        margin_prompts={"long": LONG})
@@ -242,6 +253,8 @@ def test_latent_guard_fits_a_margin_on_prompts_it_never_trains_on(tiny):
 def test_sent_design_errors():
     with pytest.raises(ValueError, match="margin_only names sources"):
         parse_design("s:method=linear,reads=sent:4,margin_only=long")
+    with pytest.raises(ValueError, match="in both train_on and margin_only"):
+        parse_design("s:method=linear,reads=sent:4,sentence_budget=0.01,margin_only=long,train_on=long+a")
     mo = parse_design("linear-sent16-mo-b2", n_states=25)
     assert mo.margin_only == ("multi-sentence",) and mo.as_dict()["margin_only"] == ["multi-sentence"]
     assert "margin_only" not in parse_design("linear-sent16-b2", n_states=25).as_dict()

@@ -97,9 +97,10 @@ def declared_choice(results: dict[str, Any], reference: str, candidates: Sequenc
             s.vetoes.append(f"tail shift {s.tail if s.tail is None else f'{s.tail:.1%}'} not above "
                             f"{ref.tail if ref.tail is None else f'{ref.tail:.1%}'}")
         if per_source:
-            for src, acc in s.by_source.items():
-                if src in ref.by_source and acc < ref.by_source[src] - margin:
-                    s.vetoes.append(f"source {src} {acc:.1%} against {ref.by_source[src]:.1%}")
+            for src, want in ref.by_source.items():
+                acc = s.by_source.get(src, float("nan"))
+                if not acc >= want - margin:  # a source the candidate was not scored on fails too
+                    s.vetoes.append(f"source {src} {acc:.1%} against {want:.1%}")
         out.append(s)
     left = [s for s in out[1:] if not s.vetoes]
     winner = max(left, key=lambda s: (s.worst, s.mean)).design if left else None

@@ -169,7 +169,8 @@ def _fit_design(blocks: dict[str, SourceStates], design: GuardDesign, held: str 
             guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
     origin = blocks[held].source.origin if held is not None else None
     pools = [b for n, b in blocks.items() if not b.source.evaluate and b.source.label == 0
-             and b.source.origin != origin and (design.train_on is None or n in design.train_on)]
+             and b.source.origin != origin and (design.train_on is None or n in design.train_on)
+             and b.source.origin not in (design.margin_only or ())]  # a margin-only source is never fitted on
     mined: list[tuple[str, SourceStates, list[int]]] = []
     if design.mine_negatives and pools:
         cand = _concat([design_features(b, design, layers, b.original_rows()) for b in pools])
@@ -220,17 +221,20 @@ def _refits(design: GuardDesign, guard: Any, x: np.ndarray, y: np.ndarray, g: np
 def _margin_only_rows(blocks: dict[str, SourceStates], held: str | None, design: GuardDesign,
                       held_texts: Sequence[str]) -> list[tuple[str, SourceStates, list[int]]]:
     """``(source name, block, rows)`` of the design's ``margin_only`` sources in this fold: their
-    prompts as written, less any that is also a held-out prompt; none of the held-out source's
-    origin (a held-out source is never looked at, not even by the margin)."""
+    prompts as written, less any that is also a held-out prompt or a prompt the read-out may have
+    been fitted on (of any training source or pool: it would score it in-sample); none of the
+    held-out source's origin (a held-out source is never looked at, not even by the margin)."""
     if design.margin_only is None:
         return []
     origin = blocks[held].source.origin if held is not None else None
+    seen = [p for n, b in blocks.items() if b.source.train and n not in design.margin_only
+            and b.source.origin != origin for p in b.source.prompts]
     out = []
     for name in design.margin_only:
         b = blocks[name]
         if b.source.origin == origin:
             continue
-        drop = overlapping(b.source.prompts, held_texts)
+        drop = overlapping(b.source.prompts, [*held_texts, *seen])
         rows = [i for i, (k, e) in enumerate(b.rows) if e is None and not drop[k]]
         if rows:
             out.append((name, b, rows))

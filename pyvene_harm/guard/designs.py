@@ -102,6 +102,13 @@ class GuardDesign:
             if not 0 <= self.sentence_budget < 1:
                 raise ValueError(f"design {self.name!r}: sentence_budget is a share in [0, 1), "
                                  f"got {self.sentence_budget!r}")
+        if self.margin_only is not None:
+            object.__setattr__(self, "margin_only", (self.margin_only,) if isinstance(self.margin_only, str)
+                               else tuple(self.margin_only))
+            both = sorted(set(self.margin_only) & set(self.train_on or ()))
+            if both:
+                raise ValueError(f"design {self.name!r}: {both} in both train_on and margin_only: a margin-only source "
+                                 "is never fitted on; name it in one of them")
         if self.margin_only is not None and self.sentence_budget is None:
             raise ValueError(f"design {self.name!r}: margin_only names sources a sentence margin is fitted on: add "
                              "sentence_budget (and reads=sent:K)")

@@ -248,7 +248,7 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
             readout = fit_readout(self, model, fmt, prompts, x.numpy(), positive, weights, groups, states, reads)
         margin = 0.0
         if readout is not None and self.sentence_budget is not None:
-            extra = {name: self._as_read(list(texts)) for name, texts in (margin_prompts or {}).items()}
+            extra = self._margin_prompts(margin_prompts, prompts)
             margin = fit_sentence_margin(self, model, fmt, prompts, x.numpy(), positive, weights, groups, states,
                                          readout, rows.original, rows.budget_groups, extra)
         elif margin_prompts:
@@ -295,6 +295,18 @@ class LatentGuard(ThresholdMixin, ModelHoldingRepr, ClassifierMixin, artifact.Gu
         if self.tokenizer is None:
             raise ValueError("LatentGuard has a model but no tokenizer: pass tokenizer= (or formatter=)")
         return ChatFormatter(self.tokenizer, system_prompt=self.system_prompt, template=self.template)
+
+    def _margin_prompts(self, margin_prompts: Mapping[str, Sequence[str]] | None,
+                        training: Sequence[Any]) -> dict[str, list[str]]:
+        """Margin-only prompts as the guard reads them, less any that is also a training prompt
+        (the read-out would score it in-sample)."""
+        seen = {p for p in training if isinstance(p, str)}
+        out = {}
+        for name, texts in (margin_prompts or {}).items():
+            if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise ValueError(f"margin_prompts[{name!r}] must be a list of non-empty prompt strings")
+            out[name] = [t for t in self._as_read(list(texts)) if t not in seen]
+        return out
 
     def _as_read(self, prompts: list[Any] | None) -> list[Any] | None:
         """The prompts as the guard reads them (see ``normalize_spelling``)."""

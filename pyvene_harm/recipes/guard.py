@@ -201,7 +201,8 @@ def fit(mopts, harmful, harmless, harmful_field, harmless_field, limit, seed, de
     if n_mine:
         from ..guard.mining import mine_hard_negatives
 
-        picked = mine_hard_negatives(g, pool_sets, n_mine, exclude=prompts, states_cache=cache)
+        margin_texts = [p for texts in margin_sets.values() for p in texts]  # never fitted on: never mined
+        picked = mine_hard_negatives(g, pool_sets, n_mine, exclude=prompts + margin_texts, states_cache=cache)
         prompts += [p for p, _ in picked]
         labels += [0] * len(picked)
         groups += [f"mined:{name}" for _, name in picked]

@@ -199,8 +199,8 @@ def guard_training_prompts(folder: str | Path) -> list[str]:
         raise ValueError(f"{folder}: the guard does not record its training files (not fitted by `guard fit`): "
                          "exclude those files instead")
     out: list[str] = []
-    for key in ("harmful", "harmless"):
-        files = [used[key]] if isinstance(used[key], str) else used[key]
+    for key in ("harmful", "harmless", "margin_harmless"):  # margin prompts: its margin was fitted on them
+        files = [used[key]] if isinstance(used.get(key), str) else used.get(key, [])
         for path in files:
             _require_recorded_file(folder, path, "was fitted on")
             out.extend(load_prompts(path, field=used.get(f"{key}_field"), limit=used.get("limit"),
