@@ -1067,16 +1067,44 @@ DEMO_TAILS = [
 ]
 
 
+ARTIFACTS = Path(__file__).parents[1] / "artifacts"
+
+
 @pytest.mark.skipif(not demo_installed(), reason="demo extra not installed")
-def test_demo_model_appended_text_cannot_lower_the_sentence_guards_verdict(demo):
-    """The opt-in sentence-end guard (``guard-sent16/``) reads every sentence end: a request that
+def test_demo_model_sentence_guard_keeps_every_verdict_of_the_default(demo):
+    """The opt-in ``guard-sent16-mo/`` is the default guard's read-out (the same tensors) read
+    also at every earlier sentence end (ninth decision): it scores no prompt below the default, so
+    it meets every bypass row the default meets, and passes the benign conversations."""
+    from safetensors.numpy import load_file
+
+    folder = ARTIFACTS / "qwen2.5-coder-0.5b-instruct"
+    a, b = load_file(folder / "guard" / "guard.safetensors"), load_file(folder / "guard-sent16-mo" / "guard.safetensors")
+    assert {k for k in a if k.startswith("readout.")} == {k for k in b if k.startswith("readout.")}
+    for k in (k for k in a if k.startswith("readout.")):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)  # refitted: float rounding
+    default = LatentGuard.load(folder / "guard", demo.model, demo.tokenizer)
+    sent = LatentGuard.load(folder / "guard-sent16-mo", demo.model, demo.tokenizer)
+    assert sent.reads_ == ("sent:16",) and sent.sentence_margin_ > 0
+    verdicts = sent.judge_conversations([*DEMO_ATTACKS.values(), *DEMO_BENIGN.values()])
+    names = [*DEMO_ATTACKS, *DEMO_BENIGN]
+    assert {n: v.harmful for n, v in zip(names, verdicts)} == {**dict.fromkeys(DEMO_ATTACKS, True),
+                                                                **dict.fromkeys(DEMO_BENIGN, False)}
+    texts = [*DEMO_REQUESTS, *(r + t for r in DEMO_REQUESTS[:2] for t in DEMO_TAILS), "How do I kill a Python process?",
+             "Write a poem about the sea. Make it short."]
+    assert (sent.decision_function(texts) >= default.decision_function(texts) - 1e-4).all()
+
+
+@pytest.mark.skipif(not demo_installed(), reason="demo extra not installed")
+@pytest.mark.parametrize("name", ["guard-sent16-mo", "guard-sent16"])
+def test_demo_model_appended_text_cannot_lower_the_sentence_guards_verdict(demo, name):
+    """The opt-in sentence-end guards (``guard-sent16-mo/``, and the eighth decision's
+    ``guard-sent16/``) read every sentence end: a request that
     ends a sentence keeps its own window whatever follows it (causal attention), so a tail lowers
     its score by at most the margin earlier sentence ends must clear, and not at all once the
     margin is set to 0. A tail whose first characters merge with the request's last token (".\n\n"
     is one token) changes that token's state, so its bound is not exact: the tails here start a
     new token, and the newline case is checked on its own below."""
-    guard = LatentGuard.load(Path(__file__).parents[1] / "artifacts" / "qwen2.5-coder-0.5b-instruct" / "guard-sent16",
-                             demo.model, demo.tokenizer)
+    guard = LatentGuard.load(ARTIFACTS / "qwen2.5-coder-0.5b-instruct" / name, demo.model, demo.tokenizer)
     assert guard.reads_[0].startswith("sent:")
     margin = guard.sentence_margin_
     alone = guard.decision_function(DEMO_REQUESTS)

@@ -325,3 +325,41 @@ def test_the_opt_in_sentence_guard_is_the_eighth_rules_winner_and_its_card_figur
                         ("FPR", "false positives {}% against {}%")):
         a, b = (metrics[d][key].split()[0] for d in ("linear-sent16-b2", "linear-last16-mined"))
         assert phrase.format(a, b) in card, phrase.format(a, b)
+
+
+def test_the_ninth_decision_vetoes_both_candidates_and_the_opt_in_card_quotes_its_run():
+    """decision.json of the ninth run vetoes both candidates on one source only (the long requests,
+    in their own fold), the reference reproduces the default's card, and the figures the card
+    gives for `guard-sent16-mo/` are that run's."""
+    import json
+
+    run = RESULTS / "demo" / "guard-sentence-mo"
+    decision = json.loads((run / "decision.json").read_text(encoding="utf-8"))
+    assert decision["winner"] is None and decision["per_source"] is True
+    by = {s["design"]: s for s in decision["standings"]}
+    ref, mo = by["linear-last16-ten"], by["linear-sent16-mo-b1"]
+    for cand in ("linear-sent16-mo-b1", "linear-sent16-mo-b2"):
+        assert [v.split(" ")[1] for v in by[cand]["vetoes"]] == ["multi-sentence"], by[cand]["vetoes"]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    card = " ".join((ROOT / "artifacts/qwen2.5-coder-0.5b-instruct/README.md").read_text(encoding="utf-8").split())
+    default_figures = ("AdvBench {advbench}, harmful splits {harmful-splits}, JailbreakBench {jailbreakbench}, "
+                       "SORRY-Bench {sorry-bench}, CatQA {catqa}, templates {templates-1250} and {templates-gptfuzzer}, "
+                       "Alpaca {alpaca}, AlpacaEval {alpacaeval}, XSTest {xstest}")
+    assert default_figures.format(**{k: pct(v) for k, v in ref["by_source"].items()}) in card
+    guard = json.loads((ROOT / "artifacts/qwen2.5-coder-0.5b-instruct/guard-sent16-mo/guard.json").read_text(
+        encoding="utf-8"))
+    assert guard["reads"] == ["sent:16"] and guard["params"]["sentence_budget"] == 0.01
+    shifts = {r["shift"]: r for r in _rows(run / "shifts.csv")}
+    acc = lambda shift, d: shifts[shift][d].split(" /")[0]  # noqa: E731
+    metrics = {r["design"]: r for r in _rows(run / "metrics.csv")}
+    m = lambda d, k: metrics[d][k].split()[0]  # noqa: E731
+    src = mo["by_source"]
+    for phrase in (f"margin of {guard['sentence_margin']:.2f}",
+                   f"SORRY-Bench {pct(src['sorry-bench'])} against {pct(ref['by_source']['sorry-bench'])}",
+                   f"AlpacaEval {pct(src['alpacaeval'])} both",
+                   f"tail shift {acc('tail', 'linear-sent16-mo-b1')} against {acc('tail', 'linear-last16-ten')}",
+                   f"split {acc('split', 'linear-sent16-mo-b1')} against {acc('split', 'linear-last16-ten')}",
+                   f"pooled AUROC {m('linear-sent16-mo-b1', 'AUROC')} against {m('linear-last16-ten', 'AUROC')}",
+                   f"false positives {m('linear-sent16-mo-b1', 'FPR')}% against {m('linear-last16-ten', 'FPR')}%",
+                   f"right on {pct(src['multi-sentence'])}% against {pct(ref['by_source']['multi-sentence'])}%"):
+        assert phrase in card, f"the 0.5B card lacks {phrase!r}"
