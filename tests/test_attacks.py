@@ -1133,14 +1133,21 @@ def _demo_1_5b_installed() -> bool:
 
 @pytest.mark.slow  # loads the 1.5B model (about a minute on 2 cores)
 @pytest.mark.skipif(not _demo_1_5b_installed(), reason="demo-1-5b extra not installed")
-def test_the_1_5b_sentence_guard_meets_the_demo_rows_and_appended_text_cannot_hide_a_request():
-    """The 1.5B model's opt-in ``guard-sent16/``: every bypass row the 0.5B default meets, the
-    benign conversations passed, and the appended-text bound on the same requests and tails."""
+@pytest.mark.parametrize("name", ["guard-sent16-mo", "guard-sent16"])
+def test_the_1_5b_sentence_guard_meets_the_demo_rows_and_appended_text_cannot_hide_a_request(name):
+    """The 1.5B model's opt-in sentence-end guards (``guard-sent16-mo/``, whose read-out is its
+    default's, and the eighth decision's ``guard-sent16/``): every bypass row the 0.5B default
+    meets, the benign conversations passed, and the appended-text bound on the same requests and
+    tails."""
     from pyvene_harm.models import load_model
 
     m = load_model("demo-1.5b")
-    guard = LatentGuard.load(Path(__file__).parents[1] / "artifacts" / "qwen2.5-coder-1.5b-instruct" / "guard-sent16",
-                             m.model, m.tokenizer)
+    folder = ARTIFACTS / "qwen2.5-coder-1.5b-instruct"
+    guard = LatentGuard.load(folder / name, m.model, m.tokenizer)
+    if name == "guard-sent16-mo":  # the default's read-out: it scores no prompt below the default
+        default = LatentGuard.load(folder / "guard", m.model, m.tokenizer)
+        texts = [*DEMO_REQUESTS, *(r + t for r in DEMO_REQUESTS[:2] for t in DEMO_TAILS)]
+        assert (guard.decision_function(texts) >= default.decision_function(texts) - 1e-4).all()
     verdicts = guard.judge_conversations([*DEMO_ATTACKS.values(), *DEMO_BENIGN.values()])
     names = [*DEMO_ATTACKS, *DEMO_BENIGN]
     assert {n: v.harmful for n, v in zip(names, verdicts)} == {**dict.fromkeys(DEMO_ATTACKS, True),
