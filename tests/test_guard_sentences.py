@@ -257,6 +257,10 @@ def test_sent_design_errors():
         parse_design("s:method=linear,reads=sent:4,sentence_budget=0.01,margin_only=long,train_on=long+a")
     mo = parse_design("linear-sent16-mo-b2", n_states=25)
     assert mo.margin_only == ("multi-sentence",) and mo.as_dict()["margin_only"] == ["multi-sentence"]
+    assert mo.fits_on("alpaca") and not mo.fits_on("multi-sentence") and not mo.fits_on("multi-sentence/pool",
+                                                                                        "multi-sentence")
+    narrow = parse_design("n:method=linear,reads=sent:4,sentence_budget=0.01,margin_only=long,train_on=a+a/pool")
+    assert narrow.fits_on("a") and narrow.fits_on("a/pool", "a") and not narrow.fits_on("b")
     assert "margin_only" not in parse_design("linear-sent16-b2", n_states=25).as_dict()
     with pytest.raises(ValueError, match="stands alone"):
         parse_design("s:method=paper,reads=sent:4")

@@ -62,8 +62,7 @@ def _training_rows(blocks: dict[str, SourceStates], held: str | None, design: Gu
     origin = blocks[held].source.origin if held is not None else None
     for name, b in blocks.items():
         if (b.source.origin == origin or not b.source.evaluate or not b.source.train
-                or (design.train_on is not None and name not in design.train_on)
-                or (design.margin_only is not None and name in design.margin_only)):
+                or not design.fits_on(name, b.source.origin)):
             continue
         rows = [i for i, (_, e) in enumerate(b.rows) if e is None or (design.augment and e in SURFACE_EDITS)]
         drop = overlapping(b.source.prompts, held_texts)
@@ -169,8 +168,7 @@ def _fit_design(blocks: dict[str, SourceStates], design: GuardDesign, held: str 
             guard = _estimator(design, layers).fit(x, y, groups=g, sample_weight=w)
     origin = blocks[held].source.origin if held is not None else None
     pools = [b for n, b in blocks.items() if not b.source.evaluate and b.source.label == 0
-             and b.source.origin != origin and (design.train_on is None or n in design.train_on)
-             and b.source.origin not in (design.margin_only or ())]  # a margin-only source is never fitted on
+             and b.source.origin != origin and design.fits_on(n, b.source.origin)]
     mined: list[tuple[str, SourceStates, list[int]]] = []
     if design.mine_negatives and pools:
         cand = _concat([design_features(b, design, layers, b.original_rows()) for b in pools])

@@ -74,6 +74,13 @@ class GuardDesign:
     sentence_budget: float | None = None
     margin_only: tuple[str, ...] | None = None
 
+    def fits_on(self, name: str, origin: str | None = None) -> bool:
+        """Whether the design may be fitted on the source ``name`` (part of the source
+        ``origin``): one ``train_on`` names, if it names any, and never a ``margin_only`` source
+        or a part of one (its pools included)."""
+        return ((self.train_on is None or name in self.train_on)
+                and not {name, origin or name} & set(self.margin_only or ()))
+
     @property
     def is_control(self) -> bool:
         """True for the text-only controls, which read prompts rather than states."""
@@ -105,13 +112,13 @@ class GuardDesign:
         if self.margin_only is not None:
             object.__setattr__(self, "margin_only", (self.margin_only,) if isinstance(self.margin_only, str)
                                else tuple(self.margin_only))
+            if self.sentence_budget is None:
+                raise ValueError(f"design {self.name!r}: margin_only names sources a sentence margin is fitted on: add "
+                                 "sentence_budget (and reads=sent:K)")
             both = sorted(set(self.margin_only) & set(self.train_on or ()))
             if both:
                 raise ValueError(f"design {self.name!r}: {both} in both train_on and margin_only: a margin-only source "
                                  "is never fitted on; name it in one of them")
-        if self.margin_only is not None and self.sentence_budget is None:
-            raise ValueError(f"design {self.name!r}: margin_only names sources a sentence margin is fitted on: add "
-                             "sentence_budget (and reads=sent:K)")
         if self.calibrate_max and (self.is_control or not self.reads[0].startswith("scan:")):
             raise ValueError(f"design {self.name!r}: calibrate_max calibrates a scan read's maximum: use reads=scan:K")
         if self.max_threshold not in ("platt", "worst_source"):  # max_calibration.MAX_THRESHOLDS (torch-free here)

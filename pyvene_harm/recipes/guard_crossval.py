@@ -189,8 +189,7 @@ def _check_folds_for_c(design, trainable: list) -> None:
     if design.method != "linear" or design.C is not None:
         return
     for held in trainable:
-        left = [s for s in trainable if s.origin != held.origin and (design.train_on is None or s.name in design.train_on)
-                and s.name not in (design.margin_only or ())]
+        left = [s for s in trainable if s.origin != held.origin and design.fits_on(s.name, s.origin)]
         short = [("harmless", "harmful")[x] for x in (0, 1) if len({s.name for s in left if s.label == x}) < 2]
         if short:
             raise click.UsageError(
